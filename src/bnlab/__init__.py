@@ -1,0 +1,25 @@
+"""bnlab: batch normalization for PyTorch with Keras' exact semantics, and a lab that shows what it does.
+
+>>> import torch, bnlab
+>>> bn = bnlab.BatchNorm(num_features=4)        # Keras defaults: axis=-1, momentum=0.99, epsilon=1e-3
+>>> y = bn(torch.randn(32, 4))
+"""
+
+from . import constraints, conventions, functional, initializers, nn, regularizers
+from .nn import BatchNorm, BatchNormalization
+from .tools import apply_constraints, regularization_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNormalization",
+    "apply_constraints",
+    "regularization_loss",
+    "constraints",
+    "conventions",
+    "functional",
+    "initializers",
+    "nn",
+    "regularizers",
+]

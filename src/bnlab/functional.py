@@ -1,0 +1,514 @@
+"""Batch normalization as pure tensor functions (no module state).
+
+Ioffe, S. & Szegedy, C. (2015). *Batch Normalization: Accelerating Deep Network
+Training by Reducing Internal Covariate Shift*. ICML, arXiv:1502.03167.
+Algorithm 1 gives the training transform, Algorithm 2 the inference transform.
+
+Notation used throughout (one feature ``c``; ``M`` values of it in the batch)::
+
+    mean  = 1/M * sum_i x_i
+    var   = 1/M * sum_i (x_i - mean)^2          # biased: what normalizes the batch
+    xhat  = (x - mean) / sqrt(var + epsilon)
+    y     = gamma * xhat + beta
+
+    moving <- momentum * moving + (1 - momentum) * batch_statistic   # Keras convention
+
+and the analytic backward pass, with ``invstd = 1/sqrt(var + epsilon)``::
+
+    dx     = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat))
+    dgamma = sum(dy * xhat)
+    dbeta  = sum(dy)
+
+Layout. Every input is seen as a 3-D view ``(A, C, B)``: ``A`` = all reduced axes
+before the feature axes, ``C`` = the feature axes flattened, ``B`` = all reduced
+axes after them. For a contiguous tensor this is a free ``view`` for any single
+feature axis: ``(N, C, H, W)`` with ``axis=1`` is ``(N, C, H*W)`` and
+``(N, H, W, C)`` with ``axis=-1`` is ``(N*H*W, C, 1)``. A channels-last tensor
+is viewed in its memory order, so it is not copied either.
+
+Two implementations compute training mode and are tested against each other
+and against :mod:`bnlab.reference`:
+
+* ``"aten"``: PyTorch's native batch-norm kernel applied to the ``(A, C, B)``
+  view (it reduces dims 0 and 2, which is exactly bnlab's contract).
+* ``"composite"``: bnlab's own :class:`torch.autograd.Function` with the
+  analytic backward above; it is the one that supports masks and a batch of one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "normalize_axes",
+    "as_acb",
+    "moments",
+    "normalize",
+    "batch_norm",
+    "batch_norm_train",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "update_moving_stats_",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- axes and views
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """The feature axes as sorted non-negative ints; ``ValueError`` if any is outside ``ndim``.
+
+    >>> normalize_axes(-1, 4)
+    (3,)
+    >>> normalize_axes([1, -1], 4)
+    (1, 3)
+    """
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes:
+        raise ValueError("axis must name at least one feature axis, got an empty list")
+    out = []
+    for a in axes:
+        if not isinstance(a, int):
+            raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for an input of rank {ndim} "
+                f"(expected an axis in [{-ndim}, {ndim - 1}])"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} names the same axis twice for an input of rank {ndim}")
+    return tuple(sorted(out))
+
+
+def _prod(sizes) -> int:
+    return math.prod(int(s) for s in sizes)
+
+
+def _memory_perm(x: Tensor, feature_axes: tuple[int, ...]) -> list[int] | None:
+    """Axis order in which ``x`` is laid out in memory, feature axes kept together.
+
+    ``None`` means the identity (``x`` contiguous with adjacent feature axes).
+    """
+    lo, hi = feature_axes[0], feature_axes[-1]
+    if hi - lo + 1 == len(feature_axes) and x.is_contiguous():
+        return None
+    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))  # largest stride first
+    first = min(order.index(a) for a in feature_axes)
+    rest = [d for d in order if d not in feature_axes]
+    return rest[:first] + list(feature_axes) + rest[first:]
+
+
+def _to_acb(t: Tensor, perm: list[int] | None, feature_axes: tuple[int, ...]) -> Tensor:
+    if perm is not None:
+        t = t.permute(perm)
+        if not t.is_contiguous():
+            t = t.contiguous()  # the only copying path: strided or sliced inputs
+        lo = perm.index(feature_axes[0])
+    else:
+        lo = feature_axes[0]
+    hi = lo + len(feature_axes)
+    s = t.shape
+    return t.view(_prod(s[:lo]), _prod(s[lo:hi]), _prod(s[hi:]))
+
+
+def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``x`` as ``(A, C, B)`` with the feature axes flattened into ``C``.
+
+    Returns the view and a function that maps a contiguous ``(A, C, B)`` result
+    back to ``x``'s shape and memory layout. No copy is made when ``x`` is
+    contiguous and the feature axes are adjacent, or when ``x`` is dense in some
+    other memory order (e.g. ``channels_last``) in which the feature axes are
+    adjacent; otherwise the input is copied once.
+    """
+    perm = _memory_perm(x, feature_axes)
+    x3 = _to_acb(x, perm, feature_axes)
+    if perm is None:
+        shape = x.shape
+        return x3, lambda y3: y3.view(shape)
+    pshape = [x.shape[d] for d in perm]
+    inverse = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return x3, lambda y3: y3.view(pshape).permute(inverse)
+
+
+def _mask_as_acb(mask: Tensor, x: Tensor, feature_axes: tuple[int, ...], dtype) -> Tensor:
+    """The mask (``x.shape`` without the feature axes) as ``(A, 1, B)`` 0/1 weights, laid out like ``x``."""
+    expected = tuple(s for d, s in enumerate(x.shape) if d not in feature_axes)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor, got {got}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask must have the input's shape without the feature axes {feature_axes}: "
+            f"expected {expected}, got {tuple(mask.shape)}"
+        )
+    m = mask.to(device=x.device, dtype=dtype)
+    for a in feature_axes:
+        m = m.unsqueeze(a)
+    return _to_acb(m, _memory_perm(x, feature_axes), feature_axes)
+
+
+# --------------------------------------------------------------------------- elementary math
+
+
+def moments(
+    x: Tensor,
+    axis: int | Sequence[int] = -1,
+    mask: Tensor | None = None,
+    *,
+    correction: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``x`` per feature, reducing every axis except ``axis``.
+
+    ``correction=0`` gives the biased variance (divide by the count ``M``),
+    ``correction=1`` the unbiased one (divide by ``M - 1``). With a ``mask``
+    (bool, ``x.shape`` without the feature axes) only True positions count.
+    The variance is computed in two passes (mean, then squared deviations),
+    so data with a large offset keeps its precision. Results have the shape
+    of the feature axes.
+
+    >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+    >>> mean, var = moments(x, axis=-1)
+    >>> mean.tolist(), var.tolist()
+    ([2.0, 20.0], [1.0, 100.0])
+    """
+    feat = normalize_axes(axis, x.ndim)
+    x3, _ = as_acb(x, feat)
+    fshape = tuple(x.shape[a] for a in feat)
+    if mask is None:
+        var, mean = torch.var_mean(x3, dim=(0, 2), correction=correction)
+        return mean.view(fshape), var.view(fshape)
+    w3 = _mask_as_acb(mask, x, feat, x3.dtype)
+    mean, var, count = _masked_moments3(x3, w3)
+    if correction:
+        var = var * count / (count - correction)
+    return mean.view(fshape), var.view(fshape)
+
+
+def _masked_moments3(x3: Tensor, w3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Exact count (no epsilon bias); a count of 0 gives mean 0 / var 0 here and
+    # is handled by the caller (see batch_norm_train).
+    count = w3.sum()
+    denom = count.clamp(min=1)
+    mean = (x3 * w3).sum((0, 2)) / denom
+    var = (w3 * (x3 - mean[None, :, None]).square()).sum((0, 2)) / denom
+    return mean, var, count
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    variance: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    epsilon: float,
+) -> Tensor:
+    """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``, broadcasting per-feature tensors.
+
+    The statistics and parameters must already broadcast against ``x``; ``None``
+    means ``gamma = 1`` or ``beta = 0``.
+    """
+    inv = torch.rsqrt(variance + epsilon)
+    if gamma is not None:
+        inv = inv * gamma
+    shift = -mean * inv
+    if beta is not None:
+        shift = shift + beta
+    return x * inv + shift
+
+
+def batch_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor | None,
+    weights: Tensor | None = None,
+    count: Tensor | int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Analytic gradients ``(dx, dgamma, dbeta)`` of training-mode batch norm on ``(A, C, B)`` views.
+
+    ``mean`` and ``invstd`` have shape ``(C,)``. ``weights`` is an optional
+    ``(A, 1, B)`` 0/1 mask: masked positions were normalized but did not enter
+    the statistics, so for them ``dx = gamma * invstd * dy``. ``count`` is the
+    number of values per feature that entered the statistics (default ``A*B``).
+    With ``w`` the mask, ``M`` the count::
+
+        dx_i = gamma*invstd * (dy_i - w_i/M * sum(dy) - w_i*xhat_i/M * sum(dy*xhat))
+    """
+    a, c, b = x.shape
+    m3 = mean.view(1, c, 1)
+    s3 = invstd.view(1, c, 1)
+    sum_dy = dy.sum((0, 2))
+    sum_dy_xhat = (dy * (x - m3)).sum((0, 2)) * invstd
+    k = s3 if gamma is None else s3 * gamma.view(1, c, 1)
+    if weights is None:
+        m = a * b if count is None else count
+        # dx = k*dy + alpha*x + const, folded into two fused passes
+        alpha = -k * s3 * (sum_dy_xhat / m).view(1, c, 1)
+        const = -k * (sum_dy / m).view(1, c, 1) - alpha * m3
+        dx = torch.addcmul(const, dy, k).addcmul_(x, alpha)
+    else:
+        m = (weights.sum() if count is None else count)
+        m = m.clamp(min=1) if isinstance(m, Tensor) else max(m, 1)
+        xhat = (x - m3) * s3
+        t = (sum_dy.view(1, c, 1) + xhat * sum_dy_xhat.view(1, c, 1)) / m
+        dx = k * (dy - weights * t)
+    return dx, sum_dy_xhat, sum_dy
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode batch norm on an ``(A, C, B)`` view with the analytic backward.
+
+    Returns ``(y, mean, var, count)``; the statistics are non-differentiable
+    outputs so the caller can update moving statistics without recomputing them.
+    ``fallback_mean``/``fallback_var`` (``(C,)`` or ``None``) replace the batch
+    statistics of a fully masked batch, which has none.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta, weights, epsilon, fallback_mean, fallback_var):
+        c = x3.shape[1]
+        if weights is None:
+            var, mean = torch.var_mean(x3, dim=(0, 2), correction=0)
+            count = torch.tensor(x3.shape[0] * x3.shape[2], dtype=x3.dtype, device=x3.device)
+            norm_mean, norm_var = mean, var
+        else:
+            mean, var, count = _masked_moments3(x3, weights)
+            norm_mean, norm_var = mean, var
+            if fallback_mean is not None:
+                has_data = count > 0
+                norm_mean = torch.where(has_data, mean, fallback_mean.to(mean.dtype))
+                norm_var = torch.where(has_data, var, fallback_var.to(var.dtype))
+        invstd = torch.rsqrt(norm_var + epsilon)
+        scale = invstd if gamma is None else invstd * gamma
+        shift = -norm_mean * scale
+        if beta is not None:
+            shift = shift + beta
+        y = torch.addcmul(shift.view(1, c, 1), x3, scale.view(1, c, 1))
+        ctx.save_for_backward(x3, gamma, norm_mean, invstd, weights, count)
+        ctx.has_gamma = gamma is not None
+        ctx.has_beta = beta is not None
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x3, gamma, mean, invstd, weights, count = ctx.saved_tensors
+        dx, dgamma, dbeta = batch_norm_backward(
+            dy.contiguous(), x3, mean, invstd, gamma, weights, count if weights is not None else None
+        )
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dgamma if ctx.has_gamma and ctx.needs_input_grad[1] else None,
+            dbeta if ctx.has_beta and ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# --------------------------------------------------------------------------- moving statistics
+
+
+def update_moving_stats_(
+    moving_mean: Tensor,
+    moving_variance: Tensor,
+    batch_mean: Tensor,
+    batch_variance: Tensor,
+    momentum: float | Tensor,
+    valid: Tensor | None = None,
+) -> None:
+    """In place: ``moving <- momentum * moving + (1 - momentum) * batch`` (Keras' convention).
+
+    ``momentum`` is the weight of the OLD value (Keras; PyTorch's ``momentum`` is
+    ``1 -`` this, see :mod:`bnlab.conventions`); it may be a 0-d tensor (the
+    cumulative average uses ``1 - 1/num_batches``). A feature whose batch mean
+    or variance is not finite, or where ``valid`` is False, keeps its moving
+    values bit for bit. The check runs on the device, without a host sync.
+    """
+    with torch.no_grad():
+        bm = batch_mean.reshape(moving_mean.shape).to(moving_mean.dtype)
+        bv = batch_variance.reshape(moving_variance.shape).to(moving_variance.dtype)
+        ok = torch.isfinite(bm) & torch.isfinite(bv)
+        if valid is not None:
+            ok = ok & valid
+        new_weight = 1.0 - momentum
+        new_mean = moving_mean * momentum + bm * new_weight
+        new_var = moving_variance * momentum + bv * new_weight
+        moving_mean.copy_(torch.where(ok, new_mean, moving_mean))
+        moving_variance.copy_(torch.where(ok, new_var, moving_variance))
+
+
+# --------------------------------------------------------------------------- whole transforms
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if not x.is_floating_point():
+        raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _flat(t: Tensor | None, dtype) -> Tensor | None:
+    return None if t is None else t.reshape(-1).to(dtype)
+
+
+def batch_norm_inference(
+    x: Tensor,
+    moving_mean: Tensor,
+    moving_variance: Tensor,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-3,
+) -> Tensor:
+    """Inference transform: ``gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta``.
+
+    Parameters and statistics have the shape of the feature axes (or are flat).
+    Half-precision inputs are computed in float32 and returned in their dtype.
+    """
+    feat = normalize_axes(axis, x.ndim)
+    dtype = _compute_dtype(x)
+    x3, restore = as_acb(x.to(dtype), feat)
+    y3 = torch.batch_norm(
+        x3,
+        _flat(gamma, dtype),
+        _flat(beta, dtype),
+        _flat(moving_mean, dtype),
+        _flat(moving_variance, dtype),
+        False,
+        0.0,
+        epsilon,
+        False,
+    )
+    return restore(y3).to(x.dtype)
+
+
+def batch_norm_train(
+    x: Tensor,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-3,
+    mask: Tensor | None = None,
+    fallback: tuple[Tensor, Tensor] | None = None,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
+    """Training transform with batch statistics; returns ``(y, mean, biased_var, count)``.
+
+    Gradients flow through the batch mean and variance. ``mean`` and
+    ``biased_var`` are flat ``(C,)`` statistics in the compute dtype (float32 for
+    half inputs), ``count`` the number of values per feature that entered them
+    (an int, or a 0-d tensor with a mask). ``fallback`` = ``(mean, var)`` is used
+    to normalize a fully masked batch, which has no statistics of its own.
+
+    ``impl``: ``"aten"`` (PyTorch's native kernel on the zero-copy view; no mask,
+    at least 2 values per feature), ``"composite"`` (bnlab's autograd Function)
+    or ``"auto"`` (aten where it applies).
+    """
+    feat = normalize_axes(axis, x.ndim)
+    dtype = _compute_dtype(x)
+    x3, restore = as_acb(x.to(dtype), feat)
+    g, b = _flat(gamma, dtype), _flat(beta, dtype)
+    per_feature = x3.shape[0] * x3.shape[2]
+    if impl not in ("auto", "aten", "composite"):
+        raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
+    use_aten = impl == "aten" or (impl == "auto" and mask is None and per_feature > 1)
+    if use_aten:
+        if mask is not None or per_feature < 2:
+            raise ValueError(
+                "impl='aten' needs no mask and at least 2 values per feature "
+                f"(got mask={'set' if mask is not None else None}, {per_feature} values)"
+            )
+        # The native kernel writes the batch mean and the UNBIASED batch variance
+        # into the running buffers; with momentum 1 and zero buffers these are the
+        # batch statistics themselves.
+        stats = x3.new_zeros((2, x3.shape[1]))
+        y3 = torch.batch_norm(x3, g, b, stats[0], stats[1], True, 1.0, epsilon, False)
+        mean, var = stats[0], stats[1] * ((per_feature - 1) / per_feature)
+        return restore(y3).to(x.dtype), mean, var, per_feature
+    weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
+    fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
+    y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)
+    return restore(y3).to(x.dtype), mean, var, (count if mask is not None else per_feature)
+
+
+def batch_norm(
+    x: Tensor,
+    moving_mean: Tensor | None,
+    moving_variance: Tensor | None,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    training: bool,
+    axis: int | Sequence[int] = -1,
+    momentum: float | Tensor = 0.99,
+    epsilon: float = 1e-3,
+    mask: Tensor | None = None,
+    unbiased_moving_variance: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """Batch normalization of ``x`` over every axis except ``axis`` (Keras conventions).
+
+    Training (``training=True``)::
+
+        y = gamma * (x - mean_B) / sqrt(var_B + epsilon) + beta
+        moving_mean     <- momentum * moving_mean     + (1 - momentum) * mean_B
+        moving_variance <- momentum * moving_variance + (1 - momentum) * var_B
+
+    with ``mean_B``/``var_B`` the batch mean and biased variance (over True
+    positions of ``mask`` only). ``unbiased_moving_variance=True`` stores
+    ``var_B * M/(M-1)`` instead (PyTorch, and the paper's Algorithm 2).
+    The moving statistics are updated in place when given; a feature whose
+    statistics are not finite, an empty batch and a fully masked batch leave
+    them untouched. Inference (``training=False``) uses the moving statistics.
+
+    ``momentum`` is the weight of the OLD value (Keras: 0.99; PyTorch's 0.1
+    means 0.9 here). Shapes: statistics and parameters have the sizes of the
+    feature axes, in increasing axis order.
+
+    >>> x = torch.randn(32, 4)
+    >>> mm, mv = torch.zeros(4), torch.ones(4)
+    >>> y = batch_norm(x, mm, mv, training=True)
+    >>> bool(torch.allclose(y.mean(0), torch.zeros(4), atol=1e-5))
+    True
+    """
+    if not training:
+        if moving_mean is None or moving_variance is None:
+            raise ValueError("inference needs moving_mean and moving_variance")
+        return batch_norm_inference(
+            x, moving_mean, moving_variance, gamma, beta, axis=axis, epsilon=epsilon
+        )
+    feat = normalize_axes(axis, x.ndim)
+    if x.numel() == 0 and moving_mean is not None:
+        # An empty batch has no statistics: normalize (nothing) with the moving ones.
+        return batch_norm_inference(
+            x, moving_mean, moving_variance, gamma, beta, axis=feat, epsilon=epsilon
+        )
+    fallback = None if moving_mean is None else (moving_mean, moving_variance)
+    y, mean, var, count = batch_norm_train(
+        x, gamma, beta, axis=feat, epsilon=epsilon, mask=mask, fallback=fallback, impl=impl
+    )
+    if moving_mean is not None:
+        valid = None
+        if isinstance(count, Tensor):  # masked: skip when nothing (or too little) entered
+            valid = count > (1 if unbiased_moving_variance else 0)
+            if unbiased_moving_variance:
+                var = var * count / (count - 1).clamp(min=1)
+        elif unbiased_moving_variance:
+            # count < 2 gives 0/0 = NaN, which the update then skips.
+            var = var * (count / (count - 1)) if count > 1 else var * float("nan")
+        update_moving_stats_(moving_mean, moving_variance, mean, var, momentum, valid)
+    return y

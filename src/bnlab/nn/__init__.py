@@ -1,0 +1,5 @@
+"""Modules: the Keras-faithful :class:`BatchNorm` and PyTorch drop-ins."""
+
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormalization
+
+__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

@@ -1,0 +1,554 @@
+"""Batch normalization modules: the Keras-faithful ``BatchNorm`` and PyTorch drop-ins.
+
+Ioffe, S. & Szegedy, C. (2015). *Batch Normalization: Accelerating Deep Network
+Training by Reducing Internal Covariate Shift*. arXiv:1502.03167.
+
+Both faces share one base class that owns the parameters and buffers and
+delegates the math to :mod:`bnlab.functional`. They differ only in their
+constructor arguments and in the conventions those arguments follow:
+
+=====================  ==========================  ==============================
+                       ``bnlab.BatchNorm``         ``bnlab.nn.BatchNorm1d/2d/3d``
+                       (Keras' face)               (PyTorch's face)
+=====================  ==========================  ==============================
+feature axis           ``axis=-1`` (any, or list)  dim 1
+momentum               weight of the OLD value,    weight of the NEW value,
+                       ``0.99``                    ``0.1``
+epsilon                ``epsilon=1e-3``            ``eps=1e-5``
+stored variance        biased (``/M``)             unbiased (``/(M-1)``)
+state-dict keys        ``weight``, ``bias``, ``running_mean``, ``running_var``,
+                       ``num_batches_tracked`` (both faces, so checkpoints load)
+=====================  ==========================  ==============================
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import constraints as _constraints
+from .. import functional as F
+from .. import initializers as _initializers
+from .. import regularizers as _regularizers
+
+__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_ESTIMATORS = ("biased", "unbiased")
+
+
+def _as_shape(num_features) -> tuple[int, ...] | None:
+    if num_features is None:
+        return None
+    shape = (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
+    if not shape or any(int(s) < 1 for s in shape):
+        raise ValueError(f"num_features must be a positive int or a tuple of them, got {num_features!r}")
+    return tuple(int(s) for s in shape)
+
+
+class _BatchNormBase(nn.Module):
+    """Parameters, buffers and the forward pass shared by both faces.
+
+    A face defines ``_old_weight()`` (the weight of the old moving value, or
+    ``None`` for a cumulative average) and ``_epsilon()``.
+    """
+
+    _version = 2  # version 2 added num_batches_tracked (as in PyTorch)
+
+    def __init__(
+        self,
+        *,
+        axis,
+        num_features,
+        center: bool,
+        scale: bool,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        moving_variance_estimator: str = "biased",
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not (isinstance(axis, int) or (isinstance(axis, (list, tuple)) and axis and all(isinstance(a, int) for a in axis))):
+            raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, got {axis!r}")
+        if moving_variance_estimator not in _ESTIMATORS:
+            raise ValueError(f"moving_variance_estimator must be one of {_ESTIMATORS}, got {moving_variance_estimator!r}")
+        self.axis = axis if isinstance(axis, int) else tuple(axis)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = _initializers.get(beta_initializer)
+        self.gamma_initializer = _initializers.get(gamma_initializer)
+        self.moving_mean_initializer = _initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = _initializers.get(moving_variance_initializer)
+        self.beta_regularizer = _regularizers.get(beta_regularizer)
+        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
+        self.beta_constraint = _constraints.get(beta_constraint)
+        self.gamma_constraint = _constraints.get(gamma_constraint)
+        self.moving_variance_estimator = moving_variance_estimator
+        self.track_running_stats = bool(track_running_stats)
+        self._trainable = True
+        self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        self.feature_shape: tuple[int, ...] | None = None
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+        self.register_buffer("running_mean", None)
+        self.register_buffer("running_var", None)
+        self.register_buffer("num_batches_tracked", None)
+        shape = _as_shape(num_features)
+        if shape is not None:
+            self.build(shape)
+
+    # ------------------------------------------------------------------ building
+
+    @property
+    def built(self) -> bool:
+        return self.feature_shape is not None
+
+    def build(self, feature_shape: Sequence[int], device=None) -> None:
+        """Create the parameters and statistics for features of ``feature_shape``.
+
+        Called by the first forward when ``num_features`` was not given. Build
+        before creating an optimizer (pass ``num_features``, or run one batch):
+        parameters created later are unknown to an existing optimizer.
+        """
+        shape = _as_shape(feature_shape)
+        dev = device if device is not None else self._factory["device"]
+        dt = self._factory["dtype"]
+        self.feature_shape = shape
+        if self.scale:
+            self.weight = nn.Parameter(self.gamma_initializer(shape, dtype=dt, device=dev), requires_grad=self._trainable)
+        if self.center:
+            self.bias = nn.Parameter(self.beta_initializer(shape, dtype=dt, device=dev), requires_grad=self._trainable)
+        if self.track_running_stats:
+            # Statistics stay float32 even for half-precision models (Keras and PyTorch agree).
+            stat_dtype = dt if dt in (torch.float32, torch.float64) else torch.float32
+            self.running_mean = self.moving_mean_initializer(shape, dtype=stat_dtype, device=dev)
+            self.running_var = self.moving_variance_initializer(shape, dtype=stat_dtype, device=dev)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=dev)
+        for name, t in (("gamma", self.weight), ("beta", self.bias), ("moving_mean", self.running_mean), ("moving_variance", self.running_var)):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name} initializer returned shape {tuple(t.shape)}, expected {shape}")
+
+    def reset_running_stats(self) -> None:
+        if self.running_mean is not None:
+            with torch.no_grad():
+                shape, dt = self.feature_shape, self.running_mean.dtype
+                self.running_mean.copy_(self.moving_mean_initializer(shape, dtype=dt))
+                self.running_var.copy_(self.moving_variance_initializer(shape, dtype=dt))
+                self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.copy_(self.gamma_initializer(self.feature_shape, dtype=self.weight.dtype))
+            if self.bias is not None:
+                self.bias.copy_(self.beta_initializer(self.feature_shape, dtype=self.bias.dtype))
+
+    # ------------------------------------------------------------------ Keras-style access
+
+    @property
+    def gamma(self) -> nn.Parameter | None:
+        """The scale (PyTorch key ``weight``); ``None`` when ``scale=False``."""
+        return self.weight
+
+    @property
+    def beta(self) -> nn.Parameter | None:
+        """The offset (PyTorch key ``bias``); ``None`` when ``center=False``."""
+        return self.bias
+
+    @property
+    def moving_mean(self) -> Tensor | None:
+        """The moving mean (PyTorch key ``running_mean``)."""
+        return self.running_mean
+
+    @property
+    def moving_variance(self) -> Tensor | None:
+        """The moving variance (PyTorch key ``running_var``)."""
+        return self.running_var
+
+    @property
+    def trainable(self) -> bool:
+        """Keras semantics: ``False`` freezes gamma and beta AND runs the layer in inference mode."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(self._trainable)
+
+    def _weight_list(self) -> list[tuple[str, Tensor]]:
+        pairs = [("gamma", self.weight), ("beta", self.bias), ("moving_mean", self.running_mean), ("moving_variance", self.running_var)]
+        return [(n, t) for n, t in pairs if t is not None]
+
+    def get_weights(self) -> list[np.ndarray]:
+        """NumPy copies in Keras' order ``[gamma?, beta?, moving_mean, moving_variance]``."""
+        self._require_built("get_weights")
+        return [t.detach().cpu().numpy().copy() for _, t in self._weight_list()]
+
+    def set_weights(self, weights: Sequence) -> None:
+        """Set from arrays in Keras' order ``[gamma?, beta?, moving_mean, moving_variance]``."""
+        self._require_built("set_weights")
+        targets = self._weight_list()
+        if len(weights) != len(targets):
+            names = [n for n, _ in targets]
+            raise ValueError(f"set_weights expected {len(targets)} arrays {names}, got {len(weights)}")
+        for (name, t), w in zip(targets, weights):
+            arr = torch.as_tensor(np.asarray(w))
+            if tuple(arr.shape) != tuple(t.shape):
+                raise ValueError(f"set_weights: {name} expected shape {tuple(t.shape)}, got {tuple(arr.shape)}")
+        with torch.no_grad():
+            for (_, t), w in zip(targets, weights):
+                t.copy_(torch.as_tensor(np.asarray(w)).to(dtype=t.dtype, device=t.device))
+
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise RuntimeError(f"{type(self).__name__} is not built yet: pass num_features, call build(), or run one batch before {what}()")
+
+    # ------------------------------------------------------------------ regularizers and constraints
+
+    def regularization_losses(self) -> list[Tensor]:
+        """The penalties of this layer's regularizers (see :func:`bnlab.regularization_loss`)."""
+        out = []
+        if self.gamma_regularizer is not None and self.weight is not None:
+            out.append(self.gamma_regularizer(self.weight))
+        if self.beta_regularizer is not None and self.bias is not None:
+            out.append(self.beta_regularizer(self.bias))
+        return out
+
+    def apply_constraints_(self) -> None:
+        """Project gamma and beta in place with their constraints (see :func:`bnlab.apply_constraints`)."""
+        with torch.no_grad():
+            if self.gamma_constraint is not None and self.weight is not None:
+                self.weight.copy_(self.gamma_constraint(self.weight))
+            if self.beta_constraint is not None and self.bias is not None:
+                self.bias.copy_(self.beta_constraint(self.bias))
+
+    # ------------------------------------------------------------------ forward
+
+    def _old_weight(self):  # pragma: no cover - defined by each face
+        raise NotImplementedError
+
+    def _epsilon(self) -> float:  # pragma: no cover - defined by each face
+        raise NotImplementedError
+
+    def _check_input(self, x: Tensor, feat: tuple[int, ...], batch_stats: bool) -> None:
+        shape = tuple(x.shape[a] for a in feat)
+        if self.built and shape != self.feature_shape:
+            want = self.feature_shape[0] if len(self.feature_shape) == 1 else self.feature_shape
+            got = shape[0] if len(shape) == 1 else shape
+            raise ValueError(
+                f"{type(self).__name__}(axis={self.axis!r}) built for {want} features, "
+                f"got {got} (input shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; see the class docstring for the formulas.
+
+        ``training=None`` follows the module's mode (``train()``/``eval()``).
+        ``mask``: bool, ``x.shape`` without the feature axes; only True
+        positions enter the training statistics, every position is normalized.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        feat = F.normalize_axes(self.axis, x.ndim)
+        training = self.training if training is None else bool(training)
+        if not self._trainable:
+            training = False  # Keras: a frozen BN layer runs in inference mode
+        batch_stats = training or self.running_mean is None
+        self._check_input(x, feat, batch_stats)
+        if not self.built:
+            self.build(tuple(x.shape[a] for a in feat), device=x.device)
+        if mask is not None and not batch_stats:
+            F._mask_as_acb(mask, x, feat, torch.float32)  # validate only: inference ignores the mask
+            mask = None
+        if not batch_stats:
+            return F.batch_norm_inference(
+                x, self.running_mean, self.running_var, self.weight, self.bias, axis=feat, epsilon=self._epsilon()
+            )
+        update = training and self.running_mean is not None
+        momentum = 0.0
+        if update and x.numel() > 0:
+            self.num_batches_tracked.add_(1)
+            momentum = self._old_weight()
+            if momentum is None:  # cumulative moving average: new value weighs 1/num_batches
+                momentum = 1.0 - 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+        return F.batch_norm(
+            x,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            training=True,
+            axis=feat,
+            momentum=momentum,
+            epsilon=self._epsilon(),
+            mask=mask,
+            unbiased_moving_variance=self.moving_variance_estimator == "unbiased",
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints from before num_batches_tracked existed (PyTorch < 0.4.1 style).
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        if not self.built:
+            for name in ("running_mean", "weight", "bias"):
+                if prefix + name in state_dict:
+                    self.build(tuple(state_dict[prefix + name].shape))
+                    break
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class BatchNorm(_BatchNormBase):
+    r"""Batch normalization with the semantics of ``keras.layers.BatchNormalization``.
+
+    **During training** (``training=True``, or ``None`` in ``train()`` mode), for
+    each feature over every axis except ``axis`` (``M`` values)::
+
+        mean = sum(x) / M
+        var  = sum((x - mean)^2) / M                        # biased
+        y    = gamma * (x - mean) / sqrt(var + epsilon) + beta
+        moving_mean     <- momentum * moving_mean     + (1 - momentum) * mean
+        moving_variance <- momentum * moving_variance + (1 - momentum) * var
+
+    Gradients flow through ``mean`` and ``var``.
+
+    **During inference** (``training=False``, or ``None`` in ``eval()`` mode)::
+
+        y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
+
+    and nothing is updated.
+
+    Args:
+        axis (int or list of int, default ``-1``): the feature axis (axes) that
+            are NOT reduced; gamma, beta and the moving statistics have their
+            sizes, in increasing axis order. ``-1`` suits ``(N, C)`` and
+            channels-last ``(N, H, W, C)``; use ``axis=1`` for ``(N, C, H, W)``.
+        momentum (float, default ``0.99``): weight of the OLD moving value
+            (Keras' convention; PyTorch's ``momentum=0.1`` is ``0.9`` here, see
+            :func:`bnlab.conventions.keras_momentum_from_torch`). ``None`` keeps
+            a cumulative average over all batches seen.
+        epsilon (float, default ``1e-3``): added to the variance before the
+            square root (PyTorch's default is ``1e-5``).
+        center (bool, default ``True``): learn ``beta``; if False, ``beta`` is
+            ``None`` and no offset is added.
+        scale (bool, default ``True``): learn ``gamma``; if False, ``gamma`` is
+            ``None`` (no scaling). Keras advises this when the next layer is
+            linear (e.g. ReLU), as the next layer can absorb the scale.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer: ``"zeros"``/``"ones"`` (the defaults are
+            zeros, ones, zeros, ones), a :mod:`bnlab.initializers` instance such
+            as ``Constant(0.9)`` or ``RandomNormal(0.0, 0.05)``, or a callable
+            ``(shape, dtype, device) -> Tensor``.
+        beta_regularizer, gamma_regularizer (default ``None``): a
+            :mod:`bnlab.regularizers` instance, name or callable; its penalty
+            reaches the loss through :func:`bnlab.regularization_loss`.
+        beta_constraint, gamma_constraint (default ``None``): a
+            :mod:`bnlab.constraints` instance, name or callable, applied after
+            each optimizer step by :func:`bnlab.apply_constraints`.
+        num_features (int or tuple, default ``None``): the feature size(s).
+            ``None`` builds the layer lazily on the first input; build it before
+            creating the optimizer (pass this, or run one batch).
+        moving_variance_estimator (``"biased"`` (default) or ``"unbiased"``):
+            what the moving variance averages. Keras stores the biased batch
+            variance; ``"unbiased"`` stores ``var * M/(M-1)`` as PyTorch and the
+            paper's Algorithm 2 do. The batch itself is always normalized with
+            the biased variance.
+        device, dtype: where and in what precision parameters are created
+            (statistics are float32 for half-precision parameters).
+
+    **Conventions that differ from PyTorch.** ``training=None`` follows the
+    module's ``train()``/``eval()`` mode (the PyTorch habit; in Keras ``None``
+    means inference unless inside ``fit``). Setting ``layer.trainable = False``
+    freezes gamma and beta *and* makes the layer run in inference mode even
+    when called with ``training=True``: the Keras behaviour that fine-tuning
+    relies on (PyTorch's ``requires_grad_(False)`` only stops gradients).
+
+    **Edge cases.** A training batch with one value per feature normalizes to
+    ``beta`` (variance 0), as in Keras; PyTorch raises instead. A feature whose
+    batch statistics are not finite leaves its moving statistics unchanged (no
+    NaN is ever written there). An empty batch and a fully masked batch update
+    nothing and are normalized with the moving statistics. Half-precision inputs
+    are computed in float32 and returned in their own dtype.
+
+    Shape:
+        Input: any rank containing ``axis``. Output: the same shape and memory
+        layout (channels-last stays channels-last, without a copy).
+
+    State dict keys are PyTorch's (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so ``torch.nn.BatchNorm2d(C,
+    eps=1e-3, momentum=0.01)`` checkpoints load into ``BatchNorm(axis=1,
+    num_features=C)`` and back.
+
+    Example::
+
+        >>> import torch, bnlab
+        >>> bn = bnlab.BatchNorm(num_features=3)          # axis=-1, momentum=0.99, epsilon=1e-3
+        >>> x = torch.randn(64, 3) * 5 + 2
+        >>> y = bn(x)                                      # train mode: batch statistics
+        >>> [round(v, 4) for v in y.mean(0).tolist()]
+        [0.0, 0.0, 0.0]
+        >>> gamma, beta, mean, var = bn.get_weights()      # Keras' order
+        >>> bool(torch.allclose(torch.as_tensor(mean), 0.01 * x.mean(0), atol=1e-6))
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        axis: int | Sequence[int] = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        num_features: int | Sequence[int] | None = None,
+        moving_variance_estimator: str = "biased",
+        device=None,
+        dtype=None,
+    ):
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (weight of the old moving value) or None, got {momentum!r}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        self.momentum = momentum
+        self.epsilon = float(epsilon)
+        super().__init__(
+            axis=axis,
+            num_features=num_features,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            moving_variance_estimator=moving_variance_estimator,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _old_weight(self):
+        return self.momentum
+
+    def _epsilon(self) -> float:
+        return self.epsilon
+
+    def extra_repr(self) -> str:
+        parts = [f"axis={self.axis!r}", f"momentum={self.momentum}", f"epsilon={self.epsilon}"]
+        if self.built:
+            parts.insert(0, f"num_features={self.feature_shape[0] if len(self.feature_shape) == 1 else self.feature_shape}")
+        if not self.center:
+            parts.append("center=False")
+        if not self.scale:
+            parts.append("scale=False")
+        if self.moving_variance_estimator != "biased":
+            parts.append(f"moving_variance_estimator={self.moving_variance_estimator!r}")
+        return ", ".join(parts)
+
+
+BatchNormalization = BatchNorm  # the name the tutorials (and Keras) use
+
+
+class _TorchBatchNorm(_BatchNormBase):
+    """PyTorch's face: ``torch.nn.BatchNorm*d`` arguments, defaults and semantics.
+
+    Training normalizes with the biased batch variance and stores the UNBIASED
+    one; ``running = (1 - momentum) * running + momentum * batch`` (momentum is
+    the weight of the NEW value); ``momentum=None`` is a cumulative average.
+    ``track_running_stats=False`` keeps no statistics and normalizes with the
+    batch statistics in eval mode too. Outputs, gradients and running
+    statistics match ``torch.nn.BatchNorm*d`` within float32 rounding.
+    """
+
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (weight of the new batch statistic) or None, got {momentum!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        super().__init__(
+            axis=1,
+            num_features=num_features,
+            center=affine,
+            scale=affine,
+            moving_variance_estimator="unbiased",
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _old_weight(self):
+        return None if self.momentum is None else 1.0 - self.momentum
+
+    def _epsilon(self) -> float:
+        return self.eps
+
+    def _check_input(self, x, feat, batch_stats):
+        if x.dim() not in self._expected_dims:
+            dims = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"expected {dims} input (got {x.dim()}D input)")
+        super()._check_input(x, feat, batch_stats)
+        if batch_stats and x.numel() > 0 and x.numel() // x.shape[1] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+
+class BatchNorm1d(_TorchBatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``."""
+
+    _expected_dims = (2, 3)
+
+
+class BatchNorm2d(_TorchBatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``."""
+
+    _expected_dims = (4,)
+
+
+class BatchNorm3d(_TorchBatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``."""
+
+    _expected_dims = (5,)

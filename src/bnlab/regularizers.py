@@ -1,0 +1,73 @@
+"""Weight penalties with Keras' names and defaults.
+
+A regularizer maps a parameter tensor to a scalar penalty that is *added to the
+training loss*. bnlab layers hold their regularizers; the penalties of a whole
+model are collected by :func:`bnlab.regularization_loss` (see there)::
+
+    loss = criterion(model(x), y) + bnlab.regularization_loss(model)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["L1", "L2", "L1L2", "get"]
+
+
+class Regularizer:
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class L1L2(Regularizer):
+    """``l1 * sum(|w|) + l2 * sum(w**2)``; both 0.0 by default (Keras)."""
+
+    def __init__(self, l1: float = 0.0, l2: float = 0.0):
+        if l1 < 0 or l2 < 0:
+            raise ValueError(f"penalty factors must be >= 0, got l1={l1}, l2={l2}")
+        self.l1, self.l2 = float(l1), float(l2)
+
+    def __call__(self, w):
+        penalty = w.new_zeros(())
+        if self.l1:
+            penalty = penalty + self.l1 * w.abs().sum()
+        if self.l2:
+            penalty = penalty + self.l2 * w.square().sum()
+        return penalty
+
+
+class L1(L1L2):
+    """``l1 * sum(|w|)``, ``l1=0.01`` by default (Keras)."""
+
+    def __init__(self, l1: float = 0.01):
+        super().__init__(l1=l1)
+
+
+class L2(L1L2):
+    """``l2 * sum(w**2)``, ``l2=0.01`` by default (Keras). Not halved: Keras' convention."""
+
+    def __init__(self, l2: float = 0.01):
+        super().__init__(l2=l2)
+
+
+_BY_NAME = {"l1": L1, "l2": L2, "l1_l2": lambda: L1L2(0.01, 0.01)}
+
+
+def get(spec) -> Callable | None:
+    """A regularizer from ``None``, a name (``"l1"``, ``"l2"``, ``"l1_l2"``), an instance or a callable."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            return _BY_NAME[spec.lower()]()
+        except KeyError:
+            raise ValueError(f"unknown regularizer {spec!r}; expected one of {sorted(_BY_NAME)}, a Regularizer or a callable") from None
+    if callable(spec):
+        return spec
+    raise TypeError(f"a regularizer must be None, a name, a Regularizer or a callable, got {spec!r}")
