@@ -1,0 +1,395 @@
+"""bnlab.BatchNorm (Keras face): one test per bullet of its contract."""
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab
+from bnlab import constraints, initializers, reference as R, regularizers
+
+
+# ---------------------------------------------------------------- constructor
+
+
+def test_keras_defaults():
+    bn = bnlab.BatchNorm()
+    assert (bn.axis, bn.momentum, bn.epsilon, bn.center, bn.scale) == (-1, 0.99, 1e-3, True, True)
+    assert bn.moving_variance_estimator == "biased"
+    bn(torch.randn(8, 5))
+    gamma, beta, mm, mv = bnlab.BatchNorm(num_features=5).get_weights()
+    np.testing.assert_array_equal(gamma, np.ones(5))
+    np.testing.assert_array_equal(beta, np.zeros(5))
+    np.testing.assert_array_equal(mm, np.zeros(5))
+    np.testing.assert_array_equal(mv, np.ones(5))
+    assert bnlab.BatchNormalization is bnlab.BatchNorm
+
+
+def test_arguments_are_keyword_only():
+    # BatchNorm(64) would otherwise silently mean axis=64 to a Keras reader, num_features to a PyTorch one.
+    with pytest.raises(TypeError):
+        bnlab.BatchNorm(64)
+
+
+@pytest.mark.parametrize("bad", [{"momentum": 1.5}, {"epsilon": 0.0}, {"moving_variance_estimator": "sample"}, {"axis": "x"}, {"num_features": 0}])
+def test_bad_constructor_arguments(bad):
+    with pytest.raises((ValueError, TypeError)):
+        bnlab.BatchNorm(**bad)
+
+
+def test_lazy_build_infers_features_from_first_input():
+    bn = bnlab.BatchNorm(axis=1)
+    assert not bn.built and bn.gamma is None and len(list(bn.parameters())) == 0
+    bn(torch.randn(4, 7, 3))
+    assert bn.built and bn.gamma.shape == (7,) and bn.moving_variance.shape == (7,)
+
+
+def test_list_axis_parameters_have_the_feature_axes_sizes():
+    bn = bnlab.BatchNorm(axis=[3, 1])
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64)
+    y = bn(x)
+    assert bn.gamma.shape == (3, 6) and bn.moving_mean.shape == (3, 6)
+    yr, mr, vr = R.forward_train(x.numpy(), np.ones((3, 6)), np.zeros((3, 6)), 1e-3, axis=(1, 3))
+    np.testing.assert_allclose(y.detach().numpy(), yr, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.01 * mr, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training / inference
+
+
+def test_training_uses_biased_variance_and_keras_momentum_direction():
+    bn = bnlab.BatchNorm(num_features=3, dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64) * 2 + 1
+    y = bn(x)
+    xn = x.numpy()
+    np.testing.assert_allclose(y.detach().numpy(), (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-3), atol=1e-12)
+    # momentum 0.99 weighs the OLD value; the stored variance is the biased one (ddof=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.99 * 0 + 0.01 * xn.mean(0), atol=1e-12)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.99 * 1 + 0.01 * xn.var(0), atol=1e-12)
+    assert not np.allclose(bn.moving_variance.numpy(), 0.99 + 0.01 * xn.var(0, ddof=1), atol=1e-6)
+
+
+def test_moving_statistics_over_steps_match_numpy_reference_float32():
+    bn = bnlab.BatchNorm(momentum=0.9, epsilon=1e-2, num_features=4)
+    ref = R.NumpyBatchNorm(4, momentum=0.9, epsilon=1e-2)
+    for step in range(6):
+        x = torch.randn(32, 4) * (1 + step) - step
+        y = bn(x)
+        np.testing.assert_allclose(y.detach().numpy(), ref(x.numpy(), training=True), atol=2e-5)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), ref.moving_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), ref.moving_variance, rtol=1e-5, atol=1e-6)
+    bn.eval()
+    x = torch.randn(5, 4)
+    np.testing.assert_allclose(bn(x).detach().numpy(), ref(x.numpy(), training=False), atol=1e-5)
+
+
+def test_epsilon_default_is_keras_not_torch():
+    # A feature with tiny variance tells epsilon apart: 1e-3 (Keras) vs 1e-5 (PyTorch).
+    bn = bnlab.BatchNorm(num_features=1, dtype=torch.float64)
+    x = torch.tensor([[0.0], [0.002]], dtype=torch.float64)  # biased var = 1e-6
+    y = bn(x)
+    np.testing.assert_allclose(y[1, 0].item(), 0.001 / np.sqrt(1e-6 + 1e-3), rtol=1e-10)
+
+
+def test_gradients_flow_through_batch_statistics():
+    bn = bnlab.BatchNorm(num_features=3, dtype=torch.float64)
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    # A loss of sum(y) has zero gradient w.r.t. x when the statistics are differentiated
+    # (the batch mean absorbs any shift) but not when they are treated as constants.
+    bn(x).sum().backward()
+    assert x.grad.abs().max().item() < 1e-12
+    x.grad = None
+    assert torch.autograd.gradcheck(lambda t: bn(t, training=True), (x,))
+
+
+def test_inference_uses_moving_statistics_and_updates_nothing():
+    bn = bnlab.BatchNorm(num_features=2, dtype=torch.float64)
+    bn(torch.randn(16, 2, dtype=torch.float64) * 3 + 2)
+    bn.eval()
+    before = [w.copy() for w in bn.get_weights()]
+    x = torch.randn(4, 2, dtype=torch.float64)
+    y = bn(x)
+    g, b, mm, mv = before
+    np.testing.assert_allclose(y.detach().numpy(), g * (x.numpy() - mm) / np.sqrt(mv + 1e-3) + b, atol=1e-12)
+    for a, c in zip(before, bn.get_weights()):
+        np.testing.assert_array_equal(a, c)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_training_none_follows_module_mode_and_argument_overrides_it():
+    bn = bnlab.BatchNorm(num_features=2)
+    x = torch.randn(8, 2) + 5
+    bn.eval()
+    bn(x)  # training=None in eval mode -> inference
+    assert torch.equal(bn.moving_mean, torch.zeros(2))
+    bn(x, training=True)  # explicit training in eval mode -> batch statistics and update
+    assert not torch.equal(bn.moving_mean, torch.zeros(2))
+    bn.train()
+    m = bn.moving_mean.clone()
+    y = bn(x, training=False)
+    assert torch.equal(bn.moving_mean, m)
+    assert y.mean().item() > 1  # normalized with moving stats, not the batch's
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 6, 3), -1), ((4, 3, 6), 1), ((5, 7, 1), -1), ((3, 4, 5, 2), [1, 3])])
+def test_mask_only_true_positions_enter_statistics(shape, axis):
+    bn = bnlab.BatchNorm(axis=axis, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    feat = bnlab.functional.normalize_axes(axis, x.ndim)
+    mask = torch.rand([s for d, s in enumerate(shape) if d not in feat]) > 0.5
+    mask.view(-1)[:2] = True
+    y = bn(x, mask=mask)
+    fs = R.feature_shape(shape, axis)
+    yr, mr, vr = R.forward_train(x.numpy(), np.ones(fs), np.zeros(fs), 1e-3, axis, mask.numpy())
+    np.testing.assert_allclose(y.detach().numpy(), yr, atol=1e-12)  # every position normalized
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.01 * mr, atol=1e-14)  # exact count, no +1e-7
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.99 + 0.01 * vr, atol=1e-14)
+
+
+def test_mask_count_is_exact():
+    # Two valid values: mean must be exactly their mean (Keras divides by count + 1e-7).
+    bn = bnlab.BatchNorm(num_features=1, momentum=0.0, dtype=torch.float64)
+    x = torch.tensor([[[1.0], [3.0], [100.0]]], dtype=torch.float64)
+    bn(x, mask=torch.tensor([[True, True, False]]))
+    assert bn.moving_mean.item() == 2.0
+    assert bn.moving_variance.item() == 1.0
+
+
+def test_fully_masked_batch_updates_nothing_and_uses_moving_stats():
+    bn = bnlab.BatchNorm(num_features=3)
+    bn(torch.randn(8, 3) + 1)
+    state = [w.copy() for w in bn.get_weights()]
+    x = torch.randn(2, 4, 3)
+    y = bn(x, mask=torch.zeros(2, 4, dtype=torch.bool))
+    for a, c in zip(state, bn.get_weights()):
+        np.testing.assert_array_equal(a, c)
+    assert torch.isfinite(y).all()
+    g, b, mm, mv = state
+    np.testing.assert_allclose(y.detach().numpy(), g * (x.numpy() - mm) / np.sqrt(mv + 1e-3) + b, atol=1e-5)
+
+
+def test_mask_errors():
+    bn = bnlab.BatchNorm(num_features=3)
+    with pytest.raises(ValueError, match=r"expected \(2, 4\), got \(2, 3\)"):
+        bn(torch.randn(2, 4, 3), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool tensor"):
+        bn(torch.randn(2, 4, 3), mask=torch.ones(2, 4))
+    bn.eval()  # the shape is checked in inference too, even though the mask is not used there
+    with pytest.raises(ValueError, match="expected"):
+        bn(torch.randn(2, 4, 3), mask=torch.ones(4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_non_finite_batch_never_reaches_moving_statistics():
+    bn = bnlab.BatchNorm(num_features=3)
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    x[3, 2] = float("inf")
+    bn(x)
+    assert torch.isfinite(bn.moving_mean).all() and torch.isfinite(bn.moving_variance).all()
+    assert bn.moving_mean[1].item() == 0.0 and bn.moving_variance[2].item() == 1.0  # skipped per feature
+    assert bn.moving_mean[0].item() != 0.0  # the healthy feature was updated
+
+
+def test_empty_batch_updates_nothing():
+    bn = bnlab.BatchNorm(num_features=3)
+    before = [w.copy() for w in bn.get_weights()]
+    y = bn(torch.randn(0, 3))
+    assert y.shape == (0, 3)
+    for a, c in zip(before, bn.get_weights()):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_batch_of_one_gives_beta():
+    bn = bnlab.BatchNorm(num_features=4, beta_initializer=initializers.Constant(0.7))
+    x = torch.randn(1, 4, requires_grad=True)
+    y = bn(x)
+    torch.testing.assert_close(y, torch.full((1, 4), 0.7))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.99 * np.ones(4), atol=1e-7)  # var 0 entered
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype):
+    bn = bnlab.BatchNorm(num_features=4)
+    bn32 = bnlab.BatchNorm(num_features=4)
+    x = (torch.randn(64, 4) * 3 + 10).to(dtype)
+    y = bn(x)
+    y32 = bn32(x.float())
+    assert y.dtype == dtype
+    assert bn.moving_mean.dtype == torch.float32 and bn.moving_variance.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y32.to(dtype).float())
+    torch.testing.assert_close(bn.moving_mean, bn32.moving_mean)
+    torch.testing.assert_close(bn.moving_variance, bn32.moving_variance)
+
+
+def test_trainable_false_freezes_and_runs_inference():
+    bn = bnlab.BatchNorm(num_features=3)
+    bn(torch.randn(16, 3) * 2 + 1)
+    bn.trainable = False
+    assert not bn.gamma.requires_grad and not bn.beta.requires_grad
+    state = [w.copy() for w in bn.get_weights()]
+    x = torch.randn(8, 3) + 4
+    y = bn(x, training=True)
+    for a, c in zip(state, bn.get_weights()):
+        np.testing.assert_array_equal(a, c)
+    g, b, mm, mv = state
+    np.testing.assert_allclose(y.detach().numpy(), g * (x.numpy() - mm) / np.sqrt(mv + 1e-3) + b, atol=1e-5)
+    bn.trainable = True
+    assert bn.gamma.requires_grad
+    bn(x, training=True)
+    assert not np.array_equal(bn.get_weights()[2], mm)
+
+
+def test_input_errors_are_clear():
+    bn = bnlab.BatchNorm(num_features=64)
+    with pytest.raises(ValueError, match=r"BatchNorm\(axis=-1\) built for 64 features, got 32 \(input shape \(8, 32\)\)"):
+        bn(torch.randn(8, 32))
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for an input of rank 2"):
+        bnlab.BatchNorm(axis=3)(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        bn(np.zeros((4, 64)))
+
+
+# ---------------------------------------------------------------- weights and checkpoints
+
+
+def test_gamma_beta_none_when_disabled_and_get_weights_order():
+    bn = bnlab.BatchNorm(num_features=3, center=False)
+    assert bn.beta is None and bn.gamma is not None
+    assert len(bn.get_weights()) == 3
+    bn = bnlab.BatchNorm(num_features=3, scale=False)
+    assert bn.gamma is None and len(bn.get_weights()) == 3
+    bn = bnlab.BatchNorm(num_features=3, scale=False, center=False)
+    assert len(bn.get_weights()) == 2 and list(bn.parameters()) == []
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = bnlab.BatchNorm(num_features=3, scale=False, center=False, dtype=torch.float64)(x)
+    xn = x.numpy()
+    np.testing.assert_allclose(y.numpy(), (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-3), atol=1e-12)
+
+
+def test_set_weights_roundtrip_and_shape_error():
+    bn = bnlab.BatchNorm(num_features=3)
+    w = [np.array([1.0, 2, 3]), np.array([0.1, 0.2, 0.3]), np.array([-1.0, 0, 1]), np.array([4.0, 5, 6])]
+    bn.set_weights(w)
+    for a, c in zip(w, bn.get_weights()):
+        np.testing.assert_allclose(a, c)
+    with pytest.raises(ValueError, match=r"gamma expected shape \(3,\), got \(4,\)"):
+        bn.set_weights([np.ones(4), np.ones(3), np.ones(3), np.ones(3)])
+    with pytest.raises(ValueError, match="expected 4 arrays"):
+        bn.set_weights(w[:2])
+
+
+def test_torch_checkpoint_loads_and_gives_same_eval_output():
+    C = 6
+    tbn = torch.nn.BatchNorm2d(C, eps=1e-3, momentum=0.01)
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5)
+        tbn.bias.uniform_(-1, 1)
+    for _ in range(3):
+        tbn(torch.randn(8, C, 5, 5) * 2 + 1)
+    tbn.eval()
+    bn = bnlab.BatchNorm(axis=1, num_features=C)
+    bn.load_state_dict(tbn.state_dict())
+    bn.eval()
+    x = torch.randn(4, C, 5, 5)
+    torch.testing.assert_close(bn(x), tbn(x))
+    # ... and the reverse
+    bn2 = bnlab.BatchNorm(axis=1, num_features=C, gamma_initializer=initializers.RandomUniform(0.5, 1.5))
+    bn2(torch.randn(8, C, 3, 3) + 2)
+    bn2.eval()
+    tbn2 = torch.nn.BatchNorm2d(C, eps=1e-3, momentum=0.01)
+    tbn2.load_state_dict(bn2.state_dict())
+    tbn2.eval()
+    torch.testing.assert_close(tbn2(x), bn2(x))
+
+
+def test_checkpoint_loads_into_lazy_layer_and_old_checkpoints_without_counter():
+    tbn = torch.nn.BatchNorm1d(5)
+    sd = tbn.state_dict()
+    bn = bnlab.BatchNorm(axis=1)  # not built
+    bn.load_state_dict(sd)
+    assert bn.built and bn.gamma.shape == (5,)
+    old = {k: v for k, v in sd.items() if k != "num_batches_tracked"}
+    bn3 = bnlab.BatchNorm(axis=1, num_features=5)
+    bn3.load_state_dict(old)
+    assert bn3.num_batches_tracked.item() == 0
+
+
+def test_state_dict_keys_are_pytorch_keys():
+    bn = bnlab.BatchNorm(num_features=4)
+    assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert bn.state_dict().keys() == torch.nn.BatchNorm1d(4).state_dict().keys()
+
+
+# ---------------------------------------------------------------- initializers, regularizers, constraints
+
+
+def test_tutorial_000_custom_initializers():
+    torch.manual_seed(1)
+    bn = bnlab.BatchNorm(
+        momentum=0.95, epsilon=0.005, axis=-1,
+        beta_initializer=initializers.RandomNormal(mean=0.0, stddev=0.05),
+        gamma_initializer=initializers.Constant(value=0.9),
+        num_features=256,
+    )
+    np.testing.assert_allclose(bn.gamma.detach().numpy(), 0.9)
+    beta = bn.beta.detach().numpy()
+    assert abs(beta.mean()) < 0.02 and 0.035 < beta.std() < 0.065
+
+
+def test_initializers_semantics():
+    a = initializers.RandomNormal(1.0, 2.0, seed=3)((1000,))
+    b = initializers.RandomNormal(1.0, 2.0, seed=3)((1000,))
+    assert torch.equal(a, b) and abs(a.mean().item() - 1.0) < 0.2 and abs(a.std().item() - 2.0) < 0.2
+    u = initializers.RandomUniform(-1, 3, seed=0)((1000,))
+    assert u.min() >= -1 and u.max() < 3
+    t = initializers.TruncatedNormal(0.0, 1.0, seed=0)((5000,))
+    assert t.abs().max() <= 2.0
+    bn = bnlab.BatchNorm(num_features=3, moving_variance_initializer=lambda shape, dtype, device: torch.full(shape, 2.0, dtype=dtype))
+    assert torch.equal(bn.moving_variance, torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="unknown initializer"):
+        bnlab.BatchNorm(gamma_initializer="glorot")
+
+
+def test_regularizers_reach_the_loss():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4),
+        bnlab.BatchNorm(num_features=4, gamma_regularizer=regularizers.L2(0.1), beta_regularizer=regularizers.L1(0.5)),
+    )
+    bn = model[1]
+    with torch.no_grad():
+        bn.gamma.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        bn.beta.copy_(torch.tensor([-1.0, 1.0, 0.0, 2.0]))
+    penalty = bnlab.regularization_loss(model)
+    assert penalty.item() == pytest.approx(0.1 * 30 + 0.5 * 4)
+    penalty.backward()
+    torch.testing.assert_close(bn.gamma.grad, 0.2 * bn.gamma.detach())
+    torch.testing.assert_close(bn.beta.grad, 0.5 * torch.sign(bn.beta.detach()))
+    assert bnlab.regularization_loss(torch.nn.Linear(2, 2)).item() == 0.0
+    assert regularizers.get("l1_l2")(torch.ones(2)).item() == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize(
+    "constraint,expected",
+    [
+        (constraints.NonNeg(), lambda w: np.maximum(w, 0)),
+        (constraints.MaxNorm(1.0), lambda w: w * min(1.0, np.linalg.norm(w)) / (1e-7 + np.linalg.norm(w))),
+        (constraints.UnitNorm(), lambda w: w / (1e-7 + np.linalg.norm(w))),
+        (constraints.MinMaxNorm(6.0, 7.0), lambda w: w * np.clip(np.linalg.norm(w), 6.0, 7.0) / (1e-7 + np.linalg.norm(w))),
+    ],
+)
+def test_constraints_apply_after_step(constraint, expected):
+    bn = bnlab.BatchNorm(num_features=3, gamma_constraint=constraint, beta_constraint=constraint)
+    opt = torch.optim.SGD(bn.parameters(), lr=1.0)
+    bn(torch.randn(8, 3)).pow(3).sum().backward()
+    opt.step()
+    g_before, b_before = bn.gamma.detach().numpy().copy(), bn.beta.detach().numpy().copy()
+    bnlab.apply_constraints(bn)
+    np.testing.assert_allclose(bn.gamma.detach().numpy(), expected(g_before), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.beta.detach().numpy(), expected(b_before), rtol=1e-5, atol=1e-6)

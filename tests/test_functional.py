@@ -1,0 +1,205 @@
+"""bnlab.functional against the NumPy reference, gradcheck, and its own two implementations."""
+
+import numpy as np
+import pytest
+import torch
+
+from bnlab import functional as F
+from bnlab import reference as R
+
+CASES = [
+    ((16, 5), -1),
+    ((16, 5), 1),
+    ((4, 3, 5, 6), 1),  # NCHW
+    ((4, 5, 6, 3), -1),  # NHWC
+    ((6, 7, 3), -1),  # (N, T, C)
+    ((6, 3, 7), 1),  # (N, C, L)
+    ((4, 3, 5, 6), [1, 3]),  # two feature axes, not adjacent
+    ((4, 3, 5, 6), [2, 3]),  # two adjacent feature axes
+    ((3, 2, 2, 2, 4), 1),  # 5-D
+]
+
+
+def _feat(shape, axis):
+    return R.feature_shape(shape, axis)
+
+
+def _mask_shape(shape, axis):
+    feat = F.normalize_axes(axis, len(shape))
+    return [s for d, s in enumerate(shape) if d not in feat]
+
+
+@pytest.mark.parametrize("impl", ["aten", "composite"])
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_train_forward_backward_match_reference(shape, axis, impl, dtype, tol):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype).requires_grad_()
+    fs = _feat(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(fs, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    y, mean, var, count = F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, impl=impl)
+    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
+    xn, gn, bn, dyn = (t.detach().double().numpy() for t in (x, g, b, dy))
+    yr, mr, vr = R.forward_train(xn, gn, bn, 1e-3, axis)
+    dxr, dgr, dbr = R.backward(dyn, xn, gn, 1e-3, axis)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_allclose(y.detach().double().numpy(), yr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(mean.double().numpy().reshape(fs), mr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(var.double().numpy().reshape(fs), vr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(dx.double().numpy(), dxr, atol=tol * 10, rtol=tol * 10)
+    np.testing.assert_allclose(dg.double().numpy(), dgr, atol=tol * 10, rtol=tol * 10)
+    np.testing.assert_allclose(db.double().numpy(), dbr, atol=tol * 10, rtol=tol * 10)
+    assert count == int(np.prod(shape)) // int(np.prod(fs))
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_masked_forward_backward_match_reference(shape, axis):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    fs = _feat(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(fs, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(_mask_shape(shape, axis)) > 0.4
+    mask.view(-1)[:2] = True  # at least two positions count
+    dy = torch.randn(shape, dtype=torch.float64)
+    y, mean, var, count = F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, mask=mask)
+    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
+    args = [t.detach().numpy() for t in (x, g, b)]
+    yr, mr, vr = R.forward_train(*args, 1e-3, axis, mask.numpy())
+    dxr, dgr, dbr = R.backward(dy.numpy(), args[0], args[1], 1e-3, axis, mask.numpy())
+    np.testing.assert_allclose(y.detach().numpy(), yr, atol=1e-12)
+    np.testing.assert_allclose(var.numpy().reshape(fs), vr, atol=1e-12)
+    np.testing.assert_allclose(dx.numpy(), dxr, atol=1e-11)
+    np.testing.assert_allclose(dg.numpy(), dgr, atol=1e-11)
+    np.testing.assert_allclose(db.numpy(), dbr, atol=1e-11)
+    assert int(count) == int(mask.sum())
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 3), -1), ((3, 2, 4, 5), 1), ((3, 4, 5, 2), -1), ((3, 2, 4, 2), [1, 3])])
+@pytest.mark.parametrize("masked,impl", [(False, "aten"), (False, "composite"), (True, "composite")])
+def test_gradcheck_float64(shape, axis, masked, impl):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    fs = _feat(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(fs, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(_mask_shape(shape, axis)) > 0.3
+        mask.view(-1)[:2] = True
+    fn = lambda x, g, b: F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, mask=mask, impl=impl)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, g, b))
+
+
+def test_gradcheck_without_gamma_beta():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: F.batch_norm_train(x, impl="composite")[0], (x,))
+
+
+def test_inference_matches_reference():
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    mm, mv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1
+    g, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    y = F.batch_norm(x, mm, mv, g, b, training=False, axis=1, epsilon=1e-3)
+    yr = R.forward_inference(x.numpy(), g.numpy(), b.numpy(), mm.numpy(), mv.numpy(), 1e-3, axis=1)
+    np.testing.assert_allclose(y.numpy(), yr, atol=1e-12)
+
+
+def test_moving_statistics_over_several_steps_match_reference():
+    mm, mv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    ref = R.NumpyBatchNorm(4, momentum=0.95, epsilon=5e-3)
+    for step in range(5):
+        x = torch.randn(10, 4, dtype=torch.float64) * (step + 1) + step
+        y = F.batch_norm(x, mm, mv, training=True, momentum=0.95, epsilon=5e-3)
+        yr = ref(x.numpy(), training=True)
+        np.testing.assert_allclose(y.numpy(), yr, atol=1e-12)
+    np.testing.assert_allclose(mm.numpy(), ref.moving_mean, atol=1e-12)
+    np.testing.assert_allclose(mv.numpy(), ref.moving_variance, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["aten", "composite"])
+def test_large_offset_float32_is_stable(impl):
+    x = 1e4 + torch.randn(512, 8)
+    y = F.batch_norm_train(x, impl=impl)[0]
+    std = y.double().std(0, unbiased=False)
+    assert torch.allclose(std, torch.ones(8, dtype=torch.float64), atol=2e-3), std
+    # the naive E[x^2] - E[x]^2 in float32 loses everything here; make sure that is what we avoid
+    naive = (x * x).mean(0) - x.mean(0) ** 2
+    assert not torch.allclose(naive.double(), x.double().var(0, unbiased=False), rtol=0.1)
+
+
+def test_large_offset_float32_masked_is_stable():
+    x = 1e4 + torch.randn(64, 30, 4)
+    mask = torch.rand(64, 30) > 0.5
+    y = F.batch_norm_train(x, mask=mask)[0]
+    std = y[mask].double().std(0, unbiased=False)
+    assert torch.allclose(std, torch.ones(4, dtype=torch.float64), atol=2e-3), std
+
+
+@pytest.mark.parametrize(
+    "make,axis",
+    [
+        (lambda: torch.randn(4, 5, 6, 3), -1),  # NHWC, axis=-1
+        (lambda: torch.randn(4, 3, 5, 6), 1),  # NCHW, axis=1
+        (lambda: torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last), 1),
+        (lambda: torch.randn(4, 3, 5, 6, 2).contiguous(memory_format=torch.channels_last_3d), 1),
+    ],
+)
+def test_views_do_not_copy_and_keep_layout(make, axis):
+    x = make()
+    feat = F.normalize_axes(axis, x.ndim)
+    x3, restore = F.as_acb(x, feat)
+    assert x3.data_ptr() == x.data_ptr()  # a view, not a copy
+    assert x3.shape[1] == x.shape[feat[0]]
+    y = F.batch_norm_train(x, axis=axis)[0]
+    assert y.stride() == x.stride()  # output in the input's layout
+    ref = F.batch_norm_train(x.contiguous(), axis=axis, impl="composite")[0]
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_input_is_handled():
+    base = torch.randn(8, 6, 10)
+    x = base[:, ::2, 1:9]  # not dense in any order
+    y = F.batch_norm_train(x, axis=1)[0]
+    torch.testing.assert_close(y, F.batch_norm_train(x.contiguous(), axis=1)[0])
+
+
+def test_update_skips_non_finite_features_bit_for_bit():
+    mm = torch.tensor([0.5, 0.25, -1.0])
+    mv = torch.tensor([2.0, 3.0, 4.0])
+    before_m, before_v = mm.clone(), mv.clone()
+    F.update_moving_stats_(mm, mv, torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([1.0, 1.0, float("inf")]), 0.9)
+    assert torch.equal(mm[1:], before_m[1:]) and torch.equal(mv[1:], before_v[1:])
+    assert mm[0].item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
+    assert mv[0].item() == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+
+
+def test_moments_public_api():
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    mean, var = F.moments(x, axis=1)
+    np.testing.assert_allclose(mean.numpy(), x.numpy().mean((0, 2)))
+    np.testing.assert_allclose(var.numpy(), x.numpy().var((0, 2)))
+    _, uvar = F.moments(x, axis=1, correction=1)
+    np.testing.assert_allclose(uvar.numpy(), x.numpy().var((0, 2), ddof=1))
+    mask = torch.rand(7, 5) > 0.5
+    mask[0, 0] = mask[1, 1] = True
+    mmean, mvar = F.moments(x, axis=1, mask=mask)
+    sel = x.permute(0, 2, 1)[mask].numpy()
+    np.testing.assert_allclose(mmean.numpy(), sel.mean(0))
+    np.testing.assert_allclose(mvar.numpy(), sel.var(0))
+
+
+def test_normalize_formula():
+    x = torch.randn(10, 3, dtype=torch.float64)
+    m, v, g, b = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(F.normalize(x, m, v, g, b, 1e-3), g * (x - m) / torch.sqrt(v + 1e-3) + b)
+
+
+def test_axis_errors():
+    with pytest.raises(ValueError, match=r"axis 4 is out of range for an input of rank 4"):
+        F.normalize_axes(4, 4)
+    with pytest.raises(ValueError, match="same axis twice"):
+        F.normalize_axes([1, -3], 4)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.batch_norm_train(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl must be"):
+        F.batch_norm_train(torch.ones(4, 3), impl="fast")
