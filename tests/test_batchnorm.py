@@ -1,5 +1,7 @@
 """bnlab.BatchNorm (Keras face): one test per bullet of its contract."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -198,8 +200,12 @@ def test_non_finite_batch_never_reaches_moving_statistics():
 def test_empty_batch_updates_nothing():
     bn = bnlab.BatchNorm(num_features=3)
     before = [w.copy() for w in bn.get_weights()]
-    y = bn(torch.randn(0, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "degrees of freedom" warning from an empty reduction
+        y = bn(torch.randn(0, 3))
     assert y.shape == (0, 3)
+    assert bn.num_batches_tracked.item() == 0  # an empty batch is not counted either
+    bn(torch.randn(0, 5, 3), mask=torch.zeros(0, 5, dtype=torch.bool))
     for a, c in zip(before, bn.get_weights()):
         np.testing.assert_array_equal(a, c)
 
