@@ -203,3 +203,23 @@ def test_axis_errors():
         F.batch_norm_train(torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="impl must be"):
         F.batch_norm_train(torch.ones(4, 3), impl="fast")
+
+
+@pytest.mark.parametrize("var_factor", [1.0, 0.75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_and_torch_update_paths_agree(var_factor, dtype):
+    stats = torch.randn(2, 33, dtype=dtype).abs()
+    stats[0, 3] = float("nan")
+    stats[1, 5] = float("inf")
+    bufs = []
+    for force_torch in (False, True):
+        mm, mv = torch.linspace(-1, 1, 33), torch.linspace(0.5, 2, 33)
+        F._update_stacked_(mm, mv, stats, 0.95, var_factor, force_torch=force_torch)
+        bufs.append((mm, mv))
+    (a_m, a_v), (b_m, b_v) = bufs
+    torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
+    torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
+    assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33)[3].item()  # skipped, bit for bit
+    assert a_v[5].item() == torch.linspace(0.5, 2, 33)[5].item()
+    expected = 0.95 * torch.linspace(-1, 1, 33)[0].item() + 0.05 * stats[0, 0].item()
+    assert a_m[0].item() == pytest.approx(expected, rel=1e-6)

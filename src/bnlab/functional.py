@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,7 +89,7 @@ def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 def _prod(sizes) -> int:
-    return math.prod(int(s) for s in sizes)
+    return math.prod(sizes)
 
 
 def _memory_perm(x: Tensor, feature_axes: tuple[int, ...]) -> list[int] | None:
@@ -127,11 +128,13 @@ def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[
     other memory order (e.g. ``channels_last``) in which the feature axes are
     adjacent; otherwise the input is copied once.
     """
+    shape = x.shape
+    lo, hi = feature_axes[0], feature_axes[-1]
+    if hi - lo + 1 == len(feature_axes) and x.is_contiguous():  # the common case, kept cheap
+        x3 = x.view(_prod(shape[:lo]), _prod(shape[lo : hi + 1]), _prod(shape[hi + 1 :]))
+        return x3, lambda y3: y3 if y3.shape == shape else y3.view(shape)
     perm = _memory_perm(x, feature_axes)
     x3 = _to_acb(x, perm, feature_axes)
-    if perm is None:
-        shape = x.shape
-        return x3, lambda y3: y3.view(shape)
     pshape = [x.shape[d] for d in perm]
     inverse = [0] * len(perm)
     for i, d in enumerate(perm):
@@ -338,16 +341,77 @@ def update_moving_stats_(
     values bit for bit. The check runs on the device, without a host sync.
     """
     with torch.no_grad():
-        bm = batch_mean.reshape(moving_mean.shape).to(moving_mean.dtype)
-        bv = batch_variance.reshape(moving_variance.shape).to(moving_variance.dtype)
-        ok = torch.isfinite(bm) & torch.isfinite(bv)
-        if valid is not None:
-            ok = ok & valid
-        new_weight = 1.0 - momentum
-        new_mean = moving_mean * momentum + bm * new_weight
-        new_var = moving_variance * momentum + bv * new_weight
-        moving_mean.copy_(torch.where(ok, new_mean, moving_mean))
-        moving_variance.copy_(torch.where(ok, new_var, moving_variance))
+        stats = torch.stack((batch_mean.reshape(-1), batch_variance.reshape(-1)))
+        _update_stacked_(moving_mean, moving_variance, stats, momentum, 1.0, valid)
+
+
+def _update_numpy_(moving_mean, moving_variance, stats, momentum, var_factor) -> None:
+    mm = moving_mean.numpy().reshape(-1)  # views: writing them writes the buffers
+    mv = moving_variance.numpy().reshape(-1)
+    st = stats.detach().numpy()
+    dtype = mm.dtype
+    new_weight = 1.0 - momentum
+    new_mean = mm * momentum + st[0].astype(dtype, copy=False) * new_weight
+    new_var = mv * momentum + st[1].astype(dtype, copy=False) * (new_weight * var_factor)
+    ok = np.isfinite(new_mean) & np.isfinite(new_var)
+    np.copyto(mm, new_mean, where=ok)
+    np.copyto(mv, new_var, where=ok)
+
+
+_WEIGHT_COLUMNS: dict = {}
+
+
+def _weight_column(momentum: float, var_factor: float, dtype, device) -> Tensor:
+    # [[1 - momentum], [(1 - momentum) * var_factor]], cached: building a tiny
+    # tensor costs more than the arithmetic it feeds on small layers.
+    key = (momentum, var_factor, dtype, device)
+    col = _WEIGHT_COLUMNS.get(key)
+    if col is None:
+        if len(_WEIGHT_COLUMNS) > 256:
+            _WEIGHT_COLUMNS.clear()
+        w = 1.0 - momentum
+        col = _WEIGHT_COLUMNS[key] = torch.tensor([[w], [w * var_factor]], dtype=dtype, device=device)
+    return col
+
+
+def _update_stacked_(moving_mean, moving_variance, stats, momentum, var_factor, valid=None, force_torch=False) -> None:
+    # stats: (2, C) = [batch mean; batch variance], detached; the stored variance
+    # is stats[1] * var_factor. This runs on every training step; on small layers
+    # the fixed cost of each op dominates, so CPU buffers are updated through
+    # zero-copy NumPy views (about 1 us per op here, against 3-7 us for a torch op).
+    if (
+        not force_torch
+        and valid is None
+        and moving_mean.device.type == "cpu"
+        and stats.device.type == "cpu"
+        and not isinstance(momentum, Tensor)
+        and not isinstance(var_factor, Tensor)
+        and moving_mean.dtype in (torch.float32, torch.float64)
+        and moving_mean.is_contiguous()
+        and moving_variance.is_contiguous()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    ):
+        _update_numpy_(moving_mean, moving_variance, stats, float(momentum), float(var_factor))
+        return
+    old = torch.stack((moving_mean.view(-1), moving_variance.view(-1)))
+    if stats.dtype != old.dtype:
+        stats = stats.to(old.dtype)
+    if isinstance(momentum, Tensor) or isinstance(var_factor, Tensor):
+        col = torch.stack((torch.ones((), dtype=old.dtype, device=old.device), torch.as_tensor(var_factor, dtype=old.dtype, device=old.device)))
+        col = (col * (1.0 - momentum)).view(2, 1)
+    else:
+        col = _weight_column(float(momentum), float(var_factor), old.dtype, old.device)
+    new = torch.addcmul(old * momentum, stats, col)
+    # Finite check per feature, mean and variance together: x * 0 is 0 for finite
+    # x and NaN for inf/NaN (one kernel, where torch.isfinite takes several).
+    zero = new * 0.0
+    ok = (zero[0] + zero[1]) == 0
+    if valid is not None:
+        ok = ok & valid
+    torch.where(ok, new, old, out=new)
+    (moving_mean if moving_mean.dim() == 1 else moving_mean.view(-1)).copy_(new[0])
+    (moving_variance if moving_variance.dim() == 1 else moving_variance.view(-1)).copy_(new[1])
 
 
 # --------------------------------------------------------------------------- whole transforms
@@ -360,7 +424,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _flat(t: Tensor | None, dtype) -> Tensor | None:
-    return None if t is None else t.reshape(-1).to(dtype)
+    if t is None or (t.dim() == 1 and t.dtype == dtype):
+        return t
+    return t.reshape(-1).to(dtype)
+
+
+def _from_2d(t: Tensor) -> Tensor:
+    # restore() for an (N, C) input seen as (N, C, 1): results come back as (N, C) or (N, C, 1)
+    return t if t.dim() == 2 else t.view(t.shape[0], t.shape[1])
+
+
+def _native_view(x3: Tensor) -> Tensor:
+    # PyTorch's kernels are fastest on (N, C) when there is no trailing extent.
+    return x3.view(x3.shape[0], x3.shape[1]) if x3.shape[2] == 1 else x3
 
 
 def batch_norm_inference(
@@ -378,11 +454,14 @@ def batch_norm_inference(
     Parameters and statistics have the shape of the feature axes (or are flat).
     Half-precision inputs are computed in float32 and returned in their dtype.
     """
-    feat = normalize_axes(axis, x.ndim)
+    return _inference(x, normalize_axes(axis, x.ndim), moving_mean, moving_variance, gamma, beta, epsilon)
+
+
+def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
     dtype = _compute_dtype(x)
     x3, restore = as_acb(x.to(dtype), feat)
-    y3 = torch.batch_norm(
-        x3,
+    y = torch.batch_norm(
+        _native_view(x3),
         _flat(gamma, dtype),
         _flat(beta, dtype),
         _flat(moving_mean, dtype),
@@ -392,7 +471,45 @@ def batch_norm_inference(
         epsilon,
         False,
     )
-    return restore(y3).to(x.dtype)
+    return restore(y).to(x.dtype)
+
+
+def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
+    """Shared training transform. Returns ``(y, stats, count, unbiased)``.
+
+    ``stats`` is ``(2, C)``: the batch mean and the batch variance, which is the
+    unbiased one when ``unbiased`` is True (aten path) and the biased one
+    otherwise; ``count`` is an int, or a 0-d tensor with a mask.
+    """
+    dtype = _compute_dtype(x)
+    if x.dim() == 2 and feat == (1,) and x.dtype == dtype:
+        # (N, C) is the native 2-D layout already: no view at all on the aten path
+        x3, restore, per_feature, channels = None, _from_2d, x.shape[0], x.shape[1]
+    else:
+        x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+        per_feature, channels = x3.shape[0] * x3.shape[2], x3.shape[1]
+    g, b = _flat(gamma, dtype), _flat(beta, dtype)
+    if impl == "aten" or (impl == "auto" and mask is None and per_feature > 1):
+        if mask is not None or per_feature < 2:
+            raise ValueError(
+                "impl='aten' needs no mask and at least 2 values per feature "
+                f"(got mask={'set' if mask is not None else None}, {per_feature} values)"
+            )
+        # The native kernel writes the batch mean and the UNBIASED batch variance
+        # into the running buffers; with momentum 1 and zero buffers these are the
+        # batch statistics themselves.
+        stats = torch.zeros((2, channels), dtype=dtype, device=x.device)
+        xn = x if x3 is None else _native_view(x3)
+        y = restore(torch.batch_norm(xn, g, b, stats[0], stats[1], True, 1.0, epsilon, False))
+        return (y if y.dtype == x.dtype else y.to(x.dtype)), stats, per_feature, True
+    if impl not in ("auto", "composite"):
+        raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
+    if x3 is None:
+        x3 = x.unsqueeze(2)
+    weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
+    fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
+    y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)
+    return restore(y3).to(x.dtype), torch.stack((mean, var)), (count if mask is not None else per_feature), False
 
 
 def batch_norm_train(
@@ -419,30 +536,9 @@ def batch_norm_train(
     or ``"auto"`` (aten where it applies).
     """
     feat = normalize_axes(axis, x.ndim)
-    dtype = _compute_dtype(x)
-    x3, restore = as_acb(x.to(dtype), feat)
-    g, b = _flat(gamma, dtype), _flat(beta, dtype)
-    per_feature = x3.shape[0] * x3.shape[2]
-    if impl not in ("auto", "aten", "composite"):
-        raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
-    use_aten = impl == "aten" or (impl == "auto" and mask is None and per_feature > 1)
-    if use_aten:
-        if mask is not None or per_feature < 2:
-            raise ValueError(
-                "impl='aten' needs no mask and at least 2 values per feature "
-                f"(got mask={'set' if mask is not None else None}, {per_feature} values)"
-            )
-        # The native kernel writes the batch mean and the UNBIASED batch variance
-        # into the running buffers; with momentum 1 and zero buffers these are the
-        # batch statistics themselves.
-        stats = x3.new_zeros((2, x3.shape[1]))
-        y3 = torch.batch_norm(x3, g, b, stats[0], stats[1], True, 1.0, epsilon, False)
-        mean, var = stats[0], stats[1] * ((per_feature - 1) / per_feature)
-        return restore(y3).to(x.dtype), mean, var, per_feature
-    weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
-    fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
-    y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)
-    return restore(y3).to(x.dtype), mean, var, (count if mask is not None else per_feature)
+    y, stats, count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    var = stats[1] * ((count - 1) / count) if unbiased else stats[1]
+    return y, stats[0], var, count
 
 
 def batch_norm(
@@ -485,30 +581,34 @@ def batch_norm(
     >>> bool(torch.allclose(y.mean(0), torch.zeros(4), atol=1e-5))
     True
     """
+    feat = normalize_axes(axis, x.ndim)
     if not training:
         if moving_mean is None or moving_variance is None:
             raise ValueError("inference needs moving_mean and moving_variance")
-        return batch_norm_inference(
-            x, moving_mean, moving_variance, gamma, beta, axis=axis, epsilon=epsilon
-        )
-    feat = normalize_axes(axis, x.ndim)
+        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon)
+    return _batch_norm_train_update(
+        x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl
+    )
+
+
+def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl="auto"):
+    """Training transform plus the in-place moving-statistics update (``feat`` already normalized)."""
     if x.numel() == 0 and moving_mean is not None:
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
-        return batch_norm_inference(
-            x, moving_mean, moving_variance, gamma, beta, axis=feat, epsilon=epsilon
-        )
+        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon)
     fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    y, mean, var, count = batch_norm_train(
-        x, gamma, beta, axis=feat, epsilon=epsilon, mask=mask, fallback=fallback, impl=impl
-    )
-    if moving_mean is not None:
-        valid = None
-        if isinstance(count, Tensor):  # masked: skip when nothing (or too little) entered
-            valid = count > (1 if unbiased_moving_variance else 0)
-            if unbiased_moving_variance:
-                var = var * count / (count - 1).clamp(min=1)
-        elif unbiased_moving_variance:
-            # count < 2 gives 0/0 = NaN, which the update then skips.
-            var = var * (count / (count - 1)) if count > 1 else var * float("nan")
-        update_moving_stats_(moving_mean, moving_variance, mean, var, momentum, valid)
+    y, stats, count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    if moving_mean is None:
+        return y
+    valid = None
+    if isinstance(count, Tensor):  # masked: skip when nothing (or too little) entered
+        valid = count > (1 if unbiased_moving_variance else 0)
+        factor = count / (count - 1).clamp(min=1) if unbiased_moving_variance else 1.0
+    elif unbiased == unbiased_moving_variance:
+        factor = 1.0
+    elif unbiased:  # have unbiased (aten), want biased
+        factor = (count - 1) / count
+    else:  # have biased, want unbiased; a single value has none (0/0 -> skipped)
+        factor = count / (count - 1) if count > 1 else float("nan")
+    _update_stacked_(moving_mean, moving_variance, stats, momentum, factor, valid)
     return y

@@ -96,6 +96,7 @@ class _BatchNormBase(nn.Module):
         self.moving_variance_estimator = moving_variance_estimator
         self.track_running_stats = bool(track_running_stats)
         self._trainable = True
+        self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         self.feature_shape: tuple[int, ...] | None = None
         self.register_parameter("weight", None)
@@ -244,8 +245,11 @@ class _BatchNormBase(nn.Module):
         raise NotImplementedError
 
     def _check_input(self, x: Tensor, feat: tuple[int, ...], batch_stats: bool) -> None:
+        built = self.feature_shape
+        if built is None or (len(feat) == 1 and x.shape[feat[0]] == built[0]):
+            return
         shape = tuple(x.shape[a] for a in feat)
-        if self.built and shape != self.feature_shape:
+        if shape != built:
             want = self.feature_shape[0] if len(self.feature_shape) == 1 else self.feature_shape
             got = shape[0] if len(shape) == 1 else shape
             raise ValueError(
@@ -262,40 +266,45 @@ class _BatchNormBase(nn.Module):
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        feat = F.normalize_axes(self.axis, x.ndim)
+        feat = self._feat_cache.get(x.ndim)
+        if feat is None:
+            feat = self._feat_cache[x.ndim] = F.normalize_axes(self.axis, x.ndim)
         training = self.training if training is None else bool(training)
         if not self._trainable:
             training = False  # Keras: a frozen BN layer runs in inference mode
-        batch_stats = training or self.running_mean is None
+        buffers = self._buffers  # direct dict access: nn.Module.__getattr__ is slow on small layers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        batch_stats = training or running_mean is None
         self._check_input(x, feat, batch_stats)
-        if not self.built:
+        if self.feature_shape is None:
             self.build(tuple(x.shape[a] for a in feat), device=x.device)
+            running_mean, running_var = self.running_mean, self.running_var
         if mask is not None and not batch_stats:
             F._mask_as_acb(mask, x, feat, torch.float32)  # validate only: inference ignores the mask
             mask = None
         if not batch_stats:
-            return F.batch_norm_inference(
-                x, self.running_mean, self.running_var, self.weight, self.bias, axis=feat, epsilon=self._epsilon()
-            )
-        update = training and self.running_mean is not None
+            return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon())
         momentum = 0.0
-        if update and x.numel() > 0:
-            self.num_batches_tracked.add_(1)
+        if training and running_mean is not None:
+            if x.numel() > 0:
+                buffers["num_batches_tracked"].add_(1)
             momentum = self._old_weight()
             if momentum is None:  # cumulative moving average: new value weighs 1/num_batches
-                momentum = 1.0 - 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        return F.batch_norm(
+                momentum = 1.0 - 1.0 / buffers["num_batches_tracked"].clamp(min=1).to(running_mean.dtype)
+        else:
+            running_mean = running_var = None
+        params = self._parameters
+        return F._batch_norm_train_update(
             x,
-            self.running_mean if update else None,
-            self.running_var if update else None,
-            self.weight,
-            self.bias,
-            training=True,
-            axis=feat,
-            momentum=momentum,
-            epsilon=self._epsilon(),
-            mask=mask,
-            unbiased_moving_variance=self.moving_variance_estimator == "unbiased",
+            feat,
+            running_mean,
+            running_var,
+            params["weight"],
+            params["bias"],
+            momentum,
+            self._epsilon(),
+            mask,
+            self.moving_variance_estimator == "unbiased",
         )
 
     # ------------------------------------------------------------------ checkpoints
