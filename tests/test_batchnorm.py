@@ -399,3 +399,23 @@ def test_constraints_apply_after_step(constraint, expected):
     bnlab.apply_constraints(bn)
     np.testing.assert_allclose(bn.gamma.detach().numpy(), expected(g_before), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.beta.detach().numpy(), expected(b_before), rtol=1e-5, atol=1e-6)
+
+
+def test_keras_face_can_keep_pytorchs_books():
+    # momentum converted explicitly, unbiased moving variance, PyTorch's epsilon: the same numbers as torch.
+    ours = bnlab.BatchNorm(
+        axis=1, momentum=bnlab.conventions.keras_momentum_from_torch(0.1), epsilon=1e-5,
+        moving_variance_estimator="unbiased", num_features=4,
+    )
+    theirs = torch.nn.BatchNorm1d(4)
+    for _ in range(3):
+        x = torch.randn(10, 4, 3) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.moving_variance, theirs.running_var, atol=1e-6, rtol=1e-5)
+    # momentum=None: cumulative average of every batch seen, as PyTorch's momentum=None
+    cum = bnlab.BatchNorm(momentum=None, num_features=2, dtype=torch.float64)
+    batches = [torch.randn(8, 2, dtype=torch.float64) + i for i in range(4)]
+    for b in batches:
+        cum(b)
+    expected = torch.stack([b.mean(0) for b in batches]).mean(0)
+    torch.testing.assert_close(cum.moving_mean, expected)
