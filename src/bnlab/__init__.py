@@ -7,7 +7,7 @@
 
 from . import constraints, conventions, functional, initializers, nn, regularizers
 from .nn import BatchNorm, BatchNormalization
-from .tools import apply_constraints, regularization_loss
+from .tools import apply_constraints, regularization_loss, summary
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "BatchNormalization",
     "apply_constraints",
     "regularization_loss",
+    "summary",
     "constraints",
     "conventions",
     "functional",

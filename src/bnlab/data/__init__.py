@@ -1,0 +1,7 @@
+"""Datasets of the tutorials (needs the ``lab`` extra: scikit-learn)."""
+
+from .augment import random_affine
+from .datasets import DATASETS, OFFLINE, Dataset, load
+from .download import DownloadError, cache_dir
+
+__all__ = ["DATASETS", "OFFLINE", "Dataset", "DownloadError", "cache_dir", "load", "random_affine"]
