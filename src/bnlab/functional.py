@@ -459,9 +459,13 @@ def batch_norm_inference(
 
 def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
     dtype = _compute_dtype(x)
-    x3, restore = as_acb(x.to(dtype), feat)
+    if x.dim() == 2 and feat == (1,) and x.dtype == dtype:  # (N, C): already the native layout
+        xn, restore = x, _from_2d
+    else:
+        x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+        xn = _native_view(x3)
     y = torch.batch_norm(
-        _native_view(x3),
+        xn,
         _flat(gamma, dtype),
         _flat(beta, dtype),
         _flat(moving_mean, dtype),
@@ -471,7 +475,8 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
         epsilon,
         False,
     )
-    return restore(y).to(x.dtype)
+    y = restore(y)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):

@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["regularization_loss", "apply_constraints", "summary", "ModelSummary"]
+__all__ = ["regularization_loss", "apply_constraints", "regularized_modules", "constrained_modules", "summary", "ModelSummary"]
+
+
+def regularized_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry at least one regularizer (collect once, reuse every step)."""
+    return [m for m in model.modules() if getattr(m, "regularization_losses", None) is not None and m.regularization_losses()]
+
+
+def constrained_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry at least one constraint."""
+    return [m for m in model.modules() if getattr(m, "apply_constraints_", None) is not None
+            and (getattr(m, "gamma_constraint", None) is not None or getattr(m, "beta_constraint", None) is not None)]
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:

@@ -111,3 +111,20 @@ def test_bad_arguments():
         T.fit(_linear(), torch.randn(4, 3), torch.randn(4, 1), validation_split=1.0, verbose=0)
     with pytest.raises(ValueError, match="different lengths"):
         T.fit(_linear(), torch.randn(4, 3), torch.randn(5, 1), verbose=0)
+
+
+@pytest.mark.parametrize("name", ["mse", "mae", "sparse_categorical_crossentropy", "binary_crossentropy", "categorical_crossentropy"])
+def test_fused_batch_mean_equals_the_per_sample_definition(name):
+    fn = T.get_loss(name)
+    torch.manual_seed(0)
+    if name in ("mse", "mae"):
+        y, p = torch.randn(9, 3), torch.randn(9, 3)
+    elif name == "binary_crossentropy":
+        y, p = torch.randint(0, 2, (9, 1)).float(), torch.rand(9, 1)
+    else:
+        p = torch.softmax(torch.randn(9, 5), -1)
+        p[0] = torch.tensor([1.0, 0, 0, 0, 0])  # a saturated prediction exercises the clipping
+        y = torch.randint(0, 5, (9,))
+        if name == "categorical_crossentropy":
+            y = torch.nn.functional.one_hot(y, 5).float()
+    torch.testing.assert_close(T._mean_loss(fn)(y, p), fn(y, p).mean())

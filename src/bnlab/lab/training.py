@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnlab
@@ -84,6 +85,21 @@ def categorical_accuracy(y_true, y_pred):
 
 def sparse_categorical_accuracy(y_true, y_pred):
     return (y_pred.argmax(-1) == y_true.long().view(-1)).float()
+
+
+def _mean_loss(loss_fn: Callable) -> Callable:
+    """The batch mean of ``loss_fn`` with PyTorch's fused kernels where one computes the same formula.
+
+    ``fit`` only needs the mean; the per-sample functions above stay the
+    definition (and serve ``evaluate``).
+    """
+    if loss_fn is mse:
+        return lambda y, p: F.mse_loss(p, y)
+    if loss_fn is mae:
+        return lambda y, p: F.l1_loss(p, y)
+    if loss_fn is sparse_categorical_crossentropy:
+        return lambda y, p: F.nll_loss(torch.log(_clip(p / p.sum(dim=-1, keepdim=True))), y.long().view(-1))
+    return lambda y, p: loss_fn(y, p).mean()
 
 
 LOSSES: dict[str, Callable] = {
@@ -282,6 +298,7 @@ def fit(
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     loss_fn = get_loss(loss)
+    batch_mean_loss = _mean_loss(loss_fn)
     metric_fns = resolve_metrics(metrics, loss_fn)
     if validation_split and validation_data is None:
         split_at = int(len(x) * (1.0 - validation_split))  # Keras: the LAST fraction, before shuffling
@@ -297,6 +314,9 @@ def fit(
     hist = history or History(params={"epochs": epochs, "batch_size": batch_size, "samples": len(x)})
     n = len(x)
     steps = steps_per_epoch or math.ceil(n / batch_size)
+    # Collected once: walking the module tree every step costs more than a small model's step.
+    regularized = bnlab.tools.regularized_modules(model)
+    constrained = bnlab.tools.constrained_modules(model)
 
     with _threads(thread_policy(model, batch_size, threads)):
         for epoch in range(initial_epoch, epochs):
@@ -316,12 +336,15 @@ def fit(
                 if device is not None:
                     xb, yb = xb.to(device), yb.to(device)
                 pred = model(xb)
-                per_sample = loss_fn(yb, pred)
-                batch_loss = per_sample.mean() + bnlab.regularization_loss(model)
+                batch_loss = batch_mean_loss(yb, pred)
+                for m in regularized:
+                    for penalty in m.regularization_losses():
+                        batch_loss = batch_loss + penalty
                 opt.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 opt.step()
-                bnlab.apply_constraints(model)
+                for m in constrained:
+                    m.apply_constraints_()
                 with torch.no_grad():
                     b = len(idx)
                     seen += b
