@@ -197,6 +197,10 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10,
 }
 OFFLINE = frozenset({"diabetes", "blobs", "observations", "digits28"})
+INPUT_SHAPES = {
+    "diabetes": (10,), "blobs": (2,), "observations": (3,), "digits28": (1, 28, 28),
+    "mnist": (1, 28, 28), "kmnist": (1, 28, 28), "cifar10": (3, 32, 32),
+}
 
 
 def load(name: str, **kwargs) -> Dataset:

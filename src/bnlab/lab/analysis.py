@@ -160,8 +160,15 @@ def compare(exp: Experiment) -> dict:
     return {"metric": metric, "table": table, "diffs": diffs, "epochs_to_target": ett}
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+def shown_figures(exp: Experiment, keys) -> list[str]:
+    """The figures worth a table row: ``test_*`` repeats ``val_*`` when the validation data is the test set."""
+    if exp.recipe.get("validation") == "test":
+        return [k for k in keys if not (k.startswith("test_") and f"val_{k[5:]}" in keys)]
+    return list(keys)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
 def verdict(exp: Experiment, cmp: dict | None = None) -> str:
@@ -179,8 +186,8 @@ def verdict(exp: Experiment, cmp: dict | None = None) -> str:
     better = (d["diff"] > 0) == higher
     n = min(bn["n"], nb["n"])
     parts = [
-        f"On {name}, the final {metric} was {_fmt(bn['mean'])} ± {_fmt(bn['std'])} with BN and "
-        f"{_fmt(nb['mean'])} ± {_fmt(nb['std'])} without (mean ± std over {n} seeds each)."
+        f"On {name}, the final {metric} was {_fmt(bn['mean'])} ± {_fmt(bn['std'], 2)} with BN and "
+        f"{_fmt(nb['mean'])} ± {_fmt(nb['std'], 2)} without (mean ± std over {n} seeds each)."
     ]
     if math.isnan(d["low"]):
         parts.append(f"With fewer than two seeds per arm there is no interval; the difference BN − no-BN is {_fmt(d['diff'])}.")

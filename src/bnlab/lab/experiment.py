@@ -130,8 +130,8 @@ def run_experiment(
     for arm in arms:
         if arm not in ARMS:
             raise ExperimentError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    dataset = load_data(recipe)  # first: a dataset that cannot be had leaves no directory behind
     out = prepare_dir(out, recipe, seeds, arms, resume=resume, overwrite=overwrite, argv=argv)
-    dataset = load_data(recipe)
     for arm in arms:
         for seed in seeds:
             rd = records.run_dir(out, arm, seed)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .analysis import Experiment, primary_metric
 
-__all__ = ["ARM_STYLE", "plot_curves", "plot_finals", "plot_all"]
+__all__ = ["ARM_STYLE", "curves_figure", "finals_figure", "plot_curves", "plot_finals", "plot_all"]
 
 ARM_STYLE = {
     "bn": {"color": "#1f77b4", "label": "with BN"},
@@ -56,7 +56,16 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
 
 
 def plot_curves(exp: Experiment, metric: str, out: Path) -> list[Path]:
-    """Training and validation ``metric`` per epoch for each arm, mean ± std over seeds."""
+    """Training and validation ``metric`` per epoch for each arm, mean ± std over seeds (PNG + SVG)."""
+    plt = _mpl()
+    fig = curves_figure(exp, metric)
+    paths = _save(fig, out, f"curves-{metric}")
+    plt.close(fig)
+    return paths
+
+
+def curves_figure(exp: Experiment, metric: str):
+    """The figure of :func:`plot_curves` (a matplotlib Figure, not saved)."""
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     recipe = exp.recipe
@@ -84,13 +93,20 @@ def plot_curves(exp: Experiment, metric: str, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8, loc="best")
-    paths = _save(fig, out, f"curves-{metric}")
+    return fig
+
+
+def plot_finals(exp: Experiment, key: str, out: Path) -> list[Path]:
+    """Final ``key`` of every seed, per arm, with the arm's mean as a bar (PNG + SVG)."""
+    plt = _mpl()
+    fig = finals_figure(exp, key)
+    paths = _save(fig, out, f"final-{key}")
     plt.close(fig)
     return paths
 
 
-def plot_finals(exp: Experiment, key: str, out: Path) -> list[Path]:
-    """Final ``key`` of every seed, per arm, with the arm's mean as a bar."""
+def finals_figure(exp: Experiment, key: str):
+    """The figure of :func:`plot_finals` (not saved)."""
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     rng = np.random.default_rng(0)
@@ -108,9 +124,7 @@ def plot_finals(exp: Experiment, key: str, out: Path) -> list[Path]:
     ax.set_title(f"{exp.recipe['name']}: final {key} per seed")
     ax.set_ylabel(key.replace("_", " "))
     ax.grid(alpha=0.3, axis="y")
-    paths = _save(fig, out, f"final-{key}")
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def plot_all(exp: Experiment, out: Path) -> dict[str, list[Path]]:

@@ -52,6 +52,20 @@ class Recipe:
 
         return self.dataset in OFFLINE
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """Inverse of :meth:`to_dict` (as stored in a run's ``config.json``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"recipe record has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        d["model_kwargs"] = tuple(dict(d.get("model_kwargs") or {}).items())
+        d["metrics"] = tuple(d.get("metrics") or ())
+        for key in ("reported", "reference"):
+            d[key] = {arm: {k: tuple(v) if isinstance(v, list) else v for k, v in figs.items()} for arm, figs in (d.get(key) or {}).items()}
+        return cls(**d)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_kwargs"] = dict(self.model_kwargs)

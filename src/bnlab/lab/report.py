@@ -24,7 +24,8 @@ def _f(x, digits=4):
 def _rows(exp: analysis.Experiment, cmp: dict) -> list[list[str]]:
     reported, reference = exp.recipe.get("reported") or {}, exp.recipe.get("reference") or {}
     rows = []
-    for key, per_arm in cmp["table"].items():
+    for key in analysis.shown_figures(exp, cmp["table"]):
+        per_arm = cmp["table"][key]
         if key.startswith("recompute"):
             continue
         row = [key]
@@ -42,12 +43,6 @@ def _rows(exp: analysis.Experiment, cmp: dict) -> list[list[str]]:
 
 
 _HEAD = ["figure (last epoch / test)", "with BN", "without BN", "BN − no-BN [95% CI]", "tutorial", "reference re-run"]
-
-
-def _md_table(rows) -> str:
-    lines = ["| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _setup(exp) -> list[tuple[str, str]]:
@@ -75,7 +70,6 @@ def build_report(path: Path) -> dict[str, Path]:
     cmp = analysis.compare(exp)
     text = analysis.verdict(exp, cmp)
     figs = plot_all(exp, path / "plots")
-    rows = _rows(exp, cmp)
     r = exp.recipe
     ett = cmp["epochs_to_target"]
     ett_line = ""
@@ -86,98 +80,88 @@ def build_report(path: Path) -> dict[str, Path]:
                         f"(speed-up {ett['speedup']:.2f}x; the paper reports the same accuracy in 14 times fewer steps on ImageNet).")
         else:
             ett_line = f"Epochs to target: the BN arm's mean never reached the no-BN arm's best mean {cmp['metric']} ({_f(ett['target'])})."
-    status = "" if exp.complete else "\n> **Incomplete**: not every seed of every arm has finished; the figures cover the runs that did.\n"
-    checks = []
-    for arm, rec in exp.arms.items():
-        for f in rec.finals:
-            for k, v in (f.get("checks") or {}).items():
-                checks.append(f"{arm} seed {f['seed']}: {k} = {v:.3g}")
-    md = [
-        f"# {r['name']}: does batch normalization help?",
-        status,
-        f"**Question.** Tutorial {r['tutorial']} trains this model once with BN and eyeballs the curves. "
-        f"Here both arms ran over {len(exp.config['seeds'])} seeds: does BN change the result, by how much, and how sure are we?",
-        "",
-        "## Verdict",
-        "",
-        text,
-        "",
-        "## Setup",
-        "",
-        *[f"- **{k}**: {v}" for k, v in _setup(exp)],
-        *([f"- **notes**: {r['notes']}"] if r.get("notes") else []),
-        "",
-        "## Final figures",
-        "",
-        _md_table(rows),
-        "",
-        "Intervals: Welch's t interval (unequal variances) for the difference of means; "
-        "'tutorial' is the figure printed in the tutorial (one run); 'reference re-run' figures are other measurements quoted by the recipe.",
-        "",
-        *([ett_line, ""] if ett_line else []),
-        *(["## Checks", "", *[f"- {c}" for c in checks], ""] if checks else []),
-        "## Curves",
-        "",
-        *[f"![{name}](plots/{files[0].name})" for name, files in figs.items()],
-        "",
+    checks = [f"{arm} seed {f['seed']}: {k} = {v:.3g}" for arm, rec in exp.arms.items() for f in rec.finals
+              for k, v in (f.get("checks") or {}).items()]
+    blocks = [("h1", f"{r['name']}: does batch normalization help?")]
+    if not exp.complete:
+        blocks.append(("warn", "Incomplete: not every seed of every arm has finished; the figures cover the runs that did."))
+    blocks += [
+        ("p", f"**Question.** Tutorial {r['tutorial']} trains this model once with BN and eyeballs the curves. "
+              f"Here both arms ran over {len(exp.config['seeds'])} seeds: does BN change the result, by how much, and how sure are we?"),
+        ("h2", "Verdict"), ("p", text),
+        ("h2", "Setup"), ("ul", [(k, v) for k, v in _setup(exp)] + ([("notes", r["notes"])] if r.get("notes") else [])),
+        ("h2", "Final figures"), ("table", _HEAD, _rows(exp, cmp)),
+        ("p", ("The validation data is the test set, so test figures equal the validation ones. " if r["validation"] == "test" else "")
+              + "Intervals: Welch's t interval (unequal variances) for the difference of means; 'tutorial' is the figure "
+              "printed in the tutorial (one run); 'reference re-run' figures are other measurements quoted by the recipe."),
     ]
-    md_text = "\n".join(md)
-    records.atomic_write_bytes(path / "report.md", md_text.encode())
-    records.atomic_write_bytes(path / "report.html", _html(exp, md, figs, path).encode())
+    if ett_line:
+        blocks.append(("p", ett_line))
+    if checks:
+        blocks += [("h2", "Checks"), ("ul", [(c, "") for c in checks])]
+    blocks.append(("h2", "Curves"))
+    blocks += [("img", name) for name in figs]
+    records.atomic_write_bytes(path / "report.md", _markdown(blocks).encode())
+    records.atomic_write_bytes(path / "report.html", _html(exp, blocks, path).encode())
     return {"md": path / "report.md", "html": path / "report.html", **{k: v[0] for k, v in figs.items()}}
 
 
-def _html(exp, md_lines, figs, root: Path) -> str:
-    """A self-contained page: the same content, images embedded as base64 PNG."""
+def _markdown(blocks) -> str:
+    out = []
+    for kind, *content in blocks:
+        if kind == "h1":
+            out += [f"# {content[0]}", ""]
+        elif kind == "h2":
+            out += [f"## {content[0]}", ""]
+        elif kind == "p":
+            out += [content[0], ""]
+        elif kind == "warn":
+            out += [f"> **{content[0]}**", ""]
+        elif kind == "ul":
+            out += [f"- **{k}**: {v}" if v else f"- {k}" for k, v in content[0]] + [""]
+        elif kind == "table":
+            head, rows = content
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows], ""]
+        elif kind == "img":
+            out.append(f"![{content[0]}](plots/{content[0]}.png)")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _html(exp, blocks, root: Path) -> str:
+    """A self-contained page with the same blocks; images embedded as base64 PNG."""
     body = []
-    in_list = False
-    for line in md_lines:
-        if line.startswith("- "):
-            if not in_list:
-                body.append("<ul>")
-                in_list = True
-            k, _, v = line[2:].partition(": ")
-            body.append(f"<li>{_inline(k)}: {_inline(v)}</li>")
-            continue
-        if in_list:
-            body.append("</ul>")
-            in_list = False
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("| ") and line.count("|") > 2:
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            tag = "th" if cells[0] == _HEAD[0] else "td"
-            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-        elif line.startswith("|---"):
-            continue
-        elif line.startswith("!["):
-            name = line[2 : line.index("]")]
-            png = (root / "plots" / f"{name}.png").read_bytes()
-            body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>')
-        elif line.startswith("> "):
-            body.append(f"<p class='warn'>{_inline(line[2:])}</p>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    page = "\n".join(body)
-    # wrap consecutive table rows in one table
-    page = page.replace("</tr>\n<tr>", "</tr><tr>")
-    page = page.replace("<tr><th>", "<table><tr><th>", 1)
-    if "<table>" in page:
-        end = page.rindex("</tr>") + len("</tr>")
-        page = page[:end] + "</table>" + page[end:]
+    for kind, *content in blocks:
+        if kind == "h1":
+            body.append(f"<h1>{html.escape(content[0])}</h1>")
+        elif kind == "h2":
+            body.append(f"<h2>{html.escape(content[0])}</h2>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(content[0])}</p>")
+        elif kind == "warn":
+            body.append(f"<p class='warn'><strong>{html.escape(content[0])}</strong></p>")
+        elif kind == "ul":
+            items = "".join(f"<li><strong>{html.escape(k)}</strong>: {html.escape(v)}</li>" if v else f"<li>{html.escape(k)}</li>" for k, v in content[0])
+            body.append(f"<ul>{items}</ul>")
+        elif kind == "table":
+            head, rows = content
+            th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
+        elif kind == "img":
+            png = (root / "plots" / f"{content[0]}.png").read_bytes()
+            body.append(f'<figure><img alt="{html.escape(content[0])}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>')
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
-        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
+        "table{border-collapse:collapse;font-size:0.88em;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
         "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}.warn{background:#fff3cd;padding:0.5em}"
     )
     title = html.escape(f"bnlab report: {exp.recipe['name']}")
+    page = "\n".join(body)
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>\n<body>\n{page}\n</body></html>\n"
 
 
 def _inline(text: str) -> str:
     out = html.escape(text)
-    while "**" in out:
+    while out.count("**") >= 2:
         out = out.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
     return out

@@ -1,0 +1,400 @@
+"""The ``bnlab`` command: a thin front over the library (``bnlab.lab``).
+
+Each sub-command is a few lines that call the library; errors all pass through
+:func:`main`, which prints ``bnlab: error: ...`` and returns a non-zero code
+instead of a traceback. Output goes through one rich console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2  # bad command line, unknown recipe, bad override
+EXIT_FAILURE = 1  # the request was well formed but could not be carried out
+
+
+class CLIError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def _console(stderr=False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _recipe(name: str, overrides=()):
+    from .lab import recipes
+
+    try:
+        return recipes.with_overrides(recipes.get(name), list(overrides))
+    except recipes.OverrideError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    except ValueError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def _fmt(mean, std=None, n=None):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    s = f"{mean:.4f}"
+    if std is not None and not math.isnan(std):
+        s += f" ± {std:.4f}"
+    return s + (f" (n={n})" if n else "")
+
+
+def _final_table(exp, title: str):
+    from rich.table import Table
+
+    from .lab import analysis
+
+    cmp = analysis.compare(exp)
+    t = Table(title=title, title_justify="left")
+    t.add_column("figure")
+    arms = list(exp.arms)
+    for arm in arms:
+        t.add_column({"bn": "with BN", "no_bn": "without BN"}.get(arm, arm), justify="right")
+    if len(arms) == 2:
+        t.add_column("BN − no-BN [95% CI]", justify="right")
+    for key in analysis.shown_figures(exp, cmp["table"]):
+        per_arm = cmp["table"][key]
+        if key.startswith("recompute"):
+            continue
+        row = [key] + [_fmt(per_arm[a]["mean"], per_arm[a]["std"], per_arm[a]["n"]) for a in arms]
+        if len(arms) == 2:
+            d = cmp["diffs"][key]
+            row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if not math.isnan(d["low"]) else f"{d['diff']:+.4f}")
+        t.add_row(*row)
+    return t, cmp
+
+
+class _Progress:
+    """Live progress over all runs and epochs (rich), with the last epoch's figures."""
+
+    def __init__(self, recipe, n_runs: int, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.recipe = recipe
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            console=_console(stderr=True), disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task(f"{recipe.name}", total=n_runs * recipe.epochs, status="")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def run_start(self, arm, seed, done):
+        self.progress.update(self.task, description=f"{self.recipe.name} [{arm}, seed {seed}]", advance=done)
+
+    def epoch(self, arm, seed, epoch, logs):
+        shown = {k: v for k, v in logs.items() if k in ("loss", "val_loss", "accuracy", "val_accuracy", "mae", "val_mae")}
+        self.progress.update(self.task, advance=1, status=" ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+
+    def run_end(self, arm, seed, final):
+        pass
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_list(args) -> int:
+    from rich.table import Table
+
+    from .lab import recipes
+
+    t = Table(title="bnlab recipes: every experiment of the five tutorials", title_justify="left")
+    t.add_column("recipe", no_wrap=True, min_width=15)
+    for col in ("tutorial", "dataset", "offline", "epochs"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("tutorial's figures")
+    for r in recipes.RECIPES.values():
+        figs = "; ".join(f"{arm}: " + ", ".join(f"{k} {v}" for k, v in f.items()) for arm, f in r.reported.items()) or "curves only"
+        t.add_row(r.name, r.tutorial, r.dataset, "yes" if r.offline else "download", str(r.epochs), figs)
+    _console().print(t)
+    return 0
+
+
+def _arms(args):
+    if args.no_bn:
+        return ("no_bn",)
+    if args.bn_only:
+        return ("bn",)
+    return ("bn", "no_bn")
+
+
+def _run_one(recipe, out: Path, seeds, arms, *, resume, overwrite, quiet, argv):
+    from .data import DownloadError
+    from .lab import experiment
+
+    try:
+        with _Progress(recipe, len(seeds) * len(arms), enabled=not quiet) as prog:
+            experiment.run_experiment(
+                recipe, out, seeds=seeds, arms=arms, resume=resume, overwrite=overwrite, argv=argv,
+                on_epoch=prog.epoch, on_run_start=prog.run_start, on_run_end=prog.run_end,
+            )
+    except experiment.ExperimentError as exc:
+        raise CLIError(str(exc)) from None
+    except DownloadError as exc:
+        raise CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc} "
+                       f"Recipes that run offline: digits28-mlp, digits28-cnn, diabetes, blobs, blobs-deep.") from None
+    return out
+
+
+def _report(out: Path):
+    from .lab import analysis, report
+
+    paths = report.build_report(out)
+    exp = analysis.load(out)
+    return exp, paths
+
+
+def cmd_run(args) -> int:
+    from .lab import experiment
+
+    recipe = _recipe(args.recipe, args.overrides)
+    if args.seeds < 1:
+        raise CLIError(f"--seeds must be >= 1, got {args.seeds}", EXIT_USAGE)
+    out = Path(args.out) if args.out else experiment.default_out(recipe)
+    t0 = time.perf_counter()
+    _run_one(recipe, out, list(range(args.seeds)), _arms(args), resume=args.resume, overwrite=args.overwrite,
+             quiet=args.quiet, argv=["run", *args.argv_raw])
+    con = _console()
+    if args.no_report:
+        con.print(f"records: {out}")
+        return 0
+    exp, paths = _report(out)
+    table, cmp = _final_table(exp, f"{recipe.name}: final figures ({time.perf_counter() - t0:.0f} s)")
+    con.print(table)
+    from .lab import analysis
+
+    con.print(analysis.verdict(exp, cmp))
+    con.print(f"report: {paths['html']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    out = Path(args.dir)
+    if not (out / "config.json").exists():
+        raise CLIError(f"{out} holds no bnlab records (no config.json); give the --out directory of a 'bnlab run'")
+    exp, paths = _report(out)
+    table, _ = _final_table(exp, f"{exp.recipe['name']}: final figures")
+    con = _console()
+    con.print(table)
+    con.print(f"report: {paths['html']}\n        {paths['md']}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    import bnlab
+    from bnlab.data import INPUT_SHAPES
+
+    from .lab import runner
+
+    recipe = _recipe(args.recipe, args.overrides)
+    con = _console()
+    shape = INPUT_SHAPES[recipe.dataset]
+    for arm in ("bn", "no_bn"):
+        model = runner.build_model(recipe, arm, seed=0)
+        con.print(f"\n[bold]{recipe.name}[/bold] — {'with' if arm == 'bn' else 'without'} BN, input {shape}")
+        bnlab.summary(model, shape, name=f"{recipe.name}-{arm}", print_fn=lambda s: con.print(s, markup=False))
+    return 0
+
+
+def _locate_run(path: Path, arm: str | None, seed: int | None):
+    from .lab import records
+
+    if (path / "final.json").exists():  # a single run: DIR/<arm>/seed-<k>
+        final = records.read_json(path / "final.json")
+        return path.parents[1], final["arm"], final["seed"]
+    if (path / "config.json").exists():
+        cfg = records.read_json(path / "config.json")
+        arm = arm or ("bn" if "bn" in cfg["arms"] else cfg["arms"][0])
+        seed = cfg["seeds"][0] if seed is None else seed
+        if not (records.run_dir(path, arm, seed) / "weights.safetensors").exists():
+            raise CLIError(f"{path} has no finished run for arm {arm!r}, seed {seed}")
+        return path, arm, seed
+    raise CLIError(f"{path} is neither a bnlab records directory nor one of its runs")
+
+
+def cmd_inspect(args) -> int:
+    import numpy as np
+
+    from .lab import inspect, records, runner
+    from .lab.recipes import Recipe
+
+    root, arm, seed = _locate_run(Path(args.run), args.arm, args.seed)
+    recipe = Recipe.from_dict(records.read_json(root / "config.json")["recipe"])
+    model = runner.build_model(recipe, arm, seed)
+    model.load_state_dict(records.load_weights(records.run_dir(root, arm, seed) / "weights.safetensors"))
+    data = runner.load_data(recipe)
+    x = data.x_test[: args.batch] if len(data.x_test) else data.x_train[: args.batch]
+    layers = inspect.inspect_bn(model, x)
+    con = _console()
+    con.print(f"[bold]{recipe.name}[/bold], arm {arm}, seed {seed}: {len(layers)} batch-normalization layer(s); batch of {len(x)} test inputs")
+    if not layers:
+        con.print("this model has no BN layers (the no-BN arm?): nothing to inspect")
+        return 0
+    np.set_printoptions(precision=3, suppress=True, linewidth=110, threshold=24, edgeitems=4)
+    for layer in layers:
+        con.print(f"\n[bold]{layer['layer']}[/bold] ({layer['type']}, epsilon {layer['epsilon']})", markup=True)
+        for key, label in (("gamma", "  γ   "), ("beta", "  β   "), ("moving_mean", "E[h] "), ("moving_variance", "V[h] ")):
+            if layer[key] is not None:
+                con.print(f"{label}= {np.round(layer[key], 3)}", markup=False)
+        ok = layer["max_abs_diff"] < 1e-5
+        con.print(f"  max |layer output − γ(h − E[h])/sqrt(V[h] + ε) + β| = {layer['max_abs_diff']:.2e} "
+                  f"{'(matches)' if ok else '(DOES NOT MATCH)'}", markup=False)
+    return 0
+
+
+DEMO_RECIPES = ("diabetes", "blobs-deep", "digits28-mlp")
+
+
+def cmd_demo(args) -> int:
+    from .lab import analysis, records
+
+    root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+    con = _console()
+    con.print(f"bnlab demo: {', '.join(DEMO_RECIPES)}, each with and without BN over {len(seeds)} seeds -> {root}")
+    verdicts = []
+    for name in DEMO_RECIPES:
+        recipe = _recipe(name)
+        out = root / name
+        _run_one(recipe, out, seeds, ("bn", "no_bn"), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, argv=["demo"])
+        exp, paths = _report(out)
+        table, cmp = _final_table(exp, f"{name}: final figures")
+        con.print(table)
+        v = analysis.verdict(exp, cmp)
+        con.print(v + "\n")
+        verdicts.append((name, v, paths))
+    elapsed = time.perf_counter() - t0
+    index = ["# bnlab demo: what batch normalization did", "",
+             f"{len(DEMO_RECIPES)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, in {elapsed:.0f} s.", ""]
+    for name, v, paths in verdicts:
+        index += [f"## {name}", "", v, "", f"Full report: [{name}/report.html]({name}/report.html) ([markdown]({name}/report.md))", ""]
+    records.atomic_write_bytes(root / "index.md", "\n".join(index).encode())
+    html_items = "".join(f"<h2>{n}</h2><p>{v}</p><p><a href='{n}/report.html'>full report</a></p>" for n, v, _ in verdicts)
+    records.atomic_write_bytes(root / "index.html", (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bnlab demo</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}</style></head><body>"
+        f"<h1>bnlab demo: what batch normalization did</h1><p>{len(seeds)} seeds per arm, {elapsed:.0f} s.</p>{html_items}</body></html>\n").encode())
+    con.print(f"demo finished in {elapsed:.0f} s\nreport: {root / 'index.html'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="bnlab", formatter_class=fmt,
+        description="bnlab: batch normalization, and a lab that runs the tutorials' experiments with and without BN.",
+        epilog="examples:\n  bnlab demo\n  bnlab list\n  bnlab run diabetes --seeds 5\n  bnlab report runs/diabetes-20261122-101500\n",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("list", help="the recipes: tutorial, dataset, offline or not, reported figures", formatter_class=fmt,
+                       epilog="example:\n  bnlab list\n")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("run", help="run a recipe with and/or without BN over several seeds", formatter_class=fmt,
+                       epilog="examples:\n  bnlab run blobs\n  bnlab run diabetes --seeds 3 epochs=20 --out runs/diabetes-short\n"
+                              "  bnlab run digits28-mlp --no-bn batch_size=64\n  bnlab run blobs-deep --out runs/deep --resume\n\n"
+                              "overrides (key=value): epochs, batch_size, learning_rate, optimizer, validation_split, validation,\n"
+                              "  steps_per_epoch, augment, shuffle, norm (bnlab|scratch|scratch-bnlab|torch), data_seed, ...\n")
+    s.add_argument("recipe", help="recipe name (see 'bnlab list')")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields")
+    arms = s.add_mutually_exclusive_group()
+    arms.add_argument("--compare", action="store_true", help="run with and without BN (default)")
+    arms.add_argument("--bn-only", action="store_true", help="run only the arm with BN")
+    arms.add_argument("--no-bn", action="store_true", help="run only the arm without BN")
+    s.add_argument("--seeds", type=int, default=5, help="number of seeds per arm (default 5)")
+    s.add_argument("--out", help="records directory (default runs/<recipe>-<time>)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace existing records in --out")
+    s.add_argument("--no-report", action="store_true", help="write records only, no plots or report")
+    s.add_argument("--quiet", action="store_true", help="no live progress display")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="(re)build plots and the report of a records directory", formatter_class=fmt,
+                       epilog="example:\n  bnlab report runs/blobs-20261122-101500\n")
+    s.add_argument("dir", help="records directory written by 'bnlab run'")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("summary", help="Keras-style summary of a recipe's models (with and without BN)", formatter_class=fmt,
+                       epilog="examples:\n  bnlab summary diabetes\n  bnlab summary kmnist-cnn\n")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=cmd_summary)
+
+    s = sub.add_parser("inspect", help="BN parameters of a trained run and its output re-computed by hand", formatter_class=fmt,
+                       epilog="examples:\n  bnlab inspect runs/bn-params-20261122-101500\n  bnlab inspect runs/blobs-x/bn/seed-2\n")
+    s.add_argument("run", help="records directory (or one of its <arm>/seed-<k> runs)")
+    s.add_argument("--arm", choices=("bn", "no_bn"), help="arm to inspect (default bn)")
+    s.add_argument("--seed", type=int, help="seed to inspect (default: the first)")
+    s.add_argument("--batch", type=int, default=8, help="test inputs to push through (default 8)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("demo", help="diabetes, blobs-deep and digits28-mlp with and without BN, 3 seeds, with reports",
+                       formatter_class=fmt, epilog="example:\n  bnlab demo\n  bnlab demo --out runs/my-demo --seeds 5\n")
+    s.add_argument("--out", help="directory for the demo's records and reports (default runs/demo-<time>)")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``bnlab`` and ``python -m bnlab``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        # key=value overrides may come after options too ("--seeds 3 epochs=5")
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+            if hasattr(args, "overrides") and len(overrides) == len(extra):
+                args.overrides = list(args.overrides) + overrides
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    args.argv_raw = argv[1:]
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"bnlab: error: {exc}", file=sys.stderr)
+        return exc.code
+    except ImportError as exc:
+        print(f"bnlab: error: {exc}. The lab needs its extra: pip install 'bnlab[lab]'", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("bnlab: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
