@@ -214,7 +214,7 @@ def test_numpy_and_torch_update_paths_agree(var_factor, dtype):
     bufs = []
     for force_torch in (False, True):
         mm, mv = torch.linspace(-1, 1, 33), torch.linspace(0.5, 2, 33)
-        F._update_stacked_(mm, mv, stats, 0.95, var_factor, force_torch=force_torch)
+        F._update_(mm, mv, stats[0], stats[1], 0.95, var_factor, force_torch=force_torch)
         bufs.append((mm, mv))
     (a_m, a_v), (b_m, b_v) = bufs
     torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)

@@ -341,18 +341,16 @@ def update_moving_stats_(
     values bit for bit. The check runs on the device, without a host sync.
     """
     with torch.no_grad():
-        stats = torch.stack((batch_mean.reshape(-1), batch_variance.reshape(-1)))
-        _update_stacked_(moving_mean, moving_variance, stats, momentum, 1.0, valid)
+        _update_(moving_mean, moving_variance, batch_mean.detach().reshape(-1), batch_variance.detach().reshape(-1), momentum, 1.0, valid)
 
 
-def _update_numpy_(moving_mean, moving_variance, stats, momentum, var_factor) -> None:
+def _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor) -> None:
     mm = moving_mean.numpy().reshape(-1)  # views: writing them writes the buffers
     mv = moving_variance.numpy().reshape(-1)
-    st = stats.detach().numpy()
     dtype = mm.dtype
     new_weight = 1.0 - momentum
-    new_mean = mm * momentum + st[0].astype(dtype, copy=False) * new_weight
-    new_var = mv * momentum + st[1].astype(dtype, copy=False) * (new_weight * var_factor)
+    new_mean = mm * momentum + batch_mean.numpy().astype(dtype, copy=False) * new_weight
+    new_var = mv * momentum + batch_var.numpy().astype(dtype, copy=False) * (new_weight * var_factor)
     ok = np.isfinite(new_mean) & np.isfinite(new_var)
     np.copyto(mm, new_mean, where=ok)
     np.copyto(mv, new_var, where=ok)
@@ -374,16 +372,16 @@ def _weight_column(momentum: float, var_factor: float, dtype, device) -> Tensor:
     return col
 
 
-def _update_stacked_(moving_mean, moving_variance, stats, momentum, var_factor, valid=None, force_torch=False) -> None:
-    # stats: (2, C) = [batch mean; batch variance], detached; the stored variance
-    # is stats[1] * var_factor. This runs on every training step; on small layers
+def _update_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid=None, force_torch=False) -> None:
+    # batch_mean, batch_var: detached (C,) statistics; the stored variance is
+    # batch_var * var_factor. This runs on every training step; on small layers
     # the fixed cost of each op dominates, so CPU buffers are updated through
     # zero-copy NumPy views (about 1 us per op here, against 3-7 us for a torch op).
     if (
         not force_torch
         and valid is None
         and moving_mean.device.type == "cpu"
-        and stats.device.type == "cpu"
+        and batch_mean.device.type == "cpu"
         and not isinstance(momentum, Tensor)
         and not isinstance(var_factor, Tensor)
         and moving_mean.dtype in (torch.float32, torch.float64)
@@ -392,8 +390,9 @@ def _update_stacked_(moving_mean, moving_variance, stats, momentum, var_factor, 
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     ):
-        _update_numpy_(moving_mean, moving_variance, stats, float(momentum), float(var_factor))
+        _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, float(momentum), float(var_factor))
         return
+    stats = torch.stack((batch_mean, batch_var))
     old = torch.stack((moving_mean.view(-1), moving_variance.view(-1)))
     if stats.dtype != old.dtype:
         stats = stats.to(old.dtype)
@@ -480,10 +479,10 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
 
 
 def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
-    """Shared training transform. Returns ``(y, stats, count, unbiased)``.
+    """Shared training transform. Returns ``(y, (mean, var), count, unbiased)``.
 
-    ``stats`` is ``(2, C)``: the batch mean and the batch variance, which is the
-    unbiased one when ``unbiased`` is True (aten path) and the biased one
+    ``mean`` and ``var`` are the ``(C,)`` batch statistics; ``var`` is the
+    unbiased variance when ``unbiased`` is True (aten path) and the biased one
     otherwise; ``count`` is an int, or a 0-d tensor with a mask.
     """
     dtype = _compute_dtype(x)
@@ -503,10 +502,13 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
         # The native kernel writes the batch mean and the UNBIASED batch variance
         # into the running buffers; with momentum 1 and zero buffers these are the
         # batch statistics themselves.
-        stats = torch.zeros((2, channels), dtype=dtype, device=x.device)
+        # Two separate buffers, not views of one: native's backward saves them, and autograd
+        # handles saved views much more slowly (measured: +25 us per call on small layers).
+        mean = torch.zeros(channels, dtype=dtype, device=x.device)
+        var = torch.zeros(channels, dtype=dtype, device=x.device)
         xn = x if x3 is None else _native_view(x3)
-        y = restore(torch.batch_norm(xn, g, b, stats[0], stats[1], True, 1.0, epsilon, False))
-        return (y if y.dtype == x.dtype else y.to(x.dtype)), stats, per_feature, True
+        y = restore(torch.batch_norm(xn, g, b, mean, var, True, 1.0, epsilon, False))
+        return (y if y.dtype == x.dtype else y.to(x.dtype)), (mean, var), per_feature, True
     if impl not in ("auto", "composite"):
         raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
     if x3 is None:
@@ -514,7 +516,7 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
     weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
     fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
     y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)
-    return restore(y3).to(x.dtype), torch.stack((mean, var)), (count if mask is not None else per_feature), False
+    return restore(y3).to(x.dtype), (mean, var), (count if mask is not None else per_feature), False
 
 
 def batch_norm_train(
@@ -541,9 +543,8 @@ def batch_norm_train(
     or ``"auto"`` (aten where it applies).
     """
     feat = normalize_axes(axis, x.ndim)
-    y, stats, count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
-    var = stats[1] * ((count - 1) / count) if unbiased else stats[1]
-    return y, stats[0], var, count
+    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    return y, mean, (var * ((count - 1) / count) if unbiased else var), count
 
 
 def batch_norm(
@@ -602,7 +603,7 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
         return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon)
     fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    y, stats, count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
     if moving_mean is None:
         return y
     valid = None
@@ -615,5 +616,5 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         factor = (count - 1) / count
     else:  # have biased, want unbiased; a single value has none (0/0 -> skipped)
         factor = count / (count - 1) if count > 1 else float("nan")
-    _update_stacked_(moving_mean, moving_variance, stats, momentum, factor, valid)
+    _update_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
     return y
