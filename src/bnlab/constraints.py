@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from ._lookup import lookup
+
 __all__ = ["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "get"]
 
 _EPS = 1e-7  # keras.config.epsilon()
@@ -82,13 +84,4 @@ _BY_NAME = {"non_neg": NonNeg, "nonneg": NonNeg, "max_norm": MaxNorm, "unit_norm
 
 def get(spec) -> Callable | None:
     """A constraint from ``None``, a name (``"non_neg"``, ``"max_norm"``, ...), an instance or a callable."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        try:
-            return _BY_NAME[spec.lower()]()
-        except KeyError:
-            raise ValueError(f"unknown constraint {spec!r}; expected one of {sorted(_BY_NAME)}, a Constraint or a callable") from None
-    if callable(spec):
-        return spec
-    raise TypeError(f"a constraint must be None, a name, a Constraint or a callable, got {spec!r}")
+    return lookup(spec, _BY_NAME, "constraint", allow_none=True)

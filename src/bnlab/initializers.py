@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ._lookup import lookup
+
 __all__ = ["Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "TruncatedNormal", "get"]
 
 
@@ -106,11 +108,4 @@ _BY_NAME = {"zeros": Zeros, "ones": Ones}
 
 def get(spec) -> Callable:
     """An initializer from a name (``"zeros"``, ``"ones"``), an instance or a callable."""
-    if isinstance(spec, str):
-        try:
-            return _BY_NAME[spec.lower()]()
-        except KeyError:
-            raise ValueError(f"unknown initializer {spec!r}; expected one of {sorted(_BY_NAME)}, an Initializer or a callable") from None
-    if callable(spec):
-        return spec
-    raise TypeError(f"an initializer must be a name, an Initializer or a callable, got {spec!r}")
+    return lookup(spec, _BY_NAME, "initializer", allow_none=False)

@@ -54,6 +54,13 @@ def _bcast(v, shape, axis):
     return np.reshape(v, [shape[d] if d in feat else 1 for d in range(len(shape))])
 
 
+def _weights(x, axis, mask, dtype):
+    """0/1 weights of ``x``'s shape: the mask broadcast over the feature axes (all ones without a mask)."""
+    if mask is None:
+        return np.ones(x.shape, dtype=dtype)
+    return np.broadcast_to(np.expand_dims(np.asarray(mask, dtype=dtype), _axes(axis, x.ndim)), x.shape)
+
+
 def moments(x, axis=-1, mask=None, dtype=np.float64):
     """Batch mean and biased variance per feature; with ``mask``, of the True positions only.
 
@@ -61,10 +68,7 @@ def moments(x, axis=-1, mask=None, dtype=np.float64):
     """
     x = np.asarray(x, dtype=dtype)
     red = _reduce_axes(axis, x.ndim)
-    if mask is None:
-        w = np.ones(x.shape, dtype=dtype)
-    else:
-        w = np.broadcast_to(np.expand_dims(np.asarray(mask, dtype=dtype), _axes(axis, x.ndim)), x.shape)
+    w = _weights(x, axis, mask, dtype)
     count = w.sum(axis=red)  # same for every feature
     mean = (w * x).sum(axis=red) / count
     var = (w * (x - _bcast(mean, x.shape, axis)) ** 2).sum(axis=red) / count
@@ -97,10 +101,7 @@ def backward(dy, x, gamma, eps, axis=-1, mask=None, dtype=np.float64):
     x = np.asarray(x, dtype=dtype)
     dy = np.asarray(dy, dtype=dtype)
     red = _reduce_axes(axis, x.ndim)
-    if mask is None:
-        w = np.ones(x.shape, dtype=dtype)
-    else:
-        w = np.broadcast_to(np.expand_dims(np.asarray(mask, dtype=dtype), _axes(axis, x.ndim)), x.shape)
+    w = _weights(x, axis, mask, dtype)
     mean, var, count = moments(x, axis, mask, dtype)
     mu = _bcast(mean, x.shape, axis)
     inv = 1.0 / np.sqrt(_bcast(var, x.shape, axis) + eps)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ._lookup import lookup
+
 __all__ = ["L1", "L2", "L1L2", "get"]
 
 
@@ -61,13 +63,4 @@ _BY_NAME = {"l1": L1, "l2": L2, "l1_l2": lambda: L1L2(0.01, 0.01)}
 
 def get(spec) -> Callable | None:
     """A regularizer from ``None``, a name (``"l1"``, ``"l2"``, ``"l1_l2"``), an instance or a callable."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        try:
-            return _BY_NAME[spec.lower()]()
-        except KeyError:
-            raise ValueError(f"unknown regularizer {spec!r}; expected one of {sorted(_BY_NAME)}, a Regularizer or a callable") from None
-    if callable(spec):
-        return spec
-    raise TypeError(f"a regularizer must be None, a name, a Regularizer or a callable, got {spec!r}")
+    return lookup(spec, _BY_NAME, "regularizer", allow_none=True)

@@ -45,6 +45,7 @@ def _ylabel(metric: str, recipe: dict) -> str:
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
+    """Write ``fig`` as PNG and SVG (each atomically) and close it."""
     paths = []
     for ext in ("png", "svg"):
         p = out / f"{stem}.{ext}"
@@ -52,16 +53,13 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
         fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight")
         tmp.replace(p)  # atomic: a half-written figure is never left under the final name
         paths.append(p)
+    _mpl().close(fig)
     return paths
 
 
 def plot_curves(exp: Experiment, metric: str, out: Path) -> list[Path]:
     """Training and validation ``metric`` per epoch for each arm, mean ± std over seeds (PNG + SVG)."""
-    plt = _mpl()
-    fig = curves_figure(exp, metric)
-    paths = _save(fig, out, f"curves-{metric}")
-    plt.close(fig)
-    return paths
+    return _save(curves_figure(exp, metric), out, f"curves-{metric}")
 
 
 def curves_figure(exp: Experiment, metric: str):
@@ -98,11 +96,7 @@ def curves_figure(exp: Experiment, metric: str):
 
 def plot_finals(exp: Experiment, key: str, out: Path) -> list[Path]:
     """Final ``key`` of every seed, per arm, with the arm's mean as a bar (PNG + SVG)."""
-    plt = _mpl()
-    fig = finals_figure(exp, key)
-    paths = _save(fig, out, f"final-{key}")
-    plt.close(fig)
-    return paths
+    return _save(finals_figure(exp, key), out, f"final-{key}")
 
 
 def finals_figure(exp: Experiment, key: str):
