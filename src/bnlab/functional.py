@@ -345,13 +345,20 @@ def update_moving_stats_(
 
 
 def _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor) -> None:
-    mm = moving_mean.numpy().reshape(-1)  # views: writing them writes the buffers
-    mv = moving_variance.numpy().reshape(-1)
-    dtype = mm.dtype
+    # NumPy views share memory with the buffers: writing them writes the buffers.
+    mm = moving_mean.numpy()
+    mv = moving_variance.numpy()
+    if mm.ndim != 1:
+        mm, mv = mm.reshape(-1), mv.reshape(-1)
+    bm, bv = batch_mean.numpy(), batch_var.numpy()
+    if bm.dtype != mm.dtype:
+        bm, bv = bm.astype(mm.dtype), bv.astype(mm.dtype)
     new_weight = 1.0 - momentum
-    new_mean = mm * momentum + batch_mean.numpy().astype(dtype, copy=False) * new_weight
-    new_var = mv * momentum + batch_var.numpy().astype(dtype, copy=False) * (new_weight * var_factor)
-    ok = np.isfinite(new_mean) & np.isfinite(new_var)
+    new_mean = mm * momentum + bm * new_weight
+    new_var = mv * momentum + bv * (new_weight * var_factor)
+    # One test for both: the sum is finite iff both are, except when two finite values
+    # overflow together (~3e38), which then skips the update too: never writes inf/NaN.
+    ok = np.isfinite(new_mean + new_var)
     np.copyto(mm, new_mean, where=ok)
     np.copyto(mv, new_var, where=ok)
 
@@ -485,14 +492,20 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
     unbiased variance when ``unbiased`` is True (aten path) and the biased one
     otherwise; ``count`` is an int, or a 0-d tensor with a mask.
     """
-    dtype = _compute_dtype(x)
+    dtype = x.dtype
+    if dtype in _LOW_PRECISION:
+        dtype = torch.float32
+    elif not x.is_floating_point():
+        _compute_dtype(x)  # raises with the message
     if x.dim() == 2 and feat == (1,) and x.dtype == dtype:
         # (N, C) is the native 2-D layout already: no view at all on the aten path
         x3, restore, per_feature, channels = None, _from_2d, x.shape[0], x.shape[1]
     else:
         x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
         per_feature, channels = x3.shape[0] * x3.shape[2], x3.shape[1]
-    g, b = _flat(gamma, dtype), _flat(beta, dtype)
+    # gamma/beta as flat tensors of the compute dtype (already so for 1-D float32 parameters)
+    g = gamma if gamma is None or (gamma.dim() == 1 and gamma.dtype == dtype) else _flat(gamma, dtype)
+    b = beta if beta is None or (beta.dim() == 1 and beta.dtype == dtype) else _flat(beta, dtype)
     if impl == "aten" or (impl == "auto" and mask is None and per_feature > 1):
         if mask is not None or per_feature < 2:
             raise ValueError(

@@ -275,7 +275,9 @@ class _BatchNormBase(nn.Module):
         buffers = self._buffers  # direct dict access: nn.Module.__getattr__ is slow on small layers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         batch_stats = training or running_mean is None
-        self._check_input(x, feat, batch_stats)
+        built = self.feature_shape
+        if built is None or len(feat) != 1 or x.shape[feat[0]] != built[0] or type(self) is not BatchNorm:
+            self._check_input(x, feat, batch_stats)  # the full check (and the drop-ins' own) off the common path
         if self.feature_shape is None:
             self.build(tuple(x.shape[a] for a in feat), device=x.device)
             running_mean, running_var = self.running_mean, self.running_var
