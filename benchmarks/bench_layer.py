@@ -41,7 +41,7 @@ def _timer(fn, reps):
 
 
 def _reps_for(numel):
-    return max(3, min(200, int(2e7 // max(numel, 1))))
+    return max(10, min(200, int(2e7 // max(numel, 1))))
 
 
 def _fwd_bwd(module, x, g, view=lambda t: t):
