@@ -91,9 +91,9 @@ def main(argv=None):
         recipe = lab.get(name)
         ds = lab.load_data(recipe)
         fns = {
-            "plain": lambda: plain_run(recipe, ds, a.epochs),
-            "fit-torch": lambda: fit_run(recipe, ds, a.epochs, "torch"),
-            "fit-bnlab": lambda: fit_run(recipe, ds, a.epochs),
+            "plain": lambda recipe=recipe, ds=ds: plain_run(recipe, ds, a.epochs),
+            "fit-torch": lambda recipe=recipe, ds=ds: fit_run(recipe, ds, a.epochs, "torch"),
+            "fit-bnlab": lambda recipe=recipe, ds=ds: fit_run(recipe, ds, a.epochs),
         }
         times = {k: [] for k in fns}
         for f in fns.values():
@@ -103,7 +103,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 f()
                 times[k].append((time.perf_counter() - t0) / a.epochs)
-        ratio = statistics.median(b / p_ for b, p_ in zip(times["fit-bnlab"], times["plain"]))
+        ratio = statistics.median(b / p_ for b, p_ in zip(times["fit-bnlab"], times["plain"], strict=True))
         worst = max(worst, ratio)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         print(f"{name:<14} {med['plain']:>19.1f} ms {med['fit-torch']:>12.1f} ms {med['fit-bnlab']:>12.1f} ms {ratio:>12.2f}")

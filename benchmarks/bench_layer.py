@@ -70,7 +70,7 @@ def bench_row(name, layout, x, variants, rounds):
     med = {k: statistics.median(v) for k, v in times.items()}
     native_labels = [k for k in variants if k != "bnlab"]
     best_native = min(native_labels, key=lambda k: med[k])
-    ratios = [b / n for b, n in zip(times["bnlab"], times[best_native])]
+    ratios = [b / n for b, n in zip(times["bnlab"], times[best_native], strict=True)]
     return {
         "row": name,
         "layout": layout,

@@ -112,7 +112,7 @@ def test_inference_uses_moving_statistics_and_updates_nothing():
     y = bn(x)
     g, b, mm, mv = before
     np.testing.assert_allclose(y.detach().numpy(), g * (x.numpy() - mm) / np.sqrt(mv + 1e-3) + b, atol=1e-12)
-    for a, c in zip(before, bn.get_weights()):
+    for a, c in zip(before, bn.get_weights(), strict=True):
         np.testing.assert_array_equal(a, c)
     assert bn.num_batches_tracked.item() == 1
 
@@ -165,7 +165,7 @@ def test_fully_masked_batch_updates_nothing_and_uses_moving_stats():
     state = [w.copy() for w in bn.get_weights()]
     x = torch.randn(2, 4, 3)
     y = bn(x, mask=torch.zeros(2, 4, dtype=torch.bool))
-    for a, c in zip(state, bn.get_weights()):
+    for a, c in zip(state, bn.get_weights(), strict=True):
         np.testing.assert_array_equal(a, c)
     assert torch.isfinite(y).all()
     g, b, mm, mv = state
@@ -206,7 +206,7 @@ def test_empty_batch_updates_nothing():
     assert y.shape == (0, 3)
     assert bn.num_batches_tracked.item() == 0  # an empty batch is not counted either
     bn(torch.randn(0, 5, 3), mask=torch.zeros(0, 5, dtype=torch.bool))
-    for a, c in zip(before, bn.get_weights()):
+    for a, c in zip(before, bn.get_weights(), strict=True):
         np.testing.assert_array_equal(a, c)
 
 
@@ -242,7 +242,7 @@ def test_trainable_false_freezes_and_runs_inference():
     state = [w.copy() for w in bn.get_weights()]
     x = torch.randn(8, 3) + 4
     y = bn(x, training=True)
-    for a, c in zip(state, bn.get_weights()):
+    for a, c in zip(state, bn.get_weights(), strict=True):
         np.testing.assert_array_equal(a, c)
     g, b, mm, mv = state
     np.testing.assert_allclose(y.detach().numpy(), g * (x.numpy() - mm) / np.sqrt(mv + 1e-3) + b, atol=1e-5)
@@ -283,7 +283,7 @@ def test_set_weights_roundtrip_and_shape_error():
     bn = bnlab.BatchNorm(num_features=3)
     w = [np.array([1.0, 2, 3]), np.array([0.1, 0.2, 0.3]), np.array([-1.0, 0, 1]), np.array([4.0, 5, 6])]
     bn.set_weights(w)
-    for a, c in zip(w, bn.get_weights()):
+    for a, c in zip(w, bn.get_weights(), strict=True):
         np.testing.assert_allclose(a, c)
     with pytest.raises(ValueError, match=r"gamma expected shape \(3,\), got \(4,\)"):
         bn.set_weights([np.ones(4), np.ones(3), np.ones(3), np.ones(3)])

@@ -43,7 +43,7 @@ def test_matches_keras_training_inference_and_moving_stats(case):
         xt = torch.from_numpy(x).requires_grad_()
         yo = ours(xt, training=True)
         np.testing.assert_allclose(yo.detach().numpy(), yk, atol=2e-5, rtol=1e-5)
-    for wk, wo in zip(k.get_weights(), ours.get_weights()):
+    for wk, wo in zip(k.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_allclose(wo, wk, atol=1e-5, rtol=1e-5)
     x = rng.normal(size=shape).astype("float32")
     np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(), _np(k(x, training=False)), atol=2e-5, rtol=1e-5)

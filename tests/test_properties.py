@@ -68,5 +68,5 @@ def test_composite_and_aten_agree(problem):
         (dx,) = torch.autograd.grad(y, xi, dy)
         outs.append((y.detach(), m, v, dx))
     tol = 1e-9 if dtype == torch.float64 else 2e-4
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)

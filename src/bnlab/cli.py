@@ -289,7 +289,7 @@ def cmd_demo(args) -> int:
     elapsed = time.perf_counter() - t0
     index = ["# bnlab demo: what batch normalization did", "",
              f"{len(DEMO_RECIPES)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, in {elapsed:.0f} s.", ""]
-    for name, v, paths in verdicts:
+    for name, v, _ in verdicts:
         index += [f"## {name}", "", v, "", f"Full report: [{name}/report.html]({name}/report.html) ([markdown]({name}/report.md))", ""]
     records.atomic_write_bytes(root / "index.md", "\n".join(index).encode())
     html_items = "".join(f"<h2>{n}</h2><p>{v}</p><p><a href='{n}/report.html'>full report</a></p>" for n, v, _ in verdicts)
@@ -297,7 +297,7 @@ def cmd_demo(args) -> int:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bnlab demo</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}</style></head><body>"
         f"<h1>bnlab demo: what batch normalization did</h1><p>{len(seeds)} seeds per arm, {elapsed:.0f} s.</p>{html_items}</body></html>\n").encode())
-    con.print(f"demo finished in {elapsed:.0f} s\nreport: {root / 'index.html'}")
+    con.print(f"demo finished in {elapsed:.0f} s\nreport: {(root / 'index.html').resolve()}")
     return 0
 
 

@@ -40,7 +40,7 @@ def test_summary_table_and_side_effects():
     s = bnlab.summary(model, (3,), print_fn=lines.append)
     text = lines[0]
     assert "Total params: 33" in text and "Non-trainable params: 8" in text and "(None, 4)" in text
-    for a, b in zip(before, bn.get_weights()):
+    for a, b in zip(before, bn.get_weights(), strict=True):
         assert (a == b).all()  # the dry run changed nothing
     assert model.training and s.total == 33
     bn.trainable = False  # frozen gamma/beta count as non-trainable, as in Keras

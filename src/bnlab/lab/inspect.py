@@ -57,7 +57,7 @@ def inspect_bn(model: nn.Module, x: torch.Tensor) -> list[dict]:
         feat = bnlab.functional.normalize_axes(axis, hn.ndim)
         shape = [hn.shape[d] if d in feat else 1 for d in range(hn.ndim)]
 
-        def arr(t, default):
+        def arr(t, default, shape=shape):
             return np.full(shape, default) if t is None else t.detach().double().numpy().reshape(shape)
 
         by_hand = arr(g, 1.0) * (hn - arr(mu, 0.0)) / np.sqrt(arr(var, 1.0) + eps) + arr(b, 0.0)

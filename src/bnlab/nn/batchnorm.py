@@ -205,12 +205,12 @@ class _BatchNormBase(nn.Module):
         if len(weights) != len(targets):
             names = [n for n, _ in targets]
             raise ValueError(f"set_weights expected {len(targets)} arrays {names}, got {len(weights)}")
-        for (name, t), w in zip(targets, weights):
+        for (name, t), w in zip(targets, weights, strict=True):
             arr = torch.as_tensor(np.asarray(w))
             if tuple(arr.shape) != tuple(t.shape):
                 raise ValueError(f"set_weights: {name} expected shape {tuple(t.shape)}, got {tuple(arr.shape)}")
         with torch.no_grad():
-            for (_, t), w in zip(targets, weights):
+            for (_, t), w in zip(targets, weights, strict=True):
                 t.copy_(torch.as_tensor(np.asarray(w)).to(dtype=t.dtype, device=t.device))
 
     def _require_built(self, what: str) -> None:
