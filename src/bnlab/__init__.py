@@ -7,7 +7,7 @@
 
 from . import constraints, conventions, functional, initializers, nn, regularizers
 from .nn import BatchNorm, BatchNormalization
-from .tools import apply_constraints, regularization_loss, summary
+from .tools import apply_constraints, convert, fold, freeze, recalibrate, regularization_loss, summary, unfreeze
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,11 @@ __all__ = [
     "BatchNorm",
     "BatchNormalization",
     "apply_constraints",
+    "convert",
+    "fold",
+    "freeze",
+    "recalibrate",
+    "unfreeze",
     "regularization_loss",
     "summary",
     "constraints",

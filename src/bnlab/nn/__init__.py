@@ -1,5 +1,6 @@
 """Modules: the Keras-faithful :class:`BatchNorm` and PyTorch drop-ins."""
 
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormalization
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormalization, BatchNormNd
+from .frozen import FrozenBatchNorm
 
-__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "FrozenBatchNorm"]

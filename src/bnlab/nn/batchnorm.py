@@ -34,7 +34,7 @@ from .. import functional as F
 from .. import initializers as _initializers
 from .. import regularizers as _regularizers
 
-__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd"]
 
 _ESTIMATORS = ("biased", "unbiased")
 
@@ -545,6 +545,18 @@ class _TorchBatchNorm(_BatchNormBase):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
+
+
+class BatchNormNd(_TorchBatchNorm):
+    """PyTorch's semantics for any ``(N, C, ...)`` input (the rank-agnostic counterpart of
+    ``torch.nn.SyncBatchNorm``'s single-process behaviour)."""
+
+    _expected_dims = tuple(range(2, 33))
+
+    def _check_input(self, x, feat, batch_stats):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+        _TorchBatchNorm._check_input(self, x, feat, batch_stats)
 
 
 class BatchNorm1d(_TorchBatchNorm):

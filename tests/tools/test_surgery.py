@@ -1,0 +1,131 @@
+"""convert, freeze/unfreeze and fold, each against an oracle (torch's BN, the unmodified model)."""
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+
+
+def _randomize_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.batchnorm._BatchNormBase)):
+            with torch.no_grad():
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _torch_model():
+    return nn.Sequential(
+        nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.Flatten(2), nn.BatchNorm1d(4),
+        nn.Unflatten(2, (1, 1, 1)), nn.Flatten(), nn.Linear(4, 6), nn.SyncBatchNorm(6), nn.ReLU(),
+    )
+
+
+def test_convert_to_bnlab_and_back_keeps_outputs():
+    torch.manual_seed(0)
+    ref = _randomize_bn(_torch_model())
+    x = torch.randn(8, 2, 3, 3, 3)
+    ref.eval()
+    expected = ref(x)
+    import copy
+
+    ours = bnlab.convert(copy.deepcopy(ref), to="bnlab")
+    kinds = [type(m) for m in ours.modules()]
+    assert bnlab.nn.BatchNorm3d in kinds and bnlab.nn.BatchNorm1d in kinds and bnlab.nn.BatchNormNd in kinds
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    torch.testing.assert_close(ours(x), expected)
+    assert not ours.training
+    ours.train(), ref.train()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)  # training mode too
+    back = bnlab.convert(ours, to="torch")
+    assert any(type(m) is nn.BatchNorm3d for m in back.modules())
+    with pytest.raises(ValueError, match="to must be"):
+        bnlab.convert(back, to="keras")
+
+
+def test_freeze_and_unfreeze():
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Linear(3, 5), bnlab.BatchNorm(num_features=5), nn.Conv1d(5, 4, 1), nn.BatchNorm1d(4)))
+    model = nn.Sequential(model[0], model[1], nn.Unflatten(1, (5, 1)), model[2], model[3])
+    x = torch.randn(6, 3)
+    model.eval()
+    expected = model(x)
+    frozen = bnlab.freeze(model)
+    assert sum(isinstance(m, bnlab.nn.FrozenBatchNorm) for m in frozen.modules()) == 2
+    frozen.train()  # frozen layers use their statistics even in train mode
+    torch.testing.assert_close(frozen(x), expected)
+    bn_params = [p for m in frozen.modules() if isinstance(m, bnlab.nn.FrozenBatchNorm) for p in m.parameters(recurse=False)]
+    assert bn_params == []
+    s = bnlab.summary(frozen, (3,), print_fn=None)
+    assert s.non_trainable == 5 * 4 + 4 * 4  # gamma, beta, mean, var of both layers
+    back = bnlab.unfreeze(frozen)
+    assert isinstance(back[1], bnlab.BatchNorm) and type(back[4]) is nn.BatchNorm1d
+    back.eval()
+    torch.testing.assert_close(back(x), expected)
+    assert back[1].gamma.requires_grad
+
+
+FOLD_CASES = {
+    "linear": lambda: (nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8)), (5, 6)),
+    "linear-nobias-bnlab": lambda: (nn.Sequential(nn.Linear(6, 8, bias=False), bnlab.BatchNorm(num_features=8)), (5, 6)),
+    "linear-bn-noaffine": lambda: (nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False)), (5, 6)),
+    "conv1d": lambda: (nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), (2, 3, 9)),
+    "conv2d-nobias": lambda: (nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), bnlab.BatchNorm(axis=1, num_features=4)), (2, 3, 7, 7)),
+    "conv3d": lambda: (nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4)), (2, 2, 5, 5, 5)),
+    "grouped": lambda: (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), (2, 4, 6, 6)),
+    "depthwise": lambda: (nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4, affine=False)), (2, 4, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLD_CASES))
+def test_fold_gives_the_same_outputs(case):
+    torch.manual_seed(0)
+    model, shape = FOLD_CASES[case]()
+    model = _randomize_bn(model).eval()
+    x = torch.randn(shape)
+    folded, report = bnlab.fold(model)
+    assert len(report.folded) == 1 and report.left == []
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.batchnorm._BatchNormBase)) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.batchnorm._BatchNormBase)) for m in model.modules())  # input untouched
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), bnlab.BatchNorm(axis=1, num_features=c)
+        self.bn_out = nn.BatchNorm2d(c)  # after the residual sum: nothing to fold into
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return self.bn_out(torch.relu(self.bn2(self.conv2(y)) + x))
+
+
+def test_fold_resnet_block_through_fx_and_reports_what_stays():
+    torch.manual_seed(0)
+    block = _randomize_bn(ResBlock()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    folded, report = bnlab.fold(block)
+    assert sorted(report.folded) == [("conv1", "bn1"), ("conv2", "bn2")]
+    assert [name for name, _ in report.left] == ["bn_out"]
+    torch.testing.assert_close(folded(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_training_mode_and_skips_unsuitable_layers():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="eval mode"):
+        bnlab.fold(model)
+    odd = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    folded, report = bnlab.fold(odd)
+    reasons = dict(report.left)
+    assert "2" in reasons and "4" in reasons and "track_running_stats" in reasons["4"]
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(folded(x), odd(x))
