@@ -419,3 +419,27 @@ def test_keras_face_can_keep_pytorchs_books():
         cum(b)
     expected = torch.stack([b.mean(0) for b in batches]).mean(0)
     torch.testing.assert_close(cum.moving_mean, expected)
+
+
+def test_renorm_validation_schedule_and_nan_guard():
+    with pytest.raises(ValueError, match="keys rmax, rmin, dmax"):
+        bnlab.BatchNorm(renorm=True, renorm_clipping={"r_max": 3})
+    with pytest.raises(ValueError, match="rmax >= rmin"):
+        bnlab.BatchNorm(renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 2})
+    ramp = bnlab.functional.renorm_ramp(start=10, rmax_steps=30, dmax_steps=20)
+    steps = torch.tensor([0, 10, 20, 30, 100])
+    torch.testing.assert_close(ramp["rmax"](steps), torch.tensor([1.0, 1.0, 2.0, 3.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(ramp["dmax"](steps), torch.tensor([0.0, 0.0, 5.0, 5.0, 5.0], dtype=torch.float64))
+    # with rmax = 1 and dmax = 0 (the ramp's start) renorm is plain batch norm
+    early = bnlab.BatchNorm(num_features=3, renorm=True, renorm_clipping=ramp, dtype=torch.float64)
+    plain = bnlab.BatchNorm(num_features=3, dtype=torch.float64)
+    for _ in range(3):
+        x = torch.randn(16, 3, dtype=torch.float64) * 3 + 2
+        torch.testing.assert_close(early(x), plain(x))
+    bad = torch.randn(8, 3)
+    bad[0, 1] = float("inf")
+    rn = bnlab.BatchNorm(num_features=3, renorm=True)
+    rn(bad)
+    for w in rn.get_weights():
+        assert np.isfinite(w).all()
+    assert rn.get_weights()[2][1] == 0.0 and rn.get_weights()[2][0] != 0.0  # the bad feature kept, the others moved

@@ -86,3 +86,27 @@ def test_where_keras_fails_bnlab_does_not():
     yo = bnlab.BatchNorm()(torch.from_numpy(x), training=True).detach().numpy()
     assert np.allclose(yo.std(0), 1.0, atol=2e-3)
     assert not np.allclose(yk.std(0), 1.0, atol=2e-3)  # if Keras ever fixes this, this line tells us
+
+
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}], ids=["no-clip", "clip"])
+def test_renorm_matches_keras(clipping):
+    kw = {"renorm": True, "renorm_clipping": clipping, "renorm_momentum": 0.9, "momentum": 0.95}
+    k = keras.layers.BatchNormalization(**kw)
+    ours = bnlab.BatchNorm(**kw)
+    rng = np.random.default_rng(5)
+    for step in range(6):
+        x = (rng.normal(size=(24, 4)) * (1 + step) + step).astype("float32")
+        xk = torch.from_numpy(x).requires_grad_()
+        yk = k(xk, training=True)
+        xo = torch.from_numpy(x).requires_grad_()
+        yo = ours(xo, training=True)
+        np.testing.assert_allclose(yo.detach().numpy(), _np(yk), atol=3e-5, rtol=1e-5)
+        dy = torch.from_numpy(rng.normal(size=(24, 4)).astype("float32"))
+        (gk,) = torch.autograd.grad(yk, xk, dy)
+        (go,) = torch.autograd.grad(yo, xo, dy)
+        np.testing.assert_allclose(go.numpy(), gk.detach().cpu().numpy(), atol=3e-5, rtol=1e-4)
+    assert len(ours.get_weights()) == len(k.get_weights()) == 7
+    for wk, wo in zip(k.get_weights(), ours.get_weights(), strict=True):
+        np.testing.assert_allclose(wo, wk, atol=1e-5, rtol=1e-5)
+    x = rng.normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(), _np(k(x, training=False)), atol=3e-5)

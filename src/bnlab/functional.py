@@ -54,6 +54,9 @@ __all__ = [
     "batch_norm_inference",
     "batch_norm_backward",
     "update_moving_stats_",
+    "renorm_correction",
+    "update_renorm_stats_",
+    "renorm_ramp",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -631,3 +634,86 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         factor = count / (count - 1) if count > 1 else float("nan")
     _update_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
     return y
+
+
+# --------------------------------------------------------------------------- batch renormalization
+
+
+def renorm_correction(
+    mean: Tensor,
+    variance: Tensor,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    epsilon: float,
+    rmin=None,
+    rmax=None,
+    dmax=None,
+) -> tuple[Tensor, Tensor]:
+    """Batch renormalization's correction ``(r, d)`` (Ioffe, 2017, arXiv:1702.03275, Algorithm 1).
+
+    With Keras 3's conventions: ``sigma_B = sqrt(var_B + epsilon)``, the renorm
+    standard deviation floored at ``sqrt(epsilon)``, ``r = sigma_B / sigma``,
+    ``d = (mean_B - mu) / sigma``, ``r`` clipped to ``[rmin, rmax]`` and ``d`` to
+    ``[-dmax, dmax]`` where given (floats or 0-d tensors). Both are returned
+    without gradient: the paper treats them as constants.
+    """
+    with torch.no_grad():
+        stddev = torch.sqrt(variance + epsilon)
+        sigma = torch.clamp(renorm_stddev.to(stddev.dtype), min=math.sqrt(epsilon))
+        r = stddev / sigma
+        d = (mean - renorm_mean.to(mean.dtype)) / sigma
+        if rmin is not None:
+            r = torch.maximum(r, torch.as_tensor(rmin, dtype=r.dtype, device=r.device))
+        if rmax is not None:
+            r = torch.minimum(r, torch.as_tensor(rmax, dtype=r.dtype, device=r.device))
+        if dmax is not None:
+            dm = torch.as_tensor(dmax, dtype=d.dtype, device=d.device)
+            d = torch.maximum(torch.minimum(d, dm), -dm)
+    return r, d
+
+
+def update_renorm_stats_(
+    moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev,
+    mean, variance, epsilon: float, momentum, renorm_momentum,
+) -> None:
+    """In place, Keras 3's renorm bookkeeping, skipping features with non-finite statistics.
+
+    ``renorm_* <- renorm_momentum * renorm_* + (1 - renorm_momentum) * batch``
+    (mean and ``sqrt(var + epsilon)``); the same with ``momentum`` for the
+    inference statistics, tracked as a standard deviation, from which
+    ``moving_variance = relu(moving_stddev**2 - epsilon)``.
+    """
+    with torch.no_grad():
+        mean = mean.reshape(moving_mean.shape).to(moving_mean.dtype)
+        stddev = torch.sqrt(variance.reshape(moving_mean.shape).to(moving_mean.dtype) + epsilon)
+        ok = torch.isfinite(mean) & torch.isfinite(stddev)
+        new = {
+            renorm_mean: renorm_mean * renorm_momentum + mean * (1.0 - renorm_momentum),
+            renorm_stddev: renorm_stddev * renorm_momentum + stddev * (1.0 - renorm_momentum),
+            moving_mean: moving_mean * momentum + mean * (1.0 - momentum),
+        }
+        new_sd = moving_stddev * momentum + stddev * (1.0 - momentum)
+        new[moving_stddev] = new_sd
+        new[moving_variance] = torch.relu(new_sd * new_sd - epsilon)
+        for buf, value in new.items():
+            buf.copy_(torch.where(ok, value, buf))
+
+
+def renorm_ramp(*, start: int = 5000, rmax_steps: int = 40000, dmax_steps: int = 25000, rmax: float = 3.0, dmax: float = 5.0) -> dict:
+    """The clipping schedule of the Batch Renormalization paper (Ioffe, 2017, section 4).
+
+    ``rmax`` stays 1 and ``dmax`` 0 (plain batch norm) for ``start`` steps, then
+    both grow linearly to ``rmax`` at step ``rmax_steps`` and ``dmax`` at step
+    ``dmax_steps``; ``rmin = 1 / rmax``. Use as ``renorm_clipping=renorm_ramp()``:
+    each value is a function of the training step (a tensor, so no host sync).
+    """
+
+    def ramp(step, end, lo, hi):
+        frac = ((step.to(torch.float64) - start) / max(end - start, 1)).clamp(0.0, 1.0)
+        return lo + (hi - lo) * frac
+
+    return {
+        "rmax": lambda step: ramp(step, rmax_steps, 1.0, rmax),
+        "rmin": lambda step: 1.0 / ramp(step, rmax_steps, 1.0, rmax),
+        "dmax": lambda step: ramp(step, dmax_steps, 0.0, dmax),
+    }

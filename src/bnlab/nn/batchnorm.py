@@ -95,6 +95,7 @@ class _BatchNormBase(nn.Module):
         self.gamma_constraint = _constraints.get(gamma_constraint)
         self.moving_variance_estimator = moving_variance_estimator
         self.track_running_stats = bool(track_running_stats)
+        self.renorm = getattr(self, "renorm", False)  # set by the Keras face before this runs
         self._trainable = True
         self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
@@ -104,6 +105,9 @@ class _BatchNormBase(nn.Module):
         self.register_buffer("running_mean", None)
         self.register_buffer("running_var", None)
         self.register_buffer("num_batches_tracked", None)
+        if self.renorm:
+            for name in ("moving_stddev", "renorm_mean", "renorm_stddev"):
+                self.register_buffer(name, None)
         shape = _as_shape(num_features)
         if shape is not None:
             self.build(shape)
@@ -135,6 +139,11 @@ class _BatchNormBase(nn.Module):
             self.running_mean = self.moving_mean_initializer(shape, dtype=stat_dtype, device=dev)
             self.running_var = self.moving_variance_initializer(shape, dtype=stat_dtype, device=dev)
             self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=dev)
+            if self.renorm:
+                # Keras 3 tracks standard deviations for renorm, started at sqrt(initial variance).
+                self.moving_stddev = torch.sqrt(self.running_var.clone())
+                self.renorm_mean = self.running_mean.clone()
+                self.renorm_stddev = torch.sqrt(self.running_var.clone())
         for name, t in (("gamma", self.weight), ("beta", self.bias), ("moving_mean", self.running_mean), ("moving_variance", self.running_var)):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} initializer returned shape {tuple(t.shape)}, expected {shape}")
@@ -191,6 +200,8 @@ class _BatchNormBase(nn.Module):
 
     def _weight_list(self) -> list[tuple[str, Tensor]]:
         pairs = [("gamma", self.weight), ("beta", self.bias), ("moving_mean", self.running_mean), ("moving_variance", self.running_var)]
+        if self.renorm:
+            pairs += [(n, getattr(self, n)) for n in ("moving_stddev", "renorm_mean", "renorm_stddev")]
         return [(n, t) for n, t in pairs if t is not None]
 
     def get_weights(self) -> list[np.ndarray]:
@@ -286,6 +297,8 @@ class _BatchNormBase(nn.Module):
             mask = None
         if not batch_stats:
             return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon())
+        if self.renorm and training and running_mean is not None:
+            return self._renorm_forward(x, feat, mask)
         momentum = 0.0
         if training and running_mean is not None:
             if x.numel() > 0:
@@ -308,6 +321,31 @@ class _BatchNormBase(nn.Module):
             mask,
             self.moving_variance_estimator == "unbiased",
         )
+
+    def _renorm_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
+        """Training with batch renormalization (Keras 3's semantics; see ``BatchNorm``'s ``renorm``)."""
+        eps = self._epsilon()
+        if x.numel() == 0:
+            return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, eps)
+        self.num_batches_tracked.add_(1)
+        with torch.no_grad():
+            mean_b, var_b = F.moments(x.detach().float() if x.dtype in F._LOW_PRECISION else x.detach(), feat, mask)
+        step = self.num_batches_tracked
+        clips = {k: (v(step) if callable(v) else v) for k, v in self.renorm_clipping.items()}
+        r, d = F.renorm_correction(mean_b.reshape(-1), var_b.reshape(-1), self.renorm_mean.reshape(-1),
+                                   self.renorm_stddev.reshape(-1), eps, clips.get("rmin"), clips.get("rmax"), clips.get("dmax"))
+        g = None if self.weight is None else self.weight.reshape(-1)
+        b = None if self.bias is None else self.bias.reshape(-1)
+        g_eff = r if g is None else r * g  # (x_hat * r + d) * gamma + beta
+        b_eff = d if g is None else d * g
+        b_eff = b_eff if b is None else b_eff + b
+        y = F._batch_norm_train_update(x, feat, None, None, g_eff.to(x.dtype) if x.dtype == torch.float64 else g_eff,
+                                       b_eff.to(x.dtype) if x.dtype == torch.float64 else b_eff, 0.0, eps, mask, False)
+        valid = None if mask is None else mask.any()
+        F.update_renorm_stats_(self.running_mean, self.running_var, self.moving_stddev, self.renorm_mean, self.renorm_stddev,
+                               torch.where(valid, mean_b, torch.nan) if valid is not None else mean_b, var_b, eps,
+                               self._old_weight(), self.renorm_momentum)
+        return y
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -380,6 +418,20 @@ class BatchNorm(_BatchNormBase):
             variance; ``"unbiased"`` stores ``var * M/(M-1)`` as PyTorch and the
             paper's Algorithm 2 do. The batch itself is always normalized with
             the biased variance.
+        renorm (bool, default ``False``): batch renormalization (Ioffe, 2017,
+            arXiv:1702.03275) with Keras 3's semantics: in training the batch
+            is normalized, then corrected by ``x_hat * r + d`` with
+            ``r = sigma_B / sigma`` and ``d = (mu_B - mu) / sigma`` taken from
+            separate renorm moving statistics (no gradient through them);
+            inference uses ``moving_mean`` and ``moving_variance`` as usual,
+            the latter derived from a tracked moving standard deviation.
+            Adds the buffers ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``.
+        renorm_clipping (dict, default none): ``{"rmax", "rmin", "dmax"}``
+            clip ``r`` and ``d``; absent keys do not clip (as in Keras). A value
+            may be a function of the training step (a tensor), e.g.
+            :func:`bnlab.functional.renorm_ramp`, the paper's schedule.
+        renorm_momentum (float, default ``0.99``): weight of the old value in
+            the renorm statistics.
         device, dtype: where and in what precision parameters are created
             (statistics are float32 for half-precision parameters).
 
@@ -437,11 +489,19 @@ class BatchNorm(_BatchNormBase):
         gamma_constraint=None,
         num_features: int | Sequence[int] | None = None,
         moving_variance_estimator: str = "biased",
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
         device=None,
         dtype=None,
     ):
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (weight of the old moving value) or None, got {momentum!r}")
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _check_clipping(renorm_clipping) if renorm else None
+        self.renorm_momentum = float(renorm_momentum)
+        if renorm and (momentum is None or moving_variance_estimator != "biased"):
+            raise ValueError("renorm=True needs a float momentum and the biased moving variance (Keras' renorm bookkeeping)")
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.momentum = momentum
@@ -480,10 +540,25 @@ class BatchNorm(_BatchNormBase):
             parts.append("scale=False")
         if self.moving_variance_estimator != "biased":
             parts.append(f"moving_variance_estimator={self.moving_variance_estimator!r}")
+        if self.renorm:
+            parts.append(f"renorm=True, renorm_momentum={self.renorm_momentum}")
         return ", ".join(parts)
 
 
 BatchNormalization = BatchNorm  # the name the tutorials (and Keras) use
+
+
+def _check_clipping(clipping: dict | None) -> dict:
+    clipping = dict(clipping or {})
+    unknown = set(clipping) - {"rmax", "rmin", "dmax"}
+    if unknown:
+        raise ValueError(f"renorm_clipping takes the keys rmax, rmin, dmax; got {sorted(unknown)}")
+    rmax, rmin, dmax = clipping.get("rmax"), clipping.get("rmin"), clipping.get("dmax")
+    if isinstance(rmax, (int, float)) and isinstance(rmin, (int, float)) and rmax < rmin:
+        raise ValueError(f"renorm_clipping needs rmax >= rmin, got rmax={rmax}, rmin={rmin}")
+    if isinstance(dmax, (int, float)) and dmax < 0:
+        raise ValueError(f"renorm_clipping needs dmax >= 0, got {dmax}")
+    return clipping
 
 
 class _TorchBatchNorm(_BatchNormBase):
