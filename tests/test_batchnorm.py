@@ -443,3 +443,52 @@ def test_renorm_validation_schedule_and_nan_guard():
     for w in rn.get_weights():
         assert np.isfinite(w).all()
     assert rn.get_weights()[2][1] == 0.0 and rn.get_weights()[2][0] != 0.0  # the bad feature kept, the others moved
+
+
+def _ghost_reference(x, k, axis, eps=1e-3):
+    """Ghost BN by a loop over groups in NumPy: group g holds samples g, g+G, g+2G, ... (G = ceil(N/k))."""
+    x = x.double().numpy()
+    n = x.shape[0]
+    groups = -(-n // k)
+    feat = bnlab.functional.normalize_axes(axis, x.ndim)
+    red = tuple(d for d in range(x.ndim) if d not in feat)
+    y, means, variances = np.empty_like(x), [], []
+    for g in range(groups):
+        idx = np.arange(g, n, groups)
+        m, v = x[idx].mean(axis=red, keepdims=True), x[idx].var(axis=red, keepdims=True)
+        y[idx] = (x[idx] - m) / np.sqrt(v + eps)
+        means.append(m.squeeze())
+        variances.append(v.squeeze())
+    return y, np.mean(means, 0), np.mean(variances, 0)
+
+
+@pytest.mark.parametrize("shape,axis,k", [((12, 5), -1, 4), ((10, 5), -1, 4), ((8, 3, 4, 4), 1, 2), ((9, 4, 4, 3), -1, 4)])
+def test_ghost_batch_norm_matches_closed_form(shape, axis, k):
+    bn = bnlab.BatchNorm(axis=axis, virtual_batch_size=k, momentum=0.9, dtype=torch.float64)
+    mm = np.zeros(shape[axis] if isinstance(axis, int) else 0)
+    mv = np.ones_like(mm)
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * (step + 1) + step
+        y = bn(x)
+        yr, m, v = _ghost_reference(x, k, axis)
+        np.testing.assert_allclose(y.detach().numpy(), yr, atol=1e-10)
+        mm, mv = 0.9 * mm + 0.1 * m, 0.9 * mv + 0.1 * v
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mm, atol=1e-12)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), mv, atol=1e-12)
+    bn.eval()  # inference is unchanged: moving statistics
+    x = torch.randn(shape, dtype=torch.float64)
+    plain = bnlab.BatchNorm(axis=axis, dtype=torch.float64).eval()
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(x), plain(x))
+
+
+def test_ghost_batch_norm_gradients_and_errors():
+    bn = bnlab.BatchNorm(num_features=3, virtual_batch_size=3, dtype=torch.float64)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bn(t, training=True), (x,))
+    with pytest.raises(ValueError, match="does not support masks"):
+        bn(torch.randn(6, 2, 3, dtype=torch.float64), mask=torch.ones(6, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        bnlab.BatchNorm(virtual_batch_size=4, renorm=True)
+    with pytest.raises(ValueError, match="axis 0"):
+        bnlab.BatchNorm(axis=0, virtual_batch_size=2)(torch.randn(4, 3))

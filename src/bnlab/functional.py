@@ -57,6 +57,7 @@ __all__ = [
     "renorm_correction",
     "update_renorm_stats_",
     "renorm_ramp",
+    "ghost_batch_norm_train",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -717,3 +718,72 @@ def renorm_ramp(*, start: int = 5000, rmax_steps: int = 40000, dmax_steps: int =
         "rmin": lambda step: 1.0 / ramp(step, rmax_steps, 1.0, rmax),
         "dmax": lambda step: ramp(step, dmax_steps, 0.0, dmax),
     }
+
+
+# --------------------------------------------------------------------------- ghost batch normalization
+
+
+def ghost_batch_norm_train(
+    x: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-3,
+    virtual_batch_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Ghost batch normalization (Hoffer et al., 2017, arXiv:1705.08741) with tf-keras' grouping.
+
+    The batch of ``N`` samples (axis 0) is split into ``G = ceil(N / k)``
+    virtual batches, ``k = virtual_batch_size``; sample ``n`` belongs to group
+    ``n mod G``, which is tf-keras' reshape to ``(k, -1, ...)`` when ``k``
+    divides ``N``. When it does not, the groups hold ``k`` or ``k - 1``
+    samples (tf-keras raises instead). Each group is normalized with its own
+    mean and biased variance (over the group's samples and every other
+    non-feature axis). Returns ``(y, mean, variance)``: the unweighted average
+    over groups of their statistics, which tf-keras feeds to the moving
+    averages. Computed for all groups at once (``index_add``), differentiable.
+    """
+    if virtual_batch_size < 1:
+        raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+    feat = normalize_axes(axis, x.ndim)
+    if 0 in feat:
+        raise ValueError("ghost batch normalization groups samples along axis 0, which cannot be a feature axis")
+    dtype = _compute_dtype(x)
+    n = x.shape[0]
+    groups = max(1, math.ceil(n / virtual_batch_size))
+    x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+    a, c, b = x3.shape
+    per_sample = a // max(n, 1)  # rows of the (A, C, B) view that belong to one sample
+    # memory order may put axis 0 anywhere before the feature block; recover each row's sample
+    rows = torch.arange(a, device=x.device)
+    sample = _row_sample(x, feat, rows, n, per_sample)
+    gid = sample % groups
+    counts = torch.bincount(gid, minlength=groups).to(dtype) * b  # values per feature in each group
+    s1 = x3.new_zeros(groups, c).index_add(0, gid, x3.sum(2))
+    mean_g = s1 / counts.unsqueeze(1)
+    xc = x3 - mean_g[gid].unsqueeze(2)
+    s2 = x3.new_zeros(groups, c).index_add(0, gid, xc.square().sum(2))
+    var_g = s2 / counts.unsqueeze(1)
+    scale = torch.rsqrt(var_g + epsilon)[gid].unsqueeze(2)
+    y = xc * scale
+    if gamma is not None:
+        y = y * gamma.reshape(1, c, 1).to(dtype)
+    if beta is not None:
+        y = y + beta.reshape(1, c, 1).to(dtype)
+    y = restore(y.contiguous())
+    return y.to(x.dtype), mean_g.detach().mean(0), var_g.detach().mean(0)
+
+
+def _row_sample(x: Tensor, feat, rows: Tensor, n: int, per_sample: int) -> Tensor:
+    # The (A, C, B) view orders its A rows by the memory order of the non-feature axes that
+    # come before the feature block. In the common layouts axis 0 is outermost, so row r
+    # belongs to sample r // per_sample; otherwise, find axis 0's stride among those rows.
+    perm = _memory_perm(x, feat)
+    order = list(range(x.ndim)) if perm is None else perm
+    lead = order[: order.index(feat[0])] if perm is not None else [d for d in range(feat[0])]
+    if not lead or lead[0] == 0:
+        return rows // max(per_sample, 1)
+    sizes = [x.shape[d] for d in lead]
+    stride = math.prod(sizes[lead.index(0) + 1 :])
+    return (rows // stride) % n

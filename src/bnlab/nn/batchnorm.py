@@ -299,6 +299,8 @@ class _BatchNormBase(nn.Module):
             return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon())
         if self.renorm and training and running_mean is not None:
             return self._renorm_forward(x, feat, mask)
+        if getattr(self, "virtual_batch_size", None) and training and running_mean is not None:
+            return self._ghost_forward(x, feat, mask)
         momentum = 0.0
         if training and running_mean is not None:
             if x.numel() > 0:
@@ -321,6 +323,18 @@ class _BatchNormBase(nn.Module):
             mask,
             self.moving_variance_estimator == "unbiased",
         )
+
+    def _ghost_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
+        """Training with ghost batches (``virtual_batch_size``; tf-keras' grouping)."""
+        if mask is not None:
+            raise ValueError("virtual_batch_size does not support masks")
+        if x.numel() == 0:
+            return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, self._epsilon())
+        self.num_batches_tracked.add_(1)
+        y, mean, var = F.ghost_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(),
+                                                virtual_batch_size=self.virtual_batch_size)
+        F._update_(self.running_mean, self.running_var, mean, var, self._old_weight(), 1.0)
+        return y
 
     def _renorm_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
         """Training with batch renormalization (Keras 3's semantics; see ``BatchNorm``'s ``renorm``)."""
@@ -432,6 +446,14 @@ class BatchNorm(_BatchNormBase):
             :func:`bnlab.functional.renorm_ramp`, the paper's schedule.
         renorm_momentum (float, default ``0.99``): weight of the old value in
             the renorm statistics.
+        virtual_batch_size (int, default ``None``): ghost batch normalization
+            (Hoffer et al., 2017): in training, the batch (axis 0) is split into
+            ``ceil(N / k)`` virtual batches, sample ``n`` in group
+            ``n mod ceil(N / k)`` (tf-keras' grouping when ``k`` divides ``N``; an
+            uneven batch gives groups of ``k`` and ``k - 1``, where tf-keras
+            raises), each normalized with its own statistics; the moving
+            statistics take the average of the groups' means and variances.
+            Inference is unchanged.
         device, dtype: where and in what precision parameters are created
             (statistics are float32 for half-precision parameters).
 
@@ -492,6 +514,7 @@ class BatchNorm(_BatchNormBase):
         renorm: bool = False,
         renorm_clipping: dict | None = None,
         renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -502,6 +525,12 @@ class BatchNorm(_BatchNormBase):
         self.renorm_momentum = float(renorm_momentum)
         if renorm and (momentum is None or moving_variance_estimator != "biased"):
             raise ValueError("renorm=True needs a float momentum and the biased moving variance (Keras' renorm bookkeeping)")
+        if virtual_batch_size is not None:
+            if int(virtual_batch_size) < 1:
+                raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+            if renorm or moving_variance_estimator != "biased":
+                raise ValueError("virtual_batch_size cannot be combined with renorm or the unbiased moving variance")
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.momentum = momentum
@@ -542,6 +571,8 @@ class BatchNorm(_BatchNormBase):
             parts.append(f"moving_variance_estimator={self.moving_variance_estimator!r}")
         if self.renorm:
             parts.append(f"renorm=True, renorm_momentum={self.renorm_momentum}")
+        if self.virtual_batch_size:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
         return ", ".join(parts)
 
 
