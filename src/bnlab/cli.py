@@ -320,9 +320,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a recipe with and/or without BN over several seeds", formatter_class=fmt,
                        epilog="examples:\n  bnlab run blobs\n  bnlab run diabetes --seeds 3 epochs=20 --out runs/diabetes-short\n"
-                              "  bnlab run digits28-mlp --no-bn batch_size=64\n  bnlab run blobs-deep --out runs/deep --resume\n\n"
+                              "  bnlab run digits28-mlp --no-bn batch_size=64\n  bnlab run blobs norm=renorm\n  bnlab run blobs norm=ghost:32\n  bnlab run blobs-deep --out runs/deep --resume\n\n"
                               "overrides (key=value): epochs, batch_size, learning_rate, optimizer, validation_split, validation,\n"
-                              "  steps_per_epoch, augment, shuffle, norm (bnlab|scratch|scratch-bnlab|torch), data_seed, ...\n")
+                              "  steps_per_epoch, augment, shuffle, norm (bnlab|renorm|ghost:K|scratch|scratch-bnlab|torch), data_seed, ...\n")
     s.add_argument("recipe", help="recipe name (see 'bnlab list')")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields")
     arms = s.add_mutually_exclusive_group()

@@ -78,3 +78,22 @@ def test_download_backed_recipes_run_on_files_in_the_real_formats(name, tmp_path
         r = lab.run(lab.with_overrides(recipe, overrides), arm=arm, seed=0)
         assert len(r.history.history["loss"]) == 2 and "val_accuracy" in r.history.history
         assert 0.0 <= r.test["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("norm", ["renorm", "ghost:32", "torch", "scratch-bnlab"])
+def test_norm_overrides_swap_the_bn_layer(norm):
+    r = lab.with_overrides(lab.get("blobs"), ["epochs=2", f"norm={norm}"])
+    res = lab.run(r, arm="bn", seed=0)
+    layer = lab.bn_layers(res.model)[0][1]
+    if norm == "renorm":
+        assert layer.renorm and len(layer.get_weights()) == 7
+    if norm.startswith("ghost"):
+        assert layer.virtual_batch_size == 32
+    assert len(res.history.history["loss"]) == 2
+
+
+def test_bad_norm_override():
+    with pytest.raises(lab.OverrideError, match="ghost:K"):
+        lab.with_overrides(lab.get("blobs"), ["norm=ghost:x"])
+    with pytest.raises(lab.OverrideError, match="expected one of"):
+        lab.with_overrides(lab.get("blobs"), ["norm=layernorm"])

@@ -2,7 +2,7 @@
 
 ``norm_layer`` is a constructor called as ``norm_layer(num_features, axis=...,
 **bn_kwargs)`` (default: :class:`bnlab.BatchNorm`), a name from
-:data:`NORM_LAYERS` (``"bnlab"``, ``"scratch"``, ``"torch"``), or ``None`` for
+:data:`NORM_LAYERS` (``"bnlab"``, ``"renorm"``, ``"ghost:K"``, ``"scratch"``, ``"torch"``), or ``None`` for
 the model without batch normalization (its twin). Dense and convolution layers
 are initialized as Keras initializes them (glorot-uniform kernels, zero biases;
 he-uniform where tutorial 001 asks for it), so results compare with the
@@ -88,6 +88,7 @@ class TorchBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 NORM_LAYERS: dict[str, Callable | None] = {
     "bnlab": _bnlab,
+    "renorm": lambda n, axis=-1, **kw: _bnlab(n, axis=axis, renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, **kw),
     "scratch": ScratchBatchNorm,
     "scratch-bnlab": lambda n, axis=-1, **kw: ScratchBatchNorm(n, axis, bnlab_defaults=True, **kw),
     "torch": TorchBatchNorm,
@@ -98,6 +99,12 @@ NORM_LAYERS: dict[str, Callable | None] = {
 def _norm_factory(norm_layer):
     if norm_layer is None or norm_layer == "none":
         return None
+    if isinstance(norm_layer, str) and norm_layer.startswith("ghost:"):
+        try:
+            k = int(norm_layer.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"norm={norm_layer!r}: expected ghost:K with an integer virtual batch size K") from None
+        return lambda n, axis=-1, **kw: _bnlab(n, axis=axis, virtual_batch_size=k, **kw)
     if isinstance(norm_layer, str):
         try:
             return NORM_LAYERS[norm_layer]

@@ -37,7 +37,7 @@ class Recipe:
     steps_per_epoch: int | None = None
     augment: bool = False
     shuffle: bool = True
-    norm: str = "bnlab"  # the BN arm's layer: bnlab | scratch | scratch-bnlab | torch
+    norm: str = "bnlab"  # the BN arm's layer: bnlab | renorm | ghost:K | scratch | scratch-bnlab | torch
     data_seed: int = 0  # the data split, fixed across seeds so that seeds vary only the training
     evaluate_test: bool = True
     check: str = ""  # an extra check after training: "recompute" re-computes BN outputs by hand
@@ -221,6 +221,12 @@ def with_overrides(recipe: Recipe, overrides) -> Recipe:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise OverrideError(f"unknown override {key!r}.{hint} Overridable: {', '.join(sorted(_OVERRIDABLE))}")
         changes[key] = _parse(key, value) if isinstance(value, str) else value
+    if "norm" in changes:
+        from .models import NORM_LAYERS
+
+        norm = changes["norm"]
+        if norm not in NORM_LAYERS and not (norm.startswith("ghost:") and norm[6:].isdigit() and int(norm[6:]) > 0):
+            raise OverrideError(f"norm={norm!r}: expected one of {', '.join(NORM_LAYERS)} or ghost:K (K a positive int)")
     if "validation" in changes and changes["validation"] not in ("split", "test"):
         raise OverrideError(f"validation={changes['validation']!r}: expected 'split' or 'test'")
     for key in ("epochs", "batch_size"):
