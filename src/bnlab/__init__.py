@@ -7,7 +7,7 @@
 
 from . import constraints, conventions, functional, initializers, nn, regularizers
 from .nn import BatchNorm, BatchNormalization
-from .tools import apply_constraints, convert, fold, freeze, recalibrate, regularization_loss, summary, unfreeze
+from .tools import apply_constraints, convert, convert_sync, fold, freeze, recalibrate, regularization_loss, summary, sync_running_stats, unfreeze
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,8 @@ __all__ = [
     "BatchNormalization",
     "apply_constraints",
     "convert",
+    "convert_sync",
+    "sync_running_stats",
     "fold",
     "freeze",
     "recalibrate",

@@ -58,6 +58,7 @@ __all__ = [
     "update_renorm_stats_",
     "renorm_ramp",
     "ghost_batch_norm_train",
+    "sync_batch_norm_train",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -403,6 +404,11 @@ def _update_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_
     ):
         _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, float(momentum), float(var_factor))
         return
+    with torch.no_grad():
+        _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid)
+
+
+def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid) -> None:
     stats = torch.stack((batch_mean, batch_var))
     old = torch.stack((moving_mean.view(-1), moving_variance.view(-1)))
     if stats.dtype != old.dtype:
@@ -787,3 +793,100 @@ def _row_sample(x: Tensor, feat, rows: Tensor, n: int, per_sample: int) -> Tenso
     sizes = [x.shape[d] for d in lead]
     stride = math.prod(sizes[lead.index(0) + 1 :])
     return (rows // stride) % n
+
+
+# --------------------------------------------------------------------------- synchronized batch normalization
+
+
+def _merge_moments(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-rank ``(count, mean, M2)`` rows (``stats``: ``(ranks, 3, C)``, float64) exactly.
+
+    Chan, Golub & LeVeque's pairwise update: ranks with a count of 0 contribute
+    nothing. Returns the total count (per feature), mean and M2.
+    """
+    n = torch.zeros_like(stats[0, 0])
+    mean = torch.zeros_like(stats[0, 1])
+    m2 = torch.zeros_like(stats[0, 2])
+    for nb, mb, m2b in stats:
+        total = n + nb
+        safe = total.clamp(min=1)
+        delta = mb - mean
+        mean = mean + delta * (nb / safe)
+        m2 = m2 + m2b + delta * delta * (n * nb / safe)
+        n = total
+    return n, mean, m2
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training-mode BN over the union of all processes' batches (``torch.distributed``)."""
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta, epsilon, group):
+        import torch.distributed as dist
+
+        a, c, b = x3.shape
+        count = a * b
+        x64 = x3.detach().to(torch.float64)
+        if count:
+            mean_l = x64.mean((0, 2))
+            m2_l = (x64 - mean_l.view(1, c, 1)).square().sum((0, 2))
+        else:
+            mean_l = x64.new_zeros(c)
+            m2_l = x64.new_zeros(c)
+        local = torch.stack((torch.full_like(mean_l, count), mean_l, m2_l))
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        n, mean64, m2 = _merge_moments(torch.stack(gathered))
+        var64 = m2 / n.clamp(min=1)
+        mean = mean64.to(x3.dtype)
+        invstd = torch.rsqrt(var64 + epsilon).to(x3.dtype)
+        scale = invstd if gamma is None else invstd * gamma
+        shift = -mean * scale if beta is None else beta - mean * scale
+        y = x3 * scale.view(1, c, 1) + shift.view(1, c, 1)
+        ctx.save_for_backward(x3, gamma, mean, invstd)
+        ctx.total = float(n[0]) if n.numel() else 0.0
+        ctx.group = group
+        ctx.has_beta = beta is not None
+        stats_mean, stats_var = mean64.to(x3.dtype), var64.to(x3.dtype)
+        total = n[0] if n.numel() else n.new_zeros(())
+        ctx.mark_non_differentiable(stats_mean, stats_var, total)
+        return y, stats_mean, stats_var, total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dm, _dv, _dn):
+        import torch.distributed as dist
+
+        x3, gamma, mean, invstd = ctx.saved_tensors
+        c = x3.shape[1]
+        dy = dy.contiguous()
+        sum_dy = dy.sum((0, 2))
+        sum_dy_xmu = (dy * (x3 - mean.view(1, c, 1))).sum((0, 2))
+        both = torch.stack((sum_dy, sum_dy_xmu))
+        dist.all_reduce(both, group=ctx.group)  # the gradient of the global statistics needs global sums
+        g_sum_dy, g_sum_dy_xmu = both
+        total = max(ctx.total, 1.0)
+        k = invstd if gamma is None else invstd * gamma
+        xhat_coef = g_sum_dy_xmu * invstd * invstd / total
+        dx = (dy - (g_sum_dy / total).view(1, c, 1) - (x3 - mean.view(1, c, 1)) * xhat_coef.view(1, c, 1)) * k.view(1, c, 1)
+        dgamma = (sum_dy_xmu * invstd) if gamma is not None else None  # local: DDP reduces parameter gradients
+        dbeta = sum_dy if ctx.has_beta else None
+        return dx, dgamma, dbeta, None, None
+
+
+def sync_batch_norm_train(x: Tensor, gamma, beta, *, axis=-1, epsilon=1e-3, group=None):
+    """Training transform with statistics over every process of ``group``; returns ``(y, mean, var, count)``.
+
+    Equal, up to float rounding, to one process normalizing the concatenation
+    of all processes' batches: the merge of per-process counts, means and
+    sums of squared deviations is exact (in float64), and the backward pass
+    all-reduces the two per-feature sums the gradient needs. A process with an
+    empty batch still takes part. Gradients of gamma and beta are the local
+    contributions (as ``torch.nn.SyncBatchNorm``'s; DDP then reduces them).
+    """
+    feat = normalize_axes(axis, x.ndim)
+    dtype = _compute_dtype(x)
+    x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+    g, b = _flat(gamma, dtype), _flat(beta, dtype)
+    y3, mean, var, count = _SyncBatchNorm.apply(x3.contiguous(), g, b, epsilon, group)
+    return restore(y3).to(x.dtype), mean, var, count

@@ -39,6 +39,12 @@ __all__ = ["BatchNorm", "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "Bat
 _ESTIMATORS = ("biased", "unbiased")
 
 
+def _distributed(group) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def _as_shape(num_features) -> tuple[int, ...] | None:
     if num_features is None:
         return None
@@ -96,6 +102,8 @@ class _BatchNormBase(nn.Module):
         self.moving_variance_estimator = moving_variance_estimator
         self.track_running_stats = bool(track_running_stats)
         self.renorm = getattr(self, "renorm", False)  # set by the Keras face before this runs
+        self.synchronized = False  # statistics over all processes (torch.distributed); see bnlab.convert_sync
+        self.process_group = None
         self._trainable = True
         self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
@@ -301,6 +309,8 @@ class _BatchNormBase(nn.Module):
             return self._renorm_forward(x, feat, mask)
         if getattr(self, "virtual_batch_size", None) and training and running_mean is not None:
             return self._ghost_forward(x, feat, mask)
+        if self.synchronized and batch_stats and _distributed(self.process_group):
+            return self._sync_forward(x, feat, mask, training and running_mean is not None)
         momentum = 0.0
         if training and running_mean is not None:
             if x.numel() > 0:
@@ -323,6 +333,22 @@ class _BatchNormBase(nn.Module):
             mask,
             self.moving_variance_estimator == "unbiased",
         )
+
+    def _sync_forward(self, x: Tensor, feat: tuple[int, ...], mask, update: bool) -> Tensor:
+        """Training with statistics over all processes of ``process_group`` (exact merge)."""
+        if mask is not None:
+            raise ValueError("synchronized=True does not support masks")
+        y, mean, var, count = F.sync_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(), group=self.process_group)
+        if update:
+            self.num_batches_tracked.add_(1)
+            momentum = self._old_weight()
+            if momentum is None:
+                momentum = 1.0 - 1.0 / self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
+            factor = count / (count - 1) if self.moving_variance_estimator == "unbiased" else torch.ones_like(count)
+            valid = count > (1 if self.moving_variance_estimator == "unbiased" else 0)
+            F._update_(self.running_mean, self.running_var, mean.reshape(-1), var.reshape(-1), momentum,
+                       factor.to(self.running_mean.dtype), valid)
+        return y
 
     def _ghost_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
         """Training with ghost batches (``virtual_batch_size``; tf-keras' grouping)."""
@@ -454,6 +480,13 @@ class BatchNorm(_BatchNormBase):
             raises), each normalized with its own statistics; the moving
             statistics take the average of the groups' means and variances.
             Inference is unchanged.
+        synchronized (bool, default ``False``): in training, compute the
+            statistics over every process of ``torch.distributed`` (gloo on CPU,
+            nccl on GPU) by an exact count-weighted merge, so each process
+            normalizes as one process would normalize the concatenated batch;
+            uneven and empty per-process batches work. Without an initialized
+            process group of more than one process it is ordinary BN. Set
+            ``layer.process_group`` to use a group other than the default.
         device, dtype: where and in what precision parameters are created
             (statistics are float32 for half-precision parameters).
 
@@ -515,6 +548,7 @@ class BatchNorm(_BatchNormBase):
         renorm_clipping: dict | None = None,
         renorm_momentum: float = 0.99,
         virtual_batch_size: int | None = None,
+        synchronized: bool = False,
         device=None,
         dtype=None,
     ):
@@ -531,6 +565,7 @@ class BatchNorm(_BatchNormBase):
             if renorm or moving_variance_estimator != "biased":
                 raise ValueError("virtual_batch_size cannot be combined with renorm or the unbiased moving variance")
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        sync = bool(synchronized)
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.momentum = momentum
@@ -552,6 +587,8 @@ class BatchNorm(_BatchNormBase):
             device=device,
             dtype=dtype,
         )
+
+        self.synchronized = sync
 
     def _old_weight(self):
         return self.momentum
