@@ -162,3 +162,18 @@ def test_killed_run_resumes_to_the_same_history(tmp_path):
     a = records.load_weights(ref / "bn" / "seed-0" / "weights.safetensors")
     b = records.load_weights(killed / "bn" / "seed-0" / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same trained weights, bit for bit
+
+
+def test_run_with_two_processes(capsys, tmp_path):
+    args = ["run", "digits28-mlp", "--seeds", "1", "--bn-only", "epochs=2", "--quiet"]
+    assert main([*args, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    report = (tmp_path / "two" / "report.md").read_text()
+    assert "**processes**: 2 (torch.distributed with gloo" in report
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["nproc"] == 2
+    assert main([*args, "--out", str(tmp_path / "one"), "--no-report"]) == 0
+    two = json.loads((tmp_path / "two" / "bn" / "seed-0" / "final.json").read_text())
+    one = json.loads((tmp_path / "one" / "bn" / "seed-0" / "final.json").read_text())
+    assert two["loss"] == pytest.approx(one["loss"], rel=0.05)  # the same training up to the uneven last batch
+    assert abs(two["val_accuracy"] - one["val_accuracy"]) < 0.03
+    code, _, err = run_cli(capsys, "run", "blobs", "--nproc", "0")
+    assert code == 2 and "--nproc must be >= 1" in err

@@ -158,6 +158,50 @@ def _run_one(recipe, out: Path, seeds, arms, *, resume, overwrite, quiet, argv):
     return out
 
 
+def _dist_worker(rank: int, nproc: int, init: str, recipe_dict: dict, out: str, seeds, arms, resume, overwrite, argv):
+    """One process of ``bnlab run --nproc N`` (spawned): gloo, synchronized BN, records from rank 0."""
+    import os
+
+    import torch.distributed as dist
+
+    from .lab import experiment
+    from .lab.recipes import Recipe
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the processes share this machine
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=nproc)
+    try:
+        experiment.run_experiment(Recipe.from_dict(recipe_dict), Path(out), seeds=seeds, arms=arms, resume=resume,
+                                  overwrite=overwrite, argv=argv)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_distributed(recipe, out: Path, seeds, arms, *, nproc, resume, overwrite, quiet, argv):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from .data import DownloadError
+    from .lab import experiment, runner
+
+    try:
+        runner.load_data(recipe)  # fail here, with the usual message, rather than in every worker
+    except DownloadError as exc:
+        raise CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc}") from None
+    if not quiet:
+        _console(stderr=True).print(f"{recipe.name}: {nproc} processes (torch.distributed, gloo), synchronized BN -> {out}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_dist_worker, args=(nproc, str(Path(tmp) / "init"), recipe.to_dict(), str(out), list(seeds), list(arms),
+                                         resume, overwrite, argv), nprocs=nproc, join=True)
+        except mp.ProcessRaisedException as exc:
+            last = str(exc).strip().splitlines()[-1]
+            if "ExperimentError" in last:
+                raise CLIError(last.split(":", 1)[1].strip()) from None
+            raise CLIError(f"a worker process failed: {last}") from None
+    return out
+
+
 def _report(out: Path):
     from .lab import analysis, report
 
@@ -172,10 +216,16 @@ def cmd_run(args) -> int:
     recipe = _recipe(args.recipe, args.overrides)
     if args.seeds < 1:
         raise CLIError(f"--seeds must be >= 1, got {args.seeds}", EXIT_USAGE)
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {args.nproc}", EXIT_USAGE)
     out = Path(args.out) if args.out else experiment.default_out(recipe)
     t0 = time.perf_counter()
-    _run_one(recipe, out, list(range(args.seeds)), _arms(args), resume=args.resume, overwrite=args.overwrite,
-             quiet=args.quiet, argv=["run", *args.argv_raw])
+    if args.nproc > 1:
+        _run_distributed(recipe, out, list(range(args.seeds)), _arms(args), nproc=args.nproc, resume=args.resume,
+                         overwrite=args.overwrite, quiet=args.quiet, argv=["run", *args.argv_raw])
+    else:
+        _run_one(recipe, out, list(range(args.seeds)), _arms(args), resume=args.resume, overwrite=args.overwrite,
+                 quiet=args.quiet, argv=["run", *args.argv_raw])
     con = _console()
     if args.no_report:
         con.print(f"records: {out}")
@@ -333,6 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="records directory (default runs/<recipe>-<time>)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--overwrite", action="store_true", help="replace existing records in --out")
+    s.add_argument("--nproc", type=int, default=1, help="train with N processes (torch.distributed, gloo, synchronized BN)")
     s.add_argument("--no-report", action="store_true", help="write records only, no plots or report")
     s.add_argument("--quiet", action="store_true", help="no live progress display")
     s.set_defaults(func=cmd_run)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import records
 from .recipes import Recipe
@@ -28,23 +29,29 @@ class ExperimentError(RuntimeError):
     """The experiment cannot run as asked (directory conflicts, unwritable output, ...)."""
 
 
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def default_out(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _config(recipe: Recipe, seeds, arms, argv) -> dict:
-    return {"recipe": recipe.to_dict(), "seeds": list(seeds), "arms": list(arms), "command": list(argv or [])}
+def _config(recipe: Recipe, seeds, arms, argv, nproc: int = 1) -> dict:
+    return {"recipe": recipe.to_dict(), "seeds": list(seeds), "arms": list(arms), "command": list(argv or []), "nproc": nproc}
 
 
 def _comparable(cfg: dict) -> dict:
     r = {k: v for k, v in cfg["recipe"].items() if k not in ("reported", "reference", "notes", "title")}
-    return {"recipe": r, "seeds": cfg["seeds"], "arms": cfg["arms"]}
+    return {"recipe": r, "seeds": cfg["seeds"], "arms": cfg["arms"], "nproc": cfg.get("nproc", 1)}
 
 
-def prepare_dir(out: Path, recipe: Recipe, seeds, arms, *, resume=False, overwrite=False, argv=None) -> Path:
+def prepare_dir(out: Path, recipe: Recipe, seeds, arms, *, resume=False, overwrite=False, argv=None, nproc: int = 1) -> Path:
     """Create or check the records directory; write config.json and env.json."""
     out = Path(out)
-    cfg = _config(recipe, seeds, arms, argv)
+    cfg = _config(recipe, seeds, arms, argv, nproc)
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"output path {out} exists and is not a directory")
@@ -73,8 +80,10 @@ def prepare_dir(out: Path, recipe: Recipe, seeds, arms, *, resume=False, overwri
     return out
 
 
-def _checkpoint_callback(path: Path, arm: str, seed: int, history: History, on_epoch: Callable | None):
+def _checkpoint_callback(path: Path, arm: str, seed: int, history: History, on_epoch: Callable | None, write: bool = True):
     def callback(epoch, logs, model, optimizer, state):
+        if not write:
+            return
         payload = {
             "arm": arm,
             "seed": seed,
@@ -131,7 +140,13 @@ def run_experiment(
         if arm not in ARMS:
             raise ExperimentError(f"unknown arm {arm!r}; expected one of {ARMS}")
     dataset = load_data(recipe)  # first: a dataset that cannot be had leaves no directory behind
-    out = prepare_dir(out, recipe, seeds, arms, resume=resume, overwrite=overwrite, argv=argv)
+    rank, world = _dist_info()
+    main = rank == 0  # with several processes only the first writes records
+    if main:
+        out = prepare_dir(out, recipe, seeds, arms, resume=resume, overwrite=overwrite, argv=argv, nproc=world)
+    if world > 1:
+        dist.barrier()  # the directory is ready before anyone reads it
+    out = Path(out)
     for arm in arms:
         for seed in seeds:
             rd = records.run_dir(out, arm, seed)
@@ -141,22 +156,29 @@ def run_experiment(
             model = state = None
             history = History()
             initial_epoch = 0
+            if world > 1 and (rd / "checkpoint.pt").exists():
+                resume = True  # every process resumes from the checkpoint the first one wrote
             if resume and (rd / "checkpoint.pt").exists():
                 model, state, history, initial_epoch = _resume_state(recipe, arm, seed, records.load_checkpoint(rd / "checkpoint.pt"))
-            if on_run_start is not None:
+            if on_run_start is not None and main:
                 on_run_start(arm, seed, initial_epoch)
-            cb = _checkpoint_callback(rd, arm, seed, history, on_epoch)
+            cb = _checkpoint_callback(rd, arm, seed, history, on_epoch if main else None, write=main)
             t0 = time.perf_counter()
             result = run(
                 recipe, arm=arm, seed=seed, dataset=dataset, model=model, state=state, history=history,
                 initial_epoch=initial_epoch, callbacks=[cb], device=device,
             )
+            if not main:
+                dist.barrier()  # wait until the first process has written this run's records
+                continue
             records.write_history(rd / "history.csv", result.history.history)
             records.save_weights(rd / "weights.safetensors", result.model, {"recipe": recipe.name, "arm": arm, "seed": seed})
             final = {"arm": arm, "seed": seed, **result.final(), "checks": result.checks,
                      "seconds": time.perf_counter() - t0, "resumed_from_epoch": initial_epoch}
             records.write_json(rd / "final.json", final)  # written last: marks the run as done
             (rd / "checkpoint.pt").unlink(missing_ok=True)
+            if world > 1:
+                dist.barrier()
             if on_run_end is not None:
                 on_run_end(arm, seed, final)
     return out

@@ -58,6 +58,8 @@ def _setup(exp) -> list[tuple[str, str]]:
                      + (", augmentation (shear 0.2°, zoom 0.2, horizontal flip)" if r.get("augment") else "")),
         ("validation", val),
         ("seeds", ", ".join(str(s) for s in exp.config["seeds"])),
+        ("processes", f"{exp.config.get('nproc', 1)}" + (" (torch.distributed with gloo; synchronized BN: statistics over all processes)"
+                                                          if exp.config.get("nproc", 1) > 1 else " (a single process)")),
         ("software", f"bnlab {exp.env.get('bnlab', '?')}, torch {exp.env.get('torch', '?')}, numpy {exp.env.get('numpy', '?')}, "
                      f"Python {exp.env.get('python', '?')}, {exp.env.get('cpu_count', '?')} CPUs"),
     ]

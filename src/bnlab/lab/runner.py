@@ -52,6 +52,12 @@ def build_model(recipe: Recipe, arm: str, seed: int) -> nn.Module:
     return _models.build(recipe.model, norm_layer=norm, **dict(recipe.model_kwargs))
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _targets(recipe: Recipe, y: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     if recipe.loss == "categorical_crossentropy":
         return torch.nn.functional.one_hot(y.long(), num_classes).float()
@@ -79,6 +85,10 @@ def run(
     t0 = time.perf_counter()
     ds = dataset or load_data(recipe)
     model = model or build_model(recipe, arm, seed)
+    if _world_size() > 1:
+        from ..tools import convert_sync
+
+        model = convert_sync(model)  # BN statistics over every process's share of the batch
     y_train = _targets(recipe, ds.y_train, ds.num_classes)
     y_test = _targets(recipe, ds.y_test, ds.num_classes)
     validation_data = (ds.x_test, y_test) if recipe.validation == "test" else None

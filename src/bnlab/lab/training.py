@@ -312,6 +312,16 @@ def fit(
     if device is not None:
         model.to(device)
     hist = history or History(params={"epochs": epochs, "batch_size": batch_size, "samples": len(x)})
+    rank, world = _dist_info()
+    forward = model
+    if world > 1:
+        # Data parallel: every process draws the same global batch (same generator) and takes
+        # every world-th sample of it; DDP averages parameter gradients; synchronized BN layers
+        # (bnlab.convert_sync) see the whole global batch.
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, broadcast_buffers=False)
+        verbose = verbose if rank == 0 else 0
     n = len(x)
     steps = steps_per_epoch or math.ceil(n / batch_size)
     # Collected once: walking the module tree every step costs more than a small model's step.
@@ -330,12 +340,14 @@ def fit(
             else:
                 batch_iter = (_stream_next(state, n, batch_size, shuffle, gen) for _ in range(steps))
             for idx in batch_iter:
+                if world > 1:
+                    idx = idx[rank::world]
                 xb, yb = x[idx], y[idx]
                 if augment is not None:
                     xb = augment(xb, gen)
                 if device is not None:
                     xb, yb = xb.to(device), yb.to(device)
-                pred = model(xb)
+                pred = forward(xb)
                 batch_loss = batch_mean_loss(yb, pred)
                 for m in regularized:
                     for penalty in m.regularization_losses():
@@ -351,6 +363,12 @@ def fit(
                     sums["loss"] += float(batch_loss) * b
                     for k, fn in metric_fns.items():
                         sums[k] += float(fn(yb, pred).sum())
+            if world > 1:  # epoch figures over all processes' samples
+                import torch.distributed as dist
+
+                packed = torch.tensor([seen, *sums.values()], dtype=torch.float64)
+                dist.all_reduce(packed)
+                seen, sums = int(packed[0]), dict(zip(sums, packed[1:].tolist(), strict=True))
             logs = {k: v / max(seen, 1) for k, v in sums.items()}
             if validation_data is not None and len(validation_data[0]):
                 val = evaluate(model, validation_data[0], validation_data[1], loss=loss_fn, metrics=metrics, batch_size=batch_size, device=device)
@@ -362,6 +380,14 @@ def fit(
             for cb in callbacks:
                 cb(epoch, logs, model, opt, state)
     return hist
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _stream_next(state: dict, n: int, batch_size: int, shuffle: bool, gen: torch.Generator) -> torch.Tensor:
