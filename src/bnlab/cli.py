@@ -182,7 +182,7 @@ def _run_distributed(recipe, out: Path, seeds, arms, *, nproc, resume, overwrite
     import torch.multiprocessing as mp
 
     from .data import DownloadError
-    from .lab import experiment, runner
+    from .lab import runner
 
     try:
         runner.load_data(recipe)  # fail here, with the usual message, rather than in every worker
