@@ -110,3 +110,93 @@ def test_renorm_matches_keras(clipping):
         np.testing.assert_allclose(wo, wk, atol=1e-5, rtol=1e-5)
     x = rng.normal(size=(5, 4)).astype("float32")
     np.testing.assert_allclose(ours(torch.from_numpy(x), training=False).detach().numpy(), _np(k(x, training=False)), atol=3e-5)
+
+
+def _keras_diabetes():
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((10,)), L.Dense(64, activation="relu"), L.BatchNormalization(), L.Dropout(0.5),
+        L.BatchNormalization(), L.Dropout(0.5), L.Dense(256, activation="relu"),
+        L.BatchNormalization(momentum=0.95, epsilon=0.005), L.Dense(1),
+    ])
+
+
+def _keras_kmnist():
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)), L.Conv2D(32, 3, activation="relu"), L.BatchNormalization(), L.MaxPooling2D(2),
+        L.BatchNormalization(), L.Conv2D(64, 3, activation="relu"), L.BatchNormalization(), L.MaxPooling2D(2),
+        L.BatchNormalization(), L.Flatten(), L.Dense(256, activation="relu"), L.BatchNormalization(),
+        L.Dense(10, activation="softmax"),
+    ])
+
+
+def _train_a_little(km, x, y, loss):
+    km.compile(optimizer="adam", loss=loss)
+    km.fit(x, y, epochs=2, batch_size=16, verbose=0)  # moves gamma, beta and the moving statistics
+
+
+@pytest.mark.parametrize("fmt", [".keras", ".weights.h5"])
+def test_keras_model_loads_into_its_bnlab_twin(fmt, tmp_path):
+    pytest.importorskip("h5py")
+    import bnlab.keras as bk
+    from bnlab.lab import models
+
+    keras.backend.clear_session()
+    rng = np.random.default_rng(0)
+    km = _keras_diabetes()
+    x = rng.normal(size=(64, 10)).astype("float32")
+    _train_a_little(km, x, rng.normal(size=(64, 1)).astype("float32"), "mse")
+    path = tmp_path / f"m{fmt}"
+    km.save(path) if fmt == ".keras" else km.save_weights(path)
+    twin = models.diabetes_mlp()
+    report = bk.load_weights(twin, path)
+    twin.eval()
+    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5, rtol=1e-5)
+    assert any("transposed" in line for line in report) and sum("batch_normalization" in line for line in report) == 3
+
+
+def test_keras_cnn_with_flatten_loads_and_saves_back(tmp_path):
+    pytest.importorskip("h5py")
+    import bnlab.keras as bk
+    from bnlab.lab import models
+
+    keras.backend.clear_session()
+    rng = np.random.default_rng(1)
+    km = _keras_kmnist()
+    x = rng.random((32, 28, 28, 1)).astype("float32")
+    _train_a_little(km, x, rng.integers(0, 10, 32), "sparse_categorical_crossentropy")
+    km.save(tmp_path / "cnn.keras")
+    twin = models.kmnist_cnn()
+    with pytest.raises(ValueError, match="input_shape"):
+        bk.load_weights(twin, tmp_path / "cnn.keras")
+    report = bk.load_weights(twin, tmp_path / "cnn.keras", input_shape=(1, 28, 28))
+    assert any("permuted from Keras'" in line for line in report)
+    twin.eval()
+    x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(twin(x_nchw).detach().numpy(), _np(km(x, training=False)), atol=1e-5)
+    # and back: bnlab weights into a fresh Keras twin through Keras' own loader
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.01)
+    bk.save_weights(twin, tmp_path / "back.weights.h5", input_shape=(1, 28, 28))
+    keras.backend.clear_session()
+    fresh = _keras_kmnist()
+    fresh.load_weights(tmp_path / "back.weights.h5")
+    np.testing.assert_allclose(_np(fresh(x, training=False)), twin(x_nchw).detach().numpy(), atol=1e-5)
+
+
+def test_keras_weights_into_torch_bn_report_conventions(tmp_path):
+    pytest.importorskip("h5py")
+    import bnlab.keras as bk
+
+    keras.backend.clear_session()
+    km = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    _train_a_little(km, np.random.default_rng(2).normal(size=(32, 3)).astype("float32"), np.zeros((32, 4), "float32"), "mse")
+    km.save(tmp_path / "t.keras")
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, eps=1e-3))
+    report = bk.load_weights(twin, tmp_path / "t.keras")
+    assert "momentum 0.1 = Keras 0.9" in report[-1] and "biased variance" in report[-1]
+    twin.eval()
+    x = np.random.default_rng(3).normal(size=(5, 3)).astype("float32")
+    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5)
