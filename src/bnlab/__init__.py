@@ -6,7 +6,7 @@
 """
 
 from . import constraints, conventions, functional, initializers, nn, regularizers
-from .nn import BatchNorm, BatchNormalization
+from .nn import BatchNorm, BatchNormAct, BatchNormalization
 from .tools import apply_constraints, convert, convert_sync, fold, freeze, recalibrate, regularization_loss, summary, sync_running_stats, unfreeze
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchNormalization",
+    "BatchNormAct",
     "apply_constraints",
     "convert",
     "convert_sync",

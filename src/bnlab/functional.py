@@ -445,9 +445,19 @@ def _flat(t: Tensor | None, dtype) -> Tensor | None:
     return t.reshape(-1).to(dtype)
 
 
-def _from_2d(t: Tensor) -> Tensor:
-    # restore() for an (N, C) input seen as (N, C, 1): results come back as (N, C) or (N, C, 1)
-    return t if t.dim() == 2 else t.view(t.shape[0], t.shape[1])
+def _native_layout(x: Tensor) -> bool:
+    """``x`` is ``(N, C, ...)`` laid out as PyTorch's batch-norm kernels expect (contiguous or channels-last)."""
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _native_view(x3: Tensor) -> Tensor:
@@ -475,8 +485,8 @@ def batch_norm_inference(
 
 def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
     dtype = _compute_dtype(x)
-    if x.dim() == 2 and feat == (1,) and x.dtype == dtype:  # (N, C): already the native layout
-        xn, restore = x, _from_2d
+    if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):  # PyTorch's own layout
+        xn, restore = x, _same
     else:
         x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
         xn = _native_view(x3)
@@ -507,9 +517,10 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
         dtype = torch.float32
     elif not x.is_floating_point():
         _compute_dtype(x)  # raises with the message
-    if x.dim() == 2 and feat == (1,) and x.dtype == dtype:
-        # (N, C) is the native 2-D layout already: no view at all on the aten path
-        x3, restore, per_feature, channels = None, _from_2d, x.shape[0], x.shape[1]
+    if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):
+        # (N, C, ...) is PyTorch's own layout (in any dense memory format): no view on the aten path
+        x3, restore, channels = None, _same, x.shape[1]
+        per_feature = x.numel() // channels if channels else 0
     else:
         x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
         per_feature, channels = x3.shape[0] * x3.shape[2], x3.shape[1]
@@ -535,7 +546,7 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
     if impl not in ("auto", "composite"):
         raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
     if x3 is None:
-        x3 = x.unsqueeze(2)
+        x3, restore = as_acb(x, feat)
     weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
     fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
     y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)

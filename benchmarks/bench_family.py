@@ -1,0 +1,104 @@
+"""The BN family side by side in one process: BatchNormAct vs BN then activation; folded vs unfolded inference.
+
+    python benchmarks/bench_family.py [--rounds 11] [--threads 2]
+
+Each row alternates its variants over several rounds and reports medians and
+the median of the per-round ratios (this machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.lab import models
+
+
+def _time(fn, reps):
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def _rows(variants: dict, rounds: int, reps: int):
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(_time(fn, reps))
+    return times
+
+
+def _fwd_bwd(module, x, g):
+    xr = x.clone().requires_grad_()
+
+    def step():
+        module(xr).backward(g)
+        xr.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    return step
+
+
+class Block(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN, plus the identity, ReLU."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), bnlab.BatchNorm(axis=1, num_features=c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), bnlab.BatchNorm(axis=1, num_features=c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    print(f"# {a.threads} threads, float32, median of {a.rounds} rounds; torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'row':<44} {'variant A':>12} {'variant B':>12} {'A/B':>6}")
+    print("-" * 78)
+    out = []
+    for shape, axis in [((4096, 1024), -1), ((128, 64, 16, 16), 1), ((250, 32, 26, 26), 1)]:
+        c = shape[axis]
+        x, g = torch.randn(shape), torch.randn(shape)
+        fused = bnlab.BatchNormAct(axis=axis, num_features=c, activation="relu")
+        unfused = nn.Sequential(bnlab.BatchNorm(axis=axis, num_features=c), nn.ReLU())
+        times = _rows({"fused": _fwd_bwd(fused, x, g), "unfused": _fwd_bwd(unfused, x, g)}, a.rounds, 10)
+        ratio = statistics.median(f / u for f, u in zip(times["fused"], times["unfused"], strict=True))
+        out.append((f"BatchNormAct(relu) vs BN+ReLU fwd+bwd {shape}", times["fused"], times["unfused"], ratio))
+    for name, model, shape in [("digits28-cnn (kmnist_cnn), batch 250", models.kmnist_cnn(), (250, 1, 28, 28)),
+                               ("ResNet basic block, (64, 64, 16, 16)", Block(), (64, 64, 16, 16))]:
+        model.eval()
+        for m in model.modules():  # non-trivial statistics
+            if isinstance(m, bnlab.nn.batchnorm._BatchNormBase):
+                with torch.no_grad():
+                    m.running_var.uniform_(0.5, 2)
+                    m.running_mean.uniform_(-1, 1)
+        folded, report = bnlab.fold(model)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            err = (folded(x) - model(x)).abs().max().item()
+            times = _rows({"folded": lambda: folded(x), "unfolded": lambda: model(x)}, a.rounds, 10)
+        ratio = statistics.median(f / u for f, u in zip(times["folded"], times["unfolded"], strict=True))
+        out.append((f"folded vs unfolded inference: {name} ({len(report.folded)} BN folded, max diff {err:.1e})",
+                    times["folded"], times["unfolded"], ratio))
+    for label, ta, tb, ratio in out:
+        print(f"{label}\n{'':<44} {statistics.median(ta) * 1e3:>9.2f} ms {statistics.median(tb) * 1e3:>9.2f} ms {ratio:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
