@@ -91,7 +91,7 @@ def main(argv=None):
         x = torch.randn(shape)
         with torch.no_grad():
             err = (folded(x) - model(x)).abs().max().item()
-            times = _rows({"folded": lambda: folded(x), "unfolded": lambda: model(x)}, a.rounds, 10)
+            times = _rows({"folded": lambda f=folded, x=x: f(x), "unfolded": lambda m=model, x=x: m(x)}, a.rounds, 10)
         ratio = statistics.median(f / u for f, u in zip(times["folded"], times["unfolded"], strict=True))
         out.append((f"folded vs unfolded inference: {name} ({len(report.folded)} BN folded, max diff {err:.1e})",
                     times["folded"], times["unfolded"], ratio))
