@@ -519,8 +519,8 @@ class BatchNorm(_BatchNormBase):
         >>> bn = bnlab.BatchNorm(num_features=3)          # axis=-1, momentum=0.99, epsilon=1e-3
         >>> x = torch.randn(64, 3) * 5 + 2
         >>> y = bn(x)                                      # train mode: batch statistics
-        >>> [round(v, 4) for v in y.mean(0).tolist()]
-        [0.0, 0.0, 0.0]
+        >>> bool(y.mean(0).abs().max() < 1e-5)            # normalized: zero mean per feature
+        True
         >>> gamma, beta, mean, var = bn.get_weights()      # Keras' order
         >>> bool(torch.allclose(torch.as_tensor(mean), 0.01 * x.mean(0), atol=1e-6))
         True
