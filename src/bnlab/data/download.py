@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -120,17 +119,3 @@ def fetch(res: Resource, subdir: str, *, progress=None, timeout: float = 60.0) -
     raise DownloadError(
         f"could not download {res.filename} ({'; '.join(errors)}). " + _manual_hint(res, target)
     )
-
-
-def copy_into_cache(path: Path, res: Resource, subdir: str) -> Path:
-    """Verify a file obtained by hand and place it in the cache (atomically)."""
-    problem = _verify(Path(path), res)
-    if problem is not None:
-        raise DownloadError(f"{path} is not {res.filename}: {problem}")
-    target = cache_dir(subdir) / res.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{res.filename}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    shutil.copyfile(path, tmp_name)
-    os.replace(tmp_name, target)
-    return target
