@@ -492,3 +492,19 @@ def test_ghost_batch_norm_gradients_and_errors():
         bnlab.BatchNorm(virtual_batch_size=4, renorm=True)
     with pytest.raises(ValueError, match="axis 0"):
         bnlab.BatchNorm(axis=0, virtual_batch_size=2)(torch.randn(4, 3))
+
+
+def test_torch_compile_captures_the_layer_without_graph_breaks():
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), bnlab.BatchNorm(num_features=16), torch.nn.ReLU())
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), bnlab.BatchNorm(num_features=16), torch.nn.ReLU())
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(32, 8)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), ref(x))
+    torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
+    dynamo.reset()
+    assert dynamo.explain(model)(x).graph_break_count == 0
