@@ -508,3 +508,14 @@ def test_torch_compile_captures_the_layer_without_graph_breaks():
     torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
     dynamo.reset()
     assert dynamo.explain(model)(x).graph_break_count == 0
+
+
+def test_ghost_batch_norm_with_cumulative_momentum():
+    # momentum=None (cumulative average) goes through the same counter as plain BN
+    bn = bnlab.BatchNorm(num_features=3, momentum=None, virtual_batch_size=2, dtype=torch.float64)
+    batches = [torch.randn(6, 3, dtype=torch.float64) * 2 + i for i in range(3)]
+    expected = np.mean([_ghost_reference(b, 2, -1)[1] for b in batches], axis=0)
+    for b in batches:
+        bn(b)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected, atol=1e-12)
+    assert bn.num_batches_tracked.item() == 3

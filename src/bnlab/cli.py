@@ -140,6 +140,11 @@ def _arms(args):
     return ("bn", "no_bn")
 
 
+def _missing_dataset(recipe, exc) -> CLIError:
+    return CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc} "
+                    f"Recipes that run offline: digits28-mlp, digits28-cnn, diabetes, blobs, blobs-deep.")
+
+
 def _run_one(recipe, out: Path, seeds, arms, *, resume, overwrite, quiet, argv):
     from .data import DownloadError
     from .lab import experiment
@@ -153,8 +158,7 @@ def _run_one(recipe, out: Path, seeds, arms, *, resume, overwrite, quiet, argv):
     except experiment.ExperimentError as exc:
         raise CLIError(str(exc)) from None
     except DownloadError as exc:
-        raise CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc} "
-                       f"Recipes that run offline: digits28-mlp, digits28-cnn, diabetes, blobs, blobs-deep.") from None
+        raise _missing_dataset(recipe, exc) from None
     return out
 
 
@@ -187,7 +191,7 @@ def _run_distributed(recipe, out: Path, seeds, arms, *, nproc, resume, overwrite
     try:
         runner.load_data(recipe)  # fail here, with the usual message, rather than in every worker
     except DownloadError as exc:
-        raise CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc}") from None
+        raise _missing_dataset(recipe, exc) from None
     if not quiet:
         _console(stderr=True).print(f"{recipe.name}: {nproc} processes (torch.distributed, gloo), synchronized BN -> {out}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..tools.distributed import rank_and_world
 from . import records
 from .recipes import Recipe
 from .runner import ARMS, build_model, load_data, run
@@ -27,12 +28,6 @@ __all__ = ["ExperimentError", "prepare_dir", "run_experiment", "default_out"]
 
 class ExperimentError(RuntimeError):
     """The experiment cannot run as asked (directory conflicts, unwritable output, ...)."""
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -140,7 +135,7 @@ def run_experiment(
         if arm not in ARMS:
             raise ExperimentError(f"unknown arm {arm!r}; expected one of {ARMS}")
     dataset = load_data(recipe)  # first: a dataset that cannot be had leaves no directory behind
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     main = rank == 0  # with several processes only the first writes records
     if main:
         out = prepare_dir(out, recipe, seeds, arms, resume=resume, overwrite=overwrite, argv=argv, nproc=world)
@@ -156,8 +151,6 @@ def run_experiment(
             model = state = None
             history = History()
             initial_epoch = 0
-            if world > 1 and (rd / "checkpoint.pt").exists():
-                resume = True  # every process resumes from the checkpoint the first one wrote
             if resume and (rd / "checkpoint.pt").exists():
                 model, state, history, initial_epoch = _resume_state(recipe, arm, seed, records.load_checkpoint(rd / "checkpoint.pt"))
             if on_run_start is not None and main:

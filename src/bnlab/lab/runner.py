@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import data as _data
+from ..tools.distributed import rank_and_world
 from . import models as _models
 from .inspect import inspect_bn
 from .recipes import Recipe
@@ -52,12 +53,6 @@ def build_model(recipe: Recipe, arm: str, seed: int) -> nn.Module:
     return _models.build(recipe.model, norm_layer=norm, **dict(recipe.model_kwargs))
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _targets(recipe: Recipe, y: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     if recipe.loss == "categorical_crossentropy":
         return torch.nn.functional.one_hot(y.long(), num_classes).float()
@@ -85,7 +80,7 @@ def run(
     t0 = time.perf_counter()
     ds = dataset or load_data(recipe)
     model = model or build_model(recipe, arm, seed)
-    if _world_size() > 1:
+    if rank_and_world()[1] > 1:
         from ..tools import convert_sync
 
         model = convert_sync(model)  # BN statistics over every process's share of the batch

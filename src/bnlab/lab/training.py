@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab
+from bnlab.tools.distributed import rank_and_world
 
 __all__ = ["History", "fit", "evaluate", "predict", "get_loss", "get_optimizer", "resolve_metrics", "thread_policy"]
 
@@ -312,7 +313,7 @@ def fit(
     if device is not None:
         model.to(device)
     hist = history or History(params={"epochs": epochs, "batch_size": batch_size, "samples": len(x)})
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     forward = model
     if world > 1:
         # Data parallel: every process draws the same global batch (same generator) and takes
@@ -380,14 +381,6 @@ def fit(
             for cb in callbacks:
                 cb(epoch, logs, model, opt, state)
     return hist
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _stream_next(state: dict, n: int, batch_size: int, shuffle: bool, gen: torch.Generator) -> torch.Tensor:

@@ -104,6 +104,7 @@ class _BatchNormBase(nn.Module):
         self.renorm = getattr(self, "renorm", False)  # set by the Keras face before this runs
         self.synchronized = False  # statistics over all processes (torch.distributed); see bnlab.convert_sync
         self.process_group = None
+        self.virtual_batch_size = getattr(self, "virtual_batch_size", None)  # set by the Keras face
         self._trainable = True
         self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
@@ -307,17 +308,13 @@ class _BatchNormBase(nn.Module):
             return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon())
         if self.renorm and training and running_mean is not None:
             return self._renorm_forward(x, feat, mask)
-        if getattr(self, "virtual_batch_size", None) and training and running_mean is not None:
+        if self.virtual_batch_size and training and running_mean is not None:
             return self._ghost_forward(x, feat, mask)
-        if self.synchronized and batch_stats and _distributed(self.process_group):
+        if self.synchronized and _distributed(self.process_group):
             return self._sync_forward(x, feat, mask, training and running_mean is not None)
         momentum = 0.0
         if training and running_mean is not None:
-            if x.numel() > 0:
-                buffers["num_batches_tracked"].add_(1)
-            momentum = self._old_weight()
-            if momentum is None:  # cumulative moving average: new value weighs 1/num_batches
-                momentum = 1.0 - 1.0 / buffers["num_batches_tracked"].clamp(min=1).to(running_mean.dtype)
+            momentum = self._count_batch(x.numel() > 0)
         else:
             running_mean = running_var = None
         params = self._parameters
@@ -334,16 +331,27 @@ class _BatchNormBase(nn.Module):
             self.moving_variance_estimator == "unbiased",
         )
 
+    def _count_batch(self, counted: bool = True):
+        """Count a training batch in ``num_batches_tracked``; return the weight of the old moving value.
+
+        A face's ``momentum=None`` means a cumulative average: the new value
+        weighs ``1 / num_batches`` (a tensor, so no host sync).
+        """
+        nbt = self._buffers["num_batches_tracked"]
+        if counted:
+            nbt.add_(1)
+        momentum = self._old_weight()
+        if momentum is None:
+            momentum = 1.0 - 1.0 / nbt.clamp(min=1).to(self._buffers["running_mean"].dtype)
+        return momentum
+
     def _sync_forward(self, x: Tensor, feat: tuple[int, ...], mask, update: bool) -> Tensor:
         """Training with statistics over all processes of ``process_group`` (exact merge)."""
         if mask is not None:
             raise ValueError("synchronized=True does not support masks")
         y, mean, var, count = F.sync_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(), group=self.process_group)
         if update:
-            self.num_batches_tracked.add_(1)
-            momentum = self._old_weight()
-            if momentum is None:
-                momentum = 1.0 - 1.0 / self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
+            momentum = self._count_batch()
             factor = count / (count - 1) if self.moving_variance_estimator == "unbiased" else torch.ones_like(count)
             valid = count > (1 if self.moving_variance_estimator == "unbiased" else 0)
             F._update_(self.running_mean, self.running_var, mean.reshape(-1), var.reshape(-1), momentum,
@@ -356,10 +364,10 @@ class _BatchNormBase(nn.Module):
             raise ValueError("virtual_batch_size does not support masks")
         if x.numel() == 0:
             return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, self._epsilon())
-        self.num_batches_tracked.add_(1)
+        momentum = self._count_batch()
         y, mean, var = F.ghost_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(),
                                                 virtual_batch_size=self.virtual_batch_size)
-        F._update_(self.running_mean, self.running_var, mean, var, self._old_weight(), 1.0)
+        F._update_(self.running_mean, self.running_var, mean, var, momentum, 1.0)
         return y
 
     def _renorm_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
@@ -367,7 +375,7 @@ class _BatchNormBase(nn.Module):
         eps = self._epsilon()
         if x.numel() == 0:
             return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, eps)
-        self.num_batches_tracked.add_(1)
+        momentum = self._count_batch()  # a float: renorm refuses momentum=None
         with torch.no_grad():
             mean_b, var_b = F.moments(x.detach().float() if x.dtype in F._LOW_PRECISION else x.detach(), feat, mask)
         step = self.num_batches_tracked
@@ -379,12 +387,11 @@ class _BatchNormBase(nn.Module):
         g_eff = r if g is None else r * g  # (x_hat * r + d) * gamma + beta
         b_eff = d if g is None else d * g
         b_eff = b_eff if b is None else b_eff + b
-        y = F._batch_norm_train_update(x, feat, None, None, g_eff.to(x.dtype) if x.dtype == torch.float64 else g_eff,
-                                       b_eff.to(x.dtype) if x.dtype == torch.float64 else b_eff, 0.0, eps, mask, False)
+        y = F._batch_norm_train_update(x, feat, None, None, g_eff, b_eff, 0.0, eps, mask, False)
         valid = None if mask is None else mask.any()
         F.update_renorm_stats_(self.running_mean, self.running_var, self.moving_stddev, self.renorm_mean, self.renorm_stddev,
                                torch.where(valid, mean_b, torch.nan) if valid is not None else mean_b, var_b, eps,
-                               self._old_weight(), self.renorm_momentum)
+                               momentum, self.renorm_momentum)
         return y
 
     # ------------------------------------------------------------------ checkpoints

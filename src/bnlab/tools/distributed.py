@@ -8,7 +8,16 @@ from torch import nn
 from ..nn.batchnorm import _BatchNormBase
 from .surgery import convert
 
-__all__ = ["convert_sync", "sync_running_stats"]
+__all__ = ["convert_sync", "sync_running_stats", "rank_and_world"]
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``torch.distributed``, ``(0, 1)`` when not distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
 def convert_sync(model: nn.Module, process_group=None) -> nn.Module:
