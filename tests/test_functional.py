@@ -29,7 +29,7 @@ def _mask_shape(shape, axis):
     return [s for d, s in enumerate(shape) if d not in feat]
 
 
-@pytest.mark.parametrize("impl", ["aten", "composite"])
+@pytest.mark.parametrize("impl", ["kernel", "aten", "composite"])
 @pytest.mark.parametrize("shape,axis", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_train_forward_backward_match_reference(shape, axis, impl, dtype, tol):
@@ -76,7 +76,7 @@ def test_masked_forward_backward_match_reference(shape, axis):
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 3), -1), ((3, 2, 4, 5), 1), ((3, 4, 5, 2), -1), ((3, 2, 4, 2), [1, 3])])
-@pytest.mark.parametrize("masked,impl", [(False, "aten"), (False, "composite"), (True, "composite")])
+@pytest.mark.parametrize("masked,impl", [(False, "kernel"), (False, "aten"), (False, "composite"), (True, "composite")])
 def test_gradcheck_float64(shape, axis, masked, impl):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     fs = _feat(shape, axis)
@@ -116,7 +116,7 @@ def test_moving_statistics_over_several_steps_match_reference():
     np.testing.assert_allclose(mv.numpy(), ref.moving_variance, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["aten", "composite"])
+@pytest.mark.parametrize("impl", ["kernel", "aten", "composite"])
 def test_large_offset_float32_is_stable(impl):
     x = 1e4 + torch.randn(512, 8)
     y = F.batch_norm_train(x, impl=impl)[0]

@@ -33,6 +33,13 @@ and against :mod:`bnlab.reference`:
   view (it reduces dims 0 and 2, which is exactly bnlab's contract).
 * ``"composite"``: bnlab's own :class:`torch.autograd.Function` with the
   analytic backward above; it is the one that supports masks and a batch of one.
+* ``"kernel"``: bnlab's compiled CPU kernels (:mod:`bnlab._kernels`): one pass
+  for the statistics and one to normalize in the forward, two passes over
+  ``(x, dy)`` in the backward, an optional activation fused into both, the
+  moving statistics updated in the same call. ``"auto"`` picks it for float32,
+  float64 and bfloat16 CPU tensors whenever the kernels could be built, and
+  falls back to ``"aten"``/``"composite"`` otherwise (other devices, masks,
+  ``torch.compile``/tracing, no C compiler, ``BNLAB_KERNELS=0``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import _kernels
 
 __all__ = [
     "normalize_axes",
@@ -145,6 +154,37 @@ def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[
     for i, d in enumerate(perm):
         inverse[d] = i
     return x3, lambda y3: y3.view(pshape).permute(inverse)
+
+
+def _acb_dims(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(A, C, B)`` when ``x``'s memory already is a dense ``(A, C, B)`` array (no view or copy needed).
+
+    True for a contiguous tensor with adjacent feature axes and for one dense in
+    another memory order (e.g. ``channels_last``) in which they are adjacent;
+    ``None`` otherwise. ``torch.empty_like(x)`` then has the same layout.
+    """
+    shape = x.shape
+    lo, hi = feature_axes[0], feature_axes[-1]
+    if hi - lo + 1 == len(feature_axes) and x.is_contiguous():
+        return _prod(shape[:lo]), _prod(shape[lo : hi + 1]), _prod(shape[hi + 1 :])
+    perm = _memory_perm(x, feature_axes)
+    if not x.permute(perm).is_contiguous():
+        return None
+    pshape = [shape[d] for d in perm]
+    lo = perm.index(feature_axes[0])
+    hi = lo + len(feature_axes)
+    return _prod(pshape[:lo]), _prod(pshape[lo:hi]), _prod(pshape[hi:])
+
+
+def _dense_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, tuple[int, int, int]]:
+    """``x`` (or, when its layout is not a dense ``(A, C, B)`` array, a contiguous copy of it) and ``(A, C, B)``."""
+    dims = _acb_dims(x, feature_axes)
+    if dims is None:  # strided, or feature axes apart in memory: one copy, laid out feature-axes-together
+        perm = _memory_perm(x, feature_axes)
+        inverse = [perm.index(d) for d in range(x.ndim)]
+        x = x.permute(perm).contiguous().permute(inverse)
+        dims = _acb_dims(x, feature_axes)
+    return x, dims
 
 
 def _mask_as_acb(mask: Tensor, x: Tensor, feature_axes: tuple[int, ...], dtype) -> Tensor:
@@ -326,6 +366,141 @@ class _BatchNormTrain(torch.autograd.Function):
         )
 
 
+# --------------------------------------------------------------------------- compiled kernels
+
+# storage dtype -> dtype of the per-feature parameters and statistics the kernels take
+_KERNEL_PARAM_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
+_ACT_CODES = _kernels.ACTIVATION_CODES
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
+    """The compiled kernels if they apply to ``x`` and these per-feature tensors, else ``None``."""
+    pdtype = _KERNEL_PARAM_DTYPE.get(x.dtype)
+    if pdtype is None or x.device.type != "cpu":
+        return None
+    for t in per_feature:
+        if t is not None and (t.dtype != pdtype or t.device.type != "cpu" or t.numel() != channels or not t.is_contiguous()):
+            return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None  # the graph sees the PyTorch ops instead
+    return _kernels.get()
+
+
+def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
+    """The activation applied by PyTorch ops (the path where the kernels do not run)."""
+    if act is None or act == "identity":
+        return y
+    if act == "relu":
+        return torch.relu(y)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, slope)
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    if act == "gelu":
+        return torch.nn.functional.gelu(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    if act == "tanh":
+        return torch.tanh(y)
+    raise ValueError(f"unknown activation {act!r}; expected one of {sorted(k for k in _ACT_CODES if k)}")
+
+
+def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -> Tensor:
+    """Training transform in plain differentiable torch ops (for gradients of gradients)."""
+    c = x3.shape[1]
+    var, mean = torch.var_mean(x3.float() if x3.dtype == torch.bfloat16 else x3, dim=(0, 2), correction=0)
+    scale = torch.rsqrt(var + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    y = (x3 - mean.view(1, c, 1)) * scale.view(1, c, 1)
+    if beta is not None:
+        y = y + beta.view(1, c, 1)
+    return _activate(y, act, slope).to(x3.dtype)
+
+
+class _KernelTrain(torch.autograd.Function):
+    """Training-mode batch norm (+ optional activation) in compiled code.
+
+    ``x`` is dense and its memory is the ``(A, C, B)`` array ``dims`` (see
+    :func:`_acb_dims`); ``y`` and ``dx`` get ``x``'s shape and strides, so no
+    view enters the autograd graph. ``moving`` is ``None`` or ``(moving_mean,
+    moving_var, momentum, var_factor)``, updated in place inside the forward
+    call (features with non-finite statistics keep their values). With
+    ``stats=True`` the batch mean and biased variance are returned too
+    (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, feat, dims, epsilon, moving, act, slope, stats, kernels):
+        a, c, b = dims
+        pdtype = _KERNEL_PARAM_DTYPE[x.dtype]
+        y = torch.empty_like(x)
+        mean = torch.empty(c, dtype=pdtype)
+        invstd = torch.empty(c, dtype=pdtype)
+        var = torch.empty(c, dtype=pdtype) if stats else None
+        mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
+        code = _ACT_CODES[act]
+        threads = _kernels.threads_for(x.numel())
+        rc = kernels.train_fwd[x.dtype](
+            x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon,
+            mean.data_ptr(), _ptr(var), invstd.data_ptr(), _ptr(mm), _ptr(mv),
+            momentum, var_factor, code, slope, threads,
+        )
+        if rc:
+            raise MemoryError("bnlab kernel could not allocate its scratch memory")
+        ctx.save_for_backward(x, gamma, beta)
+        # intermediates live on ctx directly (autograd's advice for non-inputs; cheaper too)
+        ctx.state = (mean, invstd, feat, dims, epsilon, act, slope, code, threads, kernels)
+        if stats:
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, gamma, beta = ctx.saved_tensors
+        mean, invstd, feat, (a, c, b), epsilon, act, slope, code, threads, kernels = ctx.state
+        need_x, need_g, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate a differentiable recomputation instead
+            inputs = [t for t, need in zip((x, gamma, beta), (need_x, need_g, need_b)) if need]
+            x3, restore = as_acb(x, feat)
+            g = None if gamma is None else gamma.reshape(-1)
+            bt = None if beta is None else beta.reshape(-1)
+            y = restore(_differentiable_train(x3, g, bt, epsilon, act, slope))
+            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+            out = [next(grads) if need else None for need in (need_x, need_g, need_b)]
+            return (*out, *([None] * 8))
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)  # x's memory layout
+        dx = torch.empty_like(x) if need_x else None
+        dgamma = torch.empty_like(gamma) if need_g else None
+        dbeta = torch.empty_like(beta) if need_b else None
+        rc = kernels.train_bwd[x.dtype](
+            x.data_ptr(), dy.data_ptr(), _ptr(dx), a, c, b, _ptr(gamma), _ptr(beta), mean.data_ptr(),
+            invstd.data_ptr(), _ptr(dgamma), _ptr(dbeta), code, slope, threads,
+        )
+        if rc:
+            raise MemoryError("bnlab kernel could not allocate its scratch memory")
+        return dx, dgamma, dbeta, None, None, None, None, None, None, None, None
+
+
+def _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_var, epsilon, act, slope) -> Tensor:
+    a, c, b = dims
+    y = torch.empty_like(x)
+    rc = kernels.infer[x.dtype](
+        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), moving_mean.data_ptr(),
+        moving_var.data_ptr(), epsilon, _ACT_CODES[act], slope, _kernels.threads_for(x.numel()),
+    )
+    if rc:
+        raise MemoryError("bnlab kernel could not allocate its scratch memory")
+    return y
+
+
 # --------------------------------------------------------------------------- moving statistics
 
 
@@ -483,8 +658,20 @@ def batch_norm_inference(
     return _inference(x, normalize_axes(axis, x.ndim), moving_mean, moving_variance, gamma, beta, epsilon)
 
 
-def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon):
+def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
     dtype = _compute_dtype(x)
+    if x.numel() and not (
+        torch.is_grad_enabled()
+        and (x.requires_grad or (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad))
+    ):
+        x, dims = _dense_acb(x, feat)
+        kernels = _kernels_for(x, dims[1], gamma, beta, moving_mean, moving_variance)
+        if kernels is not None:
+            return _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_variance, epsilon, act, slope)
+    return _activate(_inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype), act, slope)
+
+
+def _inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype):
     if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):  # PyTorch's own layout
         xn, restore = x, _same
     else:
@@ -517,6 +704,15 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
         dtype = torch.float32
     elif not x.is_floating_point():
         _compute_dtype(x)  # raises with the message
+    if impl in ("auto", "kernel"):
+        if mask is None and x.numel():
+            xd, dims = _dense_acb(x, feat)
+            kernels = _kernels_for(xd, dims[1], gamma, beta)
+            if kernels is not None:
+                y, mean, var = _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, None, None, 0.01, True, kernels)
+                return y, (mean, var), dims[0] * dims[2], False
+        if impl == "kernel":
+            _kernels_refused(x, mask)
     if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):
         # (N, C, ...) is PyTorch's own layout (in any dense memory format): no view on the aten path
         x3, restore, channels = None, _same, x.shape[1]
@@ -544,7 +740,7 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
         y = restore(torch.batch_norm(xn, g, b, mean, var, True, 1.0, epsilon, False))
         return (y if y.dtype == x.dtype else y.to(x.dtype)), (mean, var), per_feature, True
     if impl not in ("auto", "composite"):
-        raise ValueError(f"impl must be 'auto', 'aten' or 'composite', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'kernel', 'aten' or 'composite', got {impl!r}")
     if x3 is None:
         x3, restore = as_acb(x, feat)
     weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
@@ -572,9 +768,10 @@ def batch_norm_train(
     (an int, or a 0-d tensor with a mask). ``fallback`` = ``(mean, var)`` is used
     to normalize a fully masked batch, which has no statistics of its own.
 
-    ``impl``: ``"aten"`` (PyTorch's native kernel on the zero-copy view; no mask,
-    at least 2 values per feature), ``"composite"`` (bnlab's autograd Function)
-    or ``"auto"`` (aten where it applies).
+    ``impl``: ``"kernel"`` (bnlab's compiled CPU kernels; float32/float64/bfloat16
+    CPU tensors, no mask), ``"aten"`` (PyTorch's native kernel on the zero-copy
+    view; no mask, at least 2 values per feature), ``"composite"`` (bnlab's
+    autograd Function of torch ops) or ``"auto"`` (the first that applies).
     """
     feat = normalize_axes(axis, x.ndim)
     y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
@@ -631,13 +828,44 @@ def batch_norm(
     )
 
 
-def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl="auto"):
-    """Training transform plus the in-place moving-statistics update (``feat`` already normalized)."""
+def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
+                             unbiased_moving_variance, impl="auto", act=None, slope=0.01):
+    """Training transform (+ ``act``) plus the in-place moving-statistics update (``feat`` already normalized)."""
     if x.numel() == 0 and moving_mean is not None:
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
-        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon)
+        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
+    if impl in ("auto", "kernel"):
+        if mask is None and x.numel():
+            xd, dims = _dense_acb(x, feat)
+            kernels = _kernels_for(xd, dims[1], gamma, beta, moving_mean, moving_variance)
+            if kernels is not None:
+                moving = None
+                if moving_mean is not None:
+                    m = dims[0] * dims[2]
+                    # stored variance = biased * var_factor; one value has no unbiased variance (NaN: skipped)
+                    factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
+                    moving = (moving_mean, moving_variance, float(momentum), factor)
+                return _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, moving, act, slope, False, kernels)
+        if impl == "kernel":
+            _kernels_refused(x, mask)
+    return _activate(
+        _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
+                            unbiased_moving_variance, impl),
+        act, slope,
+    )
+
+
+def _kernels_refused(x: Tensor, mask) -> None:
+    reason = _kernels.status()["reason"] if _kernels.get() is None else (
+        f"they take float32/float64/bfloat16 CPU tensors with per-feature parameters and statistics of the "
+        f"matching dtype and no mask (got {x.dtype} on {x.device}, mask={'set' if mask is not None else None})"
+    )
+    raise ValueError(f"impl='kernel' cannot run here: {reason}")
+
+
+def _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl):
     fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, "auto" if impl == "kernel" else impl)
     if moving_mean is None:
         return y
     valid = None

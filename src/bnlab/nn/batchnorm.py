@@ -63,6 +63,10 @@ class _BatchNormBase(nn.Module):
 
     _version = 2  # version 2 added num_batches_tracked (as in PyTorch)
 
+    # An activation fused after the normalization (BatchNormAct sets these); None: none.
+    _act: str | None = None
+    _slope: float = 0.01
+
     def __init__(
         self,
         *,
@@ -305,13 +309,13 @@ class _BatchNormBase(nn.Module):
             F._mask_as_acb(mask, x, feat, torch.float32)  # validate only: inference ignores the mask
             mask = None
         if not batch_stats:
-            return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon())
+            return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon(), self._act, self._slope)
         if self.renorm and training and running_mean is not None:
-            return self._renorm_forward(x, feat, mask)
+            return F._activate(self._renorm_forward(x, feat, mask), self._act, self._slope)
         if self.virtual_batch_size and training and running_mean is not None:
-            return self._ghost_forward(x, feat, mask)
+            return F._activate(self._ghost_forward(x, feat, mask), self._act, self._slope)
         if self.synchronized and _distributed(self.process_group):
-            return self._sync_forward(x, feat, mask, training and running_mean is not None)
+            return F._activate(self._sync_forward(x, feat, mask, training and running_mean is not None), self._act, self._slope)
         momentum = 0.0
         if training and running_mean is not None:
             momentum = self._count_batch(x.numel() > 0)
@@ -329,6 +333,9 @@ class _BatchNormBase(nn.Module):
             self._epsilon(),
             mask,
             self.moving_variance_estimator == "unbiased",
+            "auto",
+            self._act,
+            self._slope,
         )
 
     def _count_batch(self, counted: bool = True):

@@ -1,0 +1,220 @@
+"""bnlab's compiled CPU kernels: plain C, built once per machine, called through ctypes.
+
+Why this technology (see also the README's "Speed" section):
+
+* The C source (``bn_cpu.c`` + ``bn_cpu_impl.h``) includes no PyTorch or Python
+  headers, so any C compiler builds it in about two seconds, and the result
+  does not depend on the installed torch version.
+* It is built on first use with the system's compiler (``$CC``, else ``cc``)
+  and cached under ``$BNLAB_KERNEL_CACHE`` (default ``~/.cache/bnlab/kernels``)
+  by a hash of the source, the flags and the CPU, so the cost is paid once per
+  machine; concurrent first uses race harmlessly (atomic rename).
+* Where there is no compiler, or it fails, or ``BNLAB_KERNELS=0`` is set, bnlab
+  runs its pure-PyTorch paths (same results, tested against each other) and
+  :func:`status` says why.
+* OpenMP threads: loaded after PyTorch, the library binds to the libgomp that
+  PyTorch already uses (same soname), so the two share one thread pool.
+  Work is split in fixed ranges by thread count: results are deterministic for
+  a given number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["get", "status", "cache_dir", "threads_for", "ACTIVATION_CODES"]
+
+log = logging.getLogger("bnlab.kernels")
+
+ABI_VERSION = 1  # must match bnlab_abi_version() in bn_cpu.c
+_HERE = Path(__file__).resolve().parent
+_SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
+_BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+# Tried in order: the best first, then what older or non-GCC compilers accept.
+_FLAG_SETS = (
+    ["-march=native", "-fopenmp"],
+    ["-fopenmp"],
+    ["-march=native"],
+    [],
+)
+
+#: Activation codes understood by the kernels (``bn_cpu.c``).
+ACTIVATION_CODES = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
+
+#: Below this many elements a call runs on one thread (a fork/join costs more than it saves).
+PARALLEL_MIN_NUMEL = 1 << 15
+
+
+class Kernels:
+    """The loaded library: ``train_fwd[dtype]``, ``train_bwd[dtype]``, ``infer[dtype]`` (ctypes functions)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.lib = lib
+        self.path = path
+        self.openmp = bool(lib.bnlab_has_openmp())
+        p, i64, d, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+        sigs = {
+            "bnlab_train_fwd": [p, p, i64, i64, i64, p, p, d, p, p, p, p, p, d, d, i, d, i],
+            "bnlab_infer": [p, p, i64, i64, i64, p, p, p, p, d, i, d, i],
+            "bnlab_train_bwd": [p, p, p, i64, i64, i64, p, p, p, p, p, p, i, d, i],
+        }
+        tables = {}
+        for name, argtypes in sigs.items():
+            table = {}
+            for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"), (torch.bfloat16, "bf16")):
+                fn = getattr(lib, f"{name}_{sfx}")
+                fn.argtypes = argtypes
+                fn.restype = ctypes.c_int
+                table[dtype] = fn
+            tables[name] = table
+        self.train_fwd = tables["bnlab_train_fwd"]
+        self.train_bwd = tables["bnlab_train_bwd"]
+        self.infer = tables["bnlab_infer"]
+
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "kernels": None, "reason": "not loaded yet", "seconds": None}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$BNLAB_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/bnlab/kernels``, else ``~/.cache/bnlab/kernels``."""
+    env = os.environ.get("BNLAB_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bnlab" / "kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not run on another CPU that shares the cache directory.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            wanted = {}
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in wanted:
+                    wanted[key] = value.strip()
+        if wanted:
+            return repr(sorted(wanted.items()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _library_name(cc: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((_HERE / name).read_bytes())
+    h.update(repr((cc, flags, _BASE_FLAGS, sys.platform, platform.machine(), _cpu_signature())).encode())
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return f"bn_cpu-{h.hexdigest()[:20]}{suffix}"
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> str | None:
+    """Build into ``out`` atomically; return None on success, else the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    cmd = [cc, *_BASE_FLAGS, *flags, "-o", tmp, str(_HERE / "bn_cpu.c")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            return (proc.stderr or proc.stdout).strip()[-400:] or f"{cc} exited with {proc.returncode}"
+        os.replace(tmp, out)
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"{type(err).__name__}: {err}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> Kernels:
+    lib = ctypes.CDLL(str(path))
+    if lib.bnlab_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI {lib.bnlab_abi_version()}, expected {ABI_VERSION}")
+    return Kernels(lib, path)
+
+
+def _load() -> tuple[Kernels | None, str]:
+    setting = os.environ.get("BNLAB_KERNELS", "").strip().lower()
+    if setting in ("0", "off", "false", "no", "torch"):
+        return None, f"disabled by BNLAB_KERNELS={os.environ['BNLAB_KERNELS']}"
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        # A library built earlier still serves (the cache is keyed by compiler name too).
+        for flags in _FLAG_SETS:
+            path = cache_dir() / _library_name(cc, flags)
+            if path.exists():
+                try:
+                    return _open(path), f"loaded {path} (no compiler {cc!r} on PATH)"
+                except OSError:
+                    pass
+        return None, f"no C compiler: {cc!r} is not on PATH (set CC to use another); using the PyTorch paths"
+    errors = []
+    for flags in _FLAG_SETS:
+        path = cache_dir() / _library_name(cc, flags)
+        if not path.exists():
+            err = _compile(cc, flags, path)
+            if err is not None:
+                errors.append(f"{' '.join(flags) or 'no extra flags'}: {err}")
+                continue
+        try:
+            return _open(path), f"loaded {path}"
+        except OSError as err:
+            errors.append(f"{path}: {err}")
+    return None, "could not build the kernels; using the PyTorch paths. " + " | ".join(errors)
+
+
+def get() -> Kernels | None:
+    """The kernels, building them on first call; ``None`` where they cannot be had (see :func:`status`)."""
+    if _state["tried"]:
+        return _state["kernels"]
+    with _lock:
+        if not _state["tried"]:
+            t0 = time.perf_counter()
+            kernels, reason = _load()
+            _state.update(kernels=kernels, reason=reason, seconds=time.perf_counter() - t0, tried=True)
+            (log.debug if kernels is not None else log.warning)("bnlab kernels: %s", reason)
+    return _state["kernels"]
+
+
+def status() -> dict:
+    """Whether the compiled kernels are in use, and why (builds them if not tried yet).
+
+    >>> sorted(status())
+    ['available', 'openmp', 'path', 'reason', 'seconds']
+    """
+    k = get()
+    return {
+        "available": k is not None,
+        "openmp": bool(k and k.openmp),
+        "path": str(k.path) if k else None,
+        "reason": _state["reason"],
+        "seconds": _state["seconds"],
+    }
+
+
+def _reset() -> None:
+    """Forget the loaded state so the next :func:`get` loads again (tests)."""
+    with _lock:
+        _state.update(tried=False, kernels=None, reason="not loaded yet", seconds=None)
+
+
+def threads_for(numel: int) -> int:
+    """Threads a kernel call uses: PyTorch's intra-op count, or 1 for small tensors."""
+    return 1 if numel < PARALLEL_MIN_NUMEL else torch.get_num_threads()

@@ -1,0 +1,104 @@
+/*
+ * bnlab CPU kernels for batch normalization on an (A, C, B) contiguous view.
+ *
+ * Plain C (no PyTorch headers), so a stock C compiler builds it in well under a
+ * second; bnlab/_kernels/__init__.py compiles it once per machine, caches the
+ * shared library and calls it through ctypes. Threads come from OpenMP; loaded
+ * after PyTorch, the library binds to the libgomp that PyTorch already uses
+ * (same soname), so both share one thread pool.
+ *
+ * Memory traffic (what the kernels are designed around; x, y, dy, dx of equal size):
+ *   training forward : read x twice, write y once (statistics, then normalize)
+ *   backward         : read (x, dy) twice, write dx once
+ *   inference        : read x once, write y once
+ * Statistics take one pass: per feature, sums of (x - K) and (x - K)^2 with K the
+ * feature's first value (so the terms stay small), float32 within cache-sized
+ * chunks, float64 across chunks and threads. This is the "shifted data" algorithm
+ * (Chan, Golub & LeVeque, 1983, "Algorithms for computing the sample variance:
+ * analysis and recommendations"); when K is an outlier of its feature the sums
+ * cancel badly, which is detected and answered by an exact two-pass recomputation.
+ * Work is split in fixed contiguous ranges and merged in thread order, so the
+ * result depends only on the thread count, never on scheduling.
+ *
+ * The body is instantiated three times by bn_cpu_impl.h: float32, float64 and
+ * bfloat16 storage (bfloat16 is computed in float32, like PyTorch does).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+typedef int64_t i64;
+
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_SILU = 3, ACT_GELU = 4, ACT_SIGMOID = 5, ACT_TANH = 6 };
+
+/* ABI version checked by the loader: bump when a signature changes. */
+int bnlab_abi_version(void) { return 1; }
+
+int bnlab_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Thread t of nt gets items [*lo, *hi) of n: contiguous, sizes differ by at most one. */
+static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
+    i64 q = n / nt, r = n % nt;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r ? 1 : 0);
+}
+
+static inline float bf16_load(const uint16_t *p) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)(*p) << 16;
+    return v.f;
+}
+
+static inline uint16_t bf16_from_float(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
+    v.u += 0x7fffu + ((v.u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(v.u >> 16);
+}
+
+/* ---- float32 storage, float32 compute ---- */
+#define SFX f32
+#define T float
+#define F float
+#define LD(p) (*(p))
+#define ST(p, v) (*(p) = (v))
+#define F_EXP expf
+#define F_ERF erff
+#define F_TANH tanhf
+#include "bn_cpu_impl.h"
+
+/* ---- float64 storage, float64 compute ---- */
+#define SFX f64
+#define T double
+#define F double
+#define LD(p) (*(p))
+#define ST(p, v) (*(p) = (v))
+#define F_EXP exp
+#define F_ERF erf
+#define F_TANH tanh
+#include "bn_cpu_impl.h"
+
+/* ---- bfloat16 storage, float32 compute ---- */
+#define SFX bf16
+#define T uint16_t
+#define F float
+#define LD(p) bf16_load(p)
+#define ST(p, v) (*(p) = bf16_from_float(v))
+#define F_EXP expf
+#define F_ERF erff
+#define F_TANH tanhf
+#include "bn_cpu_impl.h"

@@ -1,0 +1,282 @@
+"""bnlab's compiled CPU kernels against the PyTorch paths, the NumPy reference and gradcheck.
+
+Every test that needs the kernels is skipped (with the reason) where they could
+not be built, e.g. on a machine without a C compiler; the fallback itself is
+tested in-process by switching the kernels off.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import bnlab
+from bnlab import _kernels
+from bnlab import functional as F
+from bnlab import reference as R
+
+needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason=f"kernels unavailable: {_kernels.status()['reason']}")
+
+# (shape, axis, how the input is laid out in memory)
+LAYOUTS = [
+    ((64, 16), -1, "contiguous"),  # rows
+    ((5, 6, 7, 8), 1, "contiguous"),  # NCHW planes
+    ((5, 6, 7, 8), 1, "channels_last"),  # planes seen in memory order: rows
+    ((5, 7, 8, 6), -1, "contiguous"),  # NHWC, axis=-1
+    ((5, 6, 7, 8), [1, 3], "contiguous"),  # feature axes apart: one copy
+    ((5, 6, 14, 8), 1, "strided"),  # a sliced view: one copy
+    ((3, 4, 5, 2, 3), 1, "contiguous"),  # 5-D
+    ((2, 3, 5000), 1, "contiguous"),  # planes longer than one 4096-value chunk
+    ((3000, 5), -1, "contiguous"),  # rows spanning several chunks
+]
+
+ACTS = {
+    None: lambda t: t,
+    "relu": torch.relu,
+    "leaky_relu": lambda t: TF.leaky_relu(t, 0.2),
+    "silu": TF.silu,
+    "gelu": TF.gelu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def _make(shape, layout, dtype=torch.float64, offset=1.0, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    return x.to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axis,layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_training_matches_reference(shape, axis, layout, dtype, tol):
+    x = _make(shape, layout, dtype).requires_grad_()
+    shape = tuple(x.shape)  # a sliced view is smaller than what it was cut from
+    fs = R.feature_shape(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(fs, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    y, mean, var, count = F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, impl="kernel")
+    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
+    xn, gn, bn, dyn = (t.detach().double().numpy() for t in (x, g, b, dy))
+    yr, mr, vr = R.forward_train(xn, gn, bn, 1e-3, axis)
+    dxr, dgr, dbr = R.backward(dyn, xn, gn, 1e-3, axis)
+    assert y.shape == x.shape and y.dtype == dtype and dx.shape == x.shape
+    np.testing.assert_allclose(y.detach().double().numpy(), yr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(mean.double().numpy().reshape(fs), mr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(var.double().numpy().reshape(fs), vr, atol=tol, rtol=tol)
+    np.testing.assert_allclose(dx.double().numpy(), dxr, atol=tol * 10, rtol=tol * 10)
+    np.testing.assert_allclose(dg.double().numpy(), dgr, atol=tol * 10, rtol=tol * 10)
+    np.testing.assert_allclose(db.double().numpy(), dbr, atol=tol * 10, rtol=tol * 10)
+    assert count == int(np.prod(shape)) // int(np.prod(fs))
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_output_keeps_the_input_layout_without_copies(layout):
+    x = _make((4, 6, 5, 5), layout, torch.float32).requires_grad_()
+    layer = bnlab.BatchNorm(axis=1)
+    y = layer(x)
+    assert y.stride() == x.stride()
+    y.backward(torch.ones_like(y))
+    assert x.grad.stride() == x.stride()
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape,axis", [((40, 6), -1), ((4, 6, 5, 7), 1)])
+def test_fused_activation_matches_composite(act, shape, axis):
+    x = _make(shape, "contiguous", torch.float64, offset=0.3, scale=1.0).requires_grad_()
+    fs = R.feature_shape(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.randn(fs, dtype=torch.float64) * 0.3).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    feat = F.normalize_axes(axis, x.ndim)
+    mm, mv = torch.zeros(fs, dtype=torch.float64), torch.ones(fs, dtype=torch.float64)
+    y = F._batch_norm_train_update(x, feat, mm, mv, g, b, 0.9, 1e-3, None, False, "kernel", act, 0.2)
+    ref_mm, ref_mv = mm.clone().zero_(), mv.clone().fill_(1)
+    yr = ACTS[act](F._batch_norm_train_update(x, feat, ref_mm, ref_mv, g, b, 0.9, 1e-3, None, False, "composite"))
+    torch.testing.assert_close(y, yr, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(y, (x, g, b), dy)
+    grads_r = torch.autograd.grad(yr, (x, g, b), dy)
+    for a, r in zip(grads, grads_r):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(mm, ref_mm, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(mv, ref_mv, atol=1e-14, rtol=1e-14)
+    # inference: fused too, against the same transform done by PyTorch ops
+    with torch.no_grad():
+        yi = F._inference(x, feat, mm, mv, g, b, 1e-3, act, 0.2)
+    yi_r = ACTS[act](F._inference_torch(x.detach(), feat, mm, mv, g.detach(), b.detach(), 1e-3, torch.float64))
+    torch.testing.assert_close(yi, yi_r, atol=1e-12, rtol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", [None, "relu", "silu", "tanh"])
+@pytest.mark.parametrize("shape,axis", [((7, 3), -1), ((3, 2, 4, 5), 1), ((3, 4, 5, 2), -1)])
+def test_gradcheck_and_gradgradcheck_through_the_kernel(act, shape, axis):
+    x = (torch.randn(shape, dtype=torch.float64) + 0.2).requires_grad_()
+    fs = R.feature_shape(shape, axis)
+    g = (torch.rand(fs, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.randn(fs, dtype=torch.float64) * 0.2).requires_grad_()
+    feat = F.normalize_axes(axis, x.ndim)
+
+    def fn(x, g, b):
+        return F._batch_norm_train_update(x, feat, None, None, g, b, 0.0, 1e-3, None, False, "kernel", act, 0.01)
+
+    assert torch.autograd.gradcheck(fn, (x, g, b))
+    if act != "relu":  # relu's second derivative is zero almost everywhere but not smooth for finite differences
+        assert torch.autograd.gradgradcheck(fn, (x, g, b))
+
+
+@needs_kernels
+def test_bfloat16_is_computed_in_float32():
+    x = torch.randn(300, 24) * 2 + 5
+    xb = x.to(torch.bfloat16)
+    for shape_fn, axis in ((lambda t: t, -1), (lambda t: t.view(25, 12, 24).permute(0, 2, 1).contiguous(), 1)):
+        xi = shape_fn(xb).requires_grad_()
+        y, mean, var, _ = F.batch_norm_train(xi, axis=axis, impl="kernel")
+        assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+        ones, zeros = np.ones(24), np.zeros(24)
+        yr, mr, vr = R.forward_train(xi.detach().double().numpy(), ones, zeros, 1e-3, axis)
+        # float32 math, one bfloat16 rounding of the output (8 bits of mantissa)
+        np.testing.assert_allclose(y.detach().double().numpy(), yr, atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(mean.double().numpy(), mr.reshape(-1), rtol=1e-5)
+        np.testing.assert_allclose(var.double().numpy(), vr.reshape(-1), rtol=1e-4)
+        # the same as rounding the float32 kernel's output
+        y32 = F.batch_norm_train(xi.detach().float(), axis=axis, impl="kernel")[0]
+        assert torch.equal(y.detach(), y32.to(torch.bfloat16))
+
+
+@needs_kernels
+def test_an_outlying_first_sample_still_gives_exact_statistics():
+    # The one-pass sums are shifted by each feature's first value; far out, they would cancel.
+    x = torch.randn(4000, 3, dtype=torch.float32)
+    x[0] = torch.tensor([1e6, -3e5, 50.0])
+    _, mean, var, _ = F.batch_norm_train(x, impl="kernel")
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), xd.var(0, unbiased=False), rtol=1e-5, atol=0)
+    planes = x.t().reshape(1, 3, 4000).contiguous()
+    _, mean_p, var_p, _ = F.batch_norm_train(planes, axis=1, impl="kernel")
+    torch.testing.assert_close(var_p.double(), xd.var(0, unbiased=False), rtol=1e-5, atol=0)
+
+
+@needs_kernels
+def test_moving_statistics_update_and_non_finite_guard():
+    layer = bnlab.BatchNorm(axis=-1, momentum=0.9, moving_variance_estimator="unbiased")
+    x = torch.randn(50, 4) * 2 + 1
+    x[3, 2] = float("nan")
+    layer(x)
+    mm, mv = layer.moving_mean, layer.moving_variance
+    xd = x.double()
+    expect_m = 0.1 * xd.mean(0)
+    expect_v = 0.9 + 0.1 * xd.var(0, unbiased=True)
+    keep = torch.tensor([True, True, False, True])
+    torch.testing.assert_close(mm[keep].double(), expect_m[keep], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mv[keep].double(), expect_v[keep], rtol=1e-6, atol=1e-7)
+    assert mm[2].item() == 0.0 and mv[2].item() == 1.0  # bit for bit untouched
+    one = bnlab.BatchNorm(axis=-1, moving_variance_estimator="unbiased")
+    one(torch.randn(1, 4))  # one value per feature: no unbiased variance, so no update
+    assert torch.equal(one.moving_variance, torch.ones(4))
+
+
+@needs_kernels
+def test_results_are_deterministic_for_a_thread_count():
+    x = torch.randn(256, 64, 9, 9)
+    layer = bnlab.BatchNorm(axis=1)
+    old = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs = []
+            for _ in range(3):
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                y.backward(torch.ones_like(y) * xi.detach())
+                runs.append((y.detach(), xi.grad))
+            for y, dx in runs[1:]:
+                assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+            outs[threads] = runs[0]
+        torch.testing.assert_close(outs[1][0], outs[2][0], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernels
+def test_inference_with_gradients_uses_pytorch_and_agrees():
+    layer = bnlab.BatchNorm(axis=1, num_features=3).eval()
+    with torch.no_grad():
+        layer.moving_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.moving_variance.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        y_kernel = layer(x)
+    xg = x.clone().requires_grad_()
+    y_torch = layer(xg)  # needs a graph: the PyTorch path
+    torch.testing.assert_close(y_kernel, y_torch.detach())
+    y_torch.sum().backward()
+    assert xg.grad is not None
+
+
+def test_impl_kernel_refuses_what_it_cannot_do():
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="impl='kernel' cannot run here"):
+        F.batch_norm_train(x, mask=torch.ones(8, dtype=torch.bool), impl="kernel")
+    with pytest.raises(ValueError, match="impl='kernel' cannot run here"):
+        F.batch_norm_train(x.half(), impl="kernel")
+
+
+def test_fallback_without_kernels(monkeypatch):
+    x = torch.randn(20, 5, 3, 3) * 2 + 1
+    expected = torch.nn.functional.batch_norm(x, None, None, None, None, True, 0.0, 1e-3)
+    monkeypatch.setenv("BNLAB_KERNELS", "0")
+    _kernels._reset()
+    try:
+        st = _kernels.status()
+        assert not st["available"] and "BNLAB_KERNELS" in st["reason"]
+        layer = bnlab.BatchNorm(axis=1)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="BNLAB_KERNELS"):
+            F.batch_norm_train(x, axis=1, impl="kernel")
+    finally:
+        monkeypatch.delenv("BNLAB_KERNELS")
+        _kernels._reset()
+
+
+def test_no_compiler_falls_back_cleanly(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "bnlab-no-such-compiler")
+    _kernels._reset()
+    try:
+        st = _kernels.status()
+        assert not st["available"] and "no C compiler" in st["reason"]
+        y = bnlab.BatchNorm(axis=-1)(torch.randn(6, 2))
+        assert torch.isfinite(y).all()
+    finally:
+        _kernels._reset()
+
+
+@pytest.mark.skipif(_kernels.get() is None, reason="no working C compiler here")
+def test_build_is_cached_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path))
+    _kernels._reset()
+    try:
+        st = _kernels.status()
+        assert st["available"], st["reason"]
+        built = list(tmp_path.glob("bn_cpu-*"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))  # no half-written library left
+        _kernels._reset()
+
+        def no_compiling(*a, **k):
+            raise AssertionError("compiled again although a cached build exists")
+
+        monkeypatch.setattr(_kernels, "_compile", no_compiling)
+        assert _kernels.status()["available"]
+    finally:
+        _kernels._reset()
