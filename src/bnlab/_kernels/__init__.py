@@ -119,7 +119,7 @@ def _library_name(cc: str, flags: list[str]) -> str:
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((_HERE / name).read_bytes())
-    h.update(repr((cc, flags, _BASE_FLAGS, sys.platform, platform.machine(), _cpu_signature())).encode())
+    h.update(repr((cc, flags, _BASE_FLAGS, "-lm", sys.platform, platform.machine(), _cpu_signature())).encode())
     suffix = ".dll" if sys.platform == "win32" else ".so"
     return f"bn_cpu-{h.hexdigest()[:20]}{suffix}"
 
@@ -129,7 +129,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    cmd = [cc, *_BASE_FLAGS, *flags, "-o", tmp, str(_HERE / "bn_cpu.c")]
+    cmd = [cc, *_BASE_FLAGS, *flags, "-o", tmp, str(_HERE / "bn_cpu.c"), "-lm"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:

@@ -56,6 +56,19 @@ static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
+/* Rows layout (B == 1): k consecutive rows are processed as one "super-row" of W = k*C
+ * values, so that rows with few features still give long vectorized inner loops; the
+ * A - A2*k rows left over are processed one by one. */
+typedef struct { i64 k, W, A2; } rows_plan;
+
+static inline rows_plan plan_rows(i64 A, i64 C) {
+    rows_plan p;
+    p.k = C >= 256 ? 1 : (256 + C - 1) / C;
+    p.W = p.k * C;
+    p.A2 = A / p.k;
+    return p;
+}
+
 static inline float bf16_load(const uint16_t *p) {
     union { uint32_t u; float f; } v;
     v.u = (uint32_t)(*p) << 16;

@@ -63,16 +63,6 @@ static inline void FN(norm_row)(const T *restrict x, T *restrict y, i64 C, const
     }
 }
 
-/* Two rows at once, no activation: each parameter is loaded once for both. */
-static inline void FN(norm_row2)(const T *restrict x0, const T *restrict x1, T *restrict y0, T *restrict y1, i64 C,
-                                 const F *restrict mu, const F *restrict s, const F *restrict h) {
-    for (i64 c = 0; c < C; c++) {
-        const F m = mu[c], sc = s[c], sh = h[c];
-        ST(y0 + c, (LD(x0 + c) - m) * sc + sh);
-        ST(y1 + c, (LD(x1 + c) - m) * sc + sh);
-    }
-}
-
 /* y[i] = act((x[i] - mu) * s + h) for one plane of n values of one feature. */
 static inline void FN(norm_plane)(const T *restrict x, T *restrict y, i64 n, F mu, F s, F h, int act, F slope) {
     if (act == ACT_NONE) {
@@ -91,8 +81,6 @@ static void FN(normalize_range)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, 
                                 const F *s, const F *h, int act, F slope) {
     if (B == 1) {
         i64 r = lo;
-        if (act == ACT_NONE) /* two rows per step: the parameters are loaded once for both */
-            for (; r + 1 < hi; r += 2) FN(norm_row2)(x + r * C, x + (r + 1) * C, y + r * C, y + (r + 1) * C, C, mu, s, h);
         for (; r < hi; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, s, h, act, slope);
     } else {
         for (i64 p = lo; p < hi; p++) {
@@ -100,6 +88,11 @@ static void FN(normalize_range)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, 
             FN(norm_plane)(x + p * B, y + p * B, B, mu[c], s[c], h[c], act, slope);
         }
     }
+}
+
+/* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows. */
+static void FN(replicate)(F *dst, const F *src, i64 C, i64 k) {
+    for (i64 j = 0; j < k; j++) memcpy(dst + j * C, src, sizeof(F) * (size_t)C);
 }
 
 /* ------------------------------------------------------------------ statistics */
@@ -111,30 +104,38 @@ static void FN(normalize_range)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, 
  * feature's distribution; finish_stats detects that case and recomputes that feature
  * with the classic two-pass formula (exact_moments). */
 
-/* Rows [r0, r1) of an (N, C) matrix, vectorized across features, two rows per step. */
+/* Columns per register block in the rows loops: four 64-byte vectors. */
+#define RB (256 / (int)sizeof(F))
+
+/* Rows [r0, r1) of an (N, C) matrix. Per chunk of rows (a few tens of KB, kept in cache),
+ * columns are taken RB at a time with their accumulators in registers, so each value of x
+ * costs one load; columns past the last full block go through f1/f2 scratch. */
 static void FN(sums_rows)(const T *x, i64 C, i64 r0, i64 r1, const F *K, double *S1, double *S2,
                           F *restrict f1, F *restrict f2) {
-    i64 R = 16384 / (C > 0 ? C : 1);
-    if (R < 16) R = 16;
+    i64 R = 32768 / (C * (i64)sizeof(T));
+    if (R < 8) R = 8;
     if (R > 1024) R = 1024;
+    const i64 Cb = C - C % RB;
     for (i64 r = r0; r < r1; r += R) {
         const i64 n = r1 - r < R ? r1 - r : R;
         const T *xb = x + r * C;
-        for (i64 c = 0; c < C; c++) f1[c] = f2[c] = 0;
-        i64 i = 0;
-        for (; i + 1 < n; i += 2) {
-            const T *x0 = xb + i * C, *x1 = x0 + C;
-            for (i64 c = 0; c < C; c++) {
-                F a = LD(x0 + c) - K[c], b = LD(x1 + c) - K[c];
-                f1[c] += a + b;
-                f2[c] += a * a + b * b;
+        for (i64 cb = 0; cb < Cb; cb += RB) {
+            F a1[RB], a2[RB], kk[RB];
+            for (int j = 0; j < RB; j++) { a1[j] = 0; a2[j] = 0; kk[j] = K[cb + j]; }
+            for (i64 i = 0; i < n; i++) {
+                const T *xr = xb + i * C + cb;
+                for (int j = 0; j < RB; j++) { F d = LD(xr + j) - kk[j]; a1[j] += d; a2[j] += d * d; }
             }
+            for (int j = 0; j < RB; j++) { S1[cb + j] += a1[j]; S2[cb + j] += a2[j]; }
         }
-        if (i < n) {
-            const T *x0 = xb + i * C;
-            for (i64 c = 0; c < C; c++) { F a = LD(x0 + c) - K[c]; f1[c] += a; f2[c] += a * a; }
+        if (Cb < C) {
+            for (i64 c = Cb; c < C; c++) f1[c] = f2[c] = 0;
+            for (i64 i = 0; i < n; i++) {
+                const T *xr = xb + i * C;
+                for (i64 c = Cb; c < C; c++) { F d = LD(xr + c) - K[c]; f1[c] += d; f2[c] += d * d; }
+            }
+            for (i64 c = Cb; c < C; c++) { S1[c] += f1[c]; S2[c] += f2[c]; }
         }
-        for (i64 c = 0; c < C; c++) { S1[c] += f1[c]; S2[c] += f2[c]; }
     }
 }
 
@@ -193,31 +194,40 @@ static void FN(finish_stats)(const T *x, i64 A, i64 C, i64 B, i64 c, double k, d
 int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, double eps,
                         F *mean_out, F *var_out, F *invstd_out, F *mm, F *mv, double momentum,
                         double var_factor, int act, double slope, int nthreads) {
-    const i64 items = B == 1 ? A : A * C;
+    const int rows = B == 1;
+    const rows_plan rp = plan_rows(rows ? A : 0, C);
+    const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
     if (nthreads < 1) nthreads = 1;
     if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * 2 * (size_t)C * (size_t)nthreads);
-    F *fs = (F *)malloc(sizeof(F) * (size_t)C * (2 * (size_t)nthreads + 4));
+    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 4) * (size_t)W + 3 * (size_t)C));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
-    F *K = fs + 2 * C * nthreads, *mu = K + C, *scale = mu + C, *shift = scale + C;
-    for (i64 c = 0; c < C; c++) K[c] = LD(x + c * B); /* first sample of each feature */
+    double *R1 = ws + 2 * W * nthreads, *R2 = R1 + C;
+    F *Kw = fs + 2 * W * nthreads, *muw = Kw + W, *sw = muw + W, *hw = sw + W;
+    F *mu = hw + W, *scale = mu + C, *shift = scale + C;
+    for (i64 c = 0; c < C; c++) Kw[c] = LD(x + c * B); /* first sample of each feature */
+    if (rows) FN(replicate)(Kw, Kw, C, rp.k);
     const F fslope = (F)slope;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        double *S1 = ws + 2 * C * t, *S2 = S1 + C;
-        for (i64 c = 0; c < C; c++) S1[c] = S2[c] = 0;
+        double *S1 = ws + 2 * W * t, *S2 = S1 + W;
+        for (i64 j = 0; j < W; j++) S1[j] = S2[j] = 0;
         i64 lo, hi;
         split(items, t, nt, &lo, &hi);
-        if (B == 1) FN(sums_rows)(x, C, lo, hi, K, S1, S2, fs + 2 * C * t, fs + 2 * C * t + C);
-        else FN(sums_planes)(x, C, B, lo, hi, K, S1, S2);
+        if (rows) FN(sums_rows)(x, W, lo, hi, Kw, S1, S2, fs + 2 * W * t, fs + 2 * W * t + W);
+        else FN(sums_planes)(x, C, B, lo, hi, Kw, S1, S2);
 #pragma omp barrier
 #pragma omp single
         {
+            for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
+            for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
+                for (i64 c = 0; c < C; c++) { double d = (double)LD(x + r * C + c) - (double)Kw[c]; R1[c] += d; R2[c] += d * d; }
             for (i64 c = 0; c < C; c++) {
-                double s1 = 0, s2 = 0, m, var;
-                for (int u = 0; u < nt; u++) { s1 += ws[2 * C * u + c]; s2 += ws[2 * C * u + C + c]; }
-                FN(finish_stats)(x, A, C, B, c, (double)K[c], s1, s2, &m, &var);
+                double s1 = R1[c], s2 = R2[c], m, var;
+                for (int u = 0; u < nt; u++)
+                    for (i64 j = c; j < W; j += C) { s1 += ws[2 * W * u + j]; s2 += ws[2 * W * u + W + j]; }
+                FN(finish_stats)(x, A, C, B, c, (double)Kw[c], s1, s2, &m, &var);
                 const double inv = 1.0 / sqrt(var + eps);
                 mu[c] = (F)m;
                 scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
@@ -231,8 +241,15 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
                     if (isfinite(nm) && isfinite(nv)) { mm[c] = (F)nm; mv[c] = (F)nv; }
                 }
             }
+            if (rows) { FN(replicate)(muw, mu, C, rp.k); FN(replicate)(sw, scale, C, rp.k); FN(replicate)(hw, shift, C, rp.k); }
         }
-        FN(normalize_range)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
+        if (rows) {
+            FN(normalize_range)(x, y, W, 1, lo, hi, muw, sw, hw, act, fslope);
+            if (t == nt - 1)
+                for (i64 r = rp.A2 * rp.k; r < A; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
+        } else {
+            FN(normalize_range)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
+        }
     }
     free(ws);
     free(fs);
@@ -244,24 +261,30 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
 /* y = act((x - moving_mean) / sqrt(moving_var + eps) * gamma + beta). Returns 0 or -1. */
 int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, const F *mm,
                     const F *mv, double eps, int act, double slope, int nthreads) {
-    const i64 items = B == 1 ? A : A * C;
+    const int rows = B == 1;
+    const rows_plan rp = plan_rows(rows ? A : 0, C);
+    const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
     if (nthreads < 1) nthreads = 1;
     if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)C);
+    F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
     if (!fs) return -1;
-    F *mu = fs, *scale = fs + C, *shift = scale + C;
+    F *mu = fs, *scale = fs + W, *shift = scale + W;
     for (i64 c = 0; c < C; c++) {
         const double inv = 1.0 / sqrt((double)mv[c] + eps);
         mu[c] = mm[c];
         scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
         shift[c] = beta ? beta[c] : (F)0;
     }
+    if (rows) { FN(replicate)(mu, mu, C, rp.k); FN(replicate)(scale, scale, C, rp.k); FN(replicate)(shift, shift, C, rp.k); }
     const F fslope = (F)slope;
 #pragma omp parallel num_threads(nthreads)
     {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
-        split(items, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        FN(normalize_range)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
+        split(items, t, nt, &lo, &hi);
+        FN(normalize_range)(x, y, W, rows ? 1 : B, lo, hi, mu, scale, shift, act, fslope);
+        if (rows && t == nt - 1)
+            for (i64 r = rp.A2 * rp.k; r < A; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
     }
     free(fs);
     return 0;
@@ -273,48 +296,60 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
 static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 r0, i64 r1, const F *mu, const F *s,
                                const F *h, int act, F slope, double *sg, double *sgx, F *restrict fg,
                                F *restrict fgx) {
-    i64 R = 16384 / (C > 0 ? C : 1);
-    if (R < 16) R = 16;
+    i64 R = 32768 / (C * (i64)sizeof(T));
+    if (R < 8) R = 8;
     if (R > 1024) R = 1024;
+    /* register blocks (as in sums_rows) for no activation and ReLU; the rest through scratch */
+    const i64 Cb = (act == ACT_NONE || act == ACT_RELU) ? C - C % RB : 0;
     for (i64 r = r0; r < r1; r += R) {
         const i64 n = r1 - r < R ? r1 - r : R;
-        for (i64 c = 0; c < C; c++) fg[c] = fgx[c] = 0;
-        i64 i = 0;
-        if (act == ACT_NONE) { /* two rows per step: half the scratch traffic */
-            for (; i + 1 < n; i += 2) {
-                const T *x0 = x + (r + i) * C, *g0 = dy + (r + i) * C, *x1 = x0 + C, *g1 = g0 + C;
-                for (i64 c = 0; c < C; c++) {
-                    F a = LD(g0 + c), b = LD(g1 + c);
-                    fg[c] += a + b;
-                    fgx[c] += a * (LD(x0 + c) - mu[c]) + b * (LD(x1 + c) - mu[c]);
+        for (i64 cb = 0; cb < Cb; cb += RB) {
+            F a1[RB], a2[RB], m[RB], sc[RB], sh[RB];
+            for (int j = 0; j < RB; j++) { a1[j] = 0; a2[j] = 0; m[j] = mu[cb + j]; sc[j] = s[cb + j]; sh[j] = h[cb + j]; }
+            if (act == ACT_NONE) {
+                for (i64 i = 0; i < n; i++) {
+                    const T *xr = x + (r + i) * C + cb, *gr = dy + (r + i) * C + cb;
+                    for (int j = 0; j < RB; j++) { F g = LD(gr + j); a1[j] += g; a2[j] += g * (LD(xr + j) - m[j]); }
+                }
+            } else {
+                for (i64 i = 0; i < n; i++) {
+                    const T *xr = x + (r + i) * C + cb, *gr = dy + (r + i) * C + cb;
+                    for (int j = 0; j < RB; j++) {
+                        F d = LD(xr + j) - m[j];
+                        F g = d * sc[j] + sh[j] > 0 ? LD(gr + j) : (F)0;
+                        a1[j] += g; a2[j] += g * d;
+                    }
                 }
             }
+            for (int j = 0; j < RB; j++) { sg[cb + j] += a1[j]; sgx[cb + j] += a2[j]; }
         }
-        for (; i < n; i++) {
+        if (Cb == C) continue;
+        for (i64 c = Cb; c < C; c++) fg[c] = fgx[c] = 0;
+        for (i64 i = 0; i < n; i++) {
             const T *xr = x + (r + i) * C, *gr = dy + (r + i) * C;
             if (act == ACT_NONE) {
-                for (i64 c = 0; c < C; c++) { F g = LD(gr + c); fg[c] += g; fgx[c] += g * (LD(xr + c) - mu[c]); }
+                for (i64 c = Cb; c < C; c++) { F g = LD(gr + c); fg[c] += g; fgx[c] += g * (LD(xr + c) - mu[c]); }
             } else if (act == ACT_RELU) {
-                for (i64 c = 0; c < C; c++) {
+                for (i64 c = Cb; c < C; c++) {
                     F d = LD(xr + c) - mu[c];
                     F g = d * s[c] + h[c] > 0 ? LD(gr + c) : (F)0;
                     fg[c] += g; fgx[c] += g * d;
                 }
             } else if (act == ACT_LEAKY) {
-                for (i64 c = 0; c < C; c++) {
+                for (i64 c = Cb; c < C; c++) {
                     F d = LD(xr + c) - mu[c];
                     F g = LD(gr + c) * (d * s[c] + h[c] > 0 ? (F)1 : slope);
                     fg[c] += g; fgx[c] += g * d;
                 }
             } else {
-                for (i64 c = 0; c < C; c++) {
+                for (i64 c = Cb; c < C; c++) {
                     F d = LD(xr + c) - mu[c];
                     F g = LD(gr + c) * FN(act_grad)(d * s[c] + h[c], act, slope);
                     fg[c] += g; fgx[c] += g * d;
                 }
             }
         }
-        for (i64 c = 0; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
+        for (i64 c = Cb; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
     }
 }
 
@@ -374,16 +409,6 @@ static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *rest
     }
 }
 
-static inline void FN(dx_row2)(const T *restrict x0, const T *restrict x1, const T *restrict g0,
-                               const T *restrict g1, T *restrict d0, T *restrict d1, i64 C, const F *restrict mu,
-                               const F *restrict k, const F *restrict al, const F *restrict c0) {
-    for (i64 c = 0; c < C; c++) {
-        const F m = mu[c], kk = k[c], a = al[c], cc = c0[c];
-        ST(d0 + c, kk * LD(g0 + c) + a * (LD(x0 + c) - m) + cc);
-        ST(d1 + c, kk * LD(g1 + c) + a * (LD(x1 + c) - m) + cc);
-    }
-}
-
 static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, F m, F sc,
                                 F sh, F k, F al, F c0, int act, F slope) {
     if (act == ACT_NONE) {
@@ -412,34 +437,48 @@ static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *re
 int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, const F *gamma, const F *beta,
                         const F *mean, const F *invstd, F *dgamma, F *dbeta, int act, double slope,
                         int nthreads) {
-    const i64 items = B == 1 ? A : A * C;
+    const int rows = B == 1;
+    const rows_plan rp = plan_rows(rows ? A : 0, C);
+    const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
     const double M = (double)A * (double)B;
     if (nthreads < 1) nthreads = 1;
     if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * 2 * (size_t)C * (size_t)nthreads);
-    F *fs = (F *)malloc(sizeof(F) * (size_t)C * (2 * (size_t)nthreads + 5));
+    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 6) * (size_t)W));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
-    F *s = fs + 2 * C * nthreads, *h = s + C, *k = h + C, *al = k + C, *c0 = al + C;
+    double *R1 = ws + 2 * W * nthreads, *R2 = R1 + C;
+    F *muw = fs + 2 * W * nthreads, *s = muw + W, *h = s + W, *k = h + W, *al = k + W, *c0 = al + W;
     for (i64 c = 0; c < C; c++) {
+        muw[c] = mean[c];
         s[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
         h[c] = beta ? beta[c] : (F)0;
     }
+    if (rows) { FN(replicate)(muw, muw, C, rp.k); FN(replicate)(s, s, C, rp.k); FN(replicate)(h, h, C, rp.k); }
     const F fslope = (F)slope;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        double *sg = ws + 2 * C * t, *sgx = sg + C;
-        for (i64 c = 0; c < C; c++) sg[c] = sgx[c] = 0;
+        double *sg = ws + 2 * W * t, *sgx = sg + W;
+        for (i64 j = 0; j < W; j++) sg[j] = sgx[j] = 0;
         i64 lo, hi;
         split(items, t, nt, &lo, &hi);
-        if (B == 1) FN(grad_sums_rows)(x, dy, C, lo, hi, mean, s, h, act, fslope, sg, sgx, fs + 2 * C * t, fs + 2 * C * t + C);
-        else FN(grad_sums_planes)(x, dy, C, B, lo, hi, mean, s, h, act, fslope, sg, sgx);
+        if (rows) FN(grad_sums_rows)(x, dy, W, lo, hi, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t, fs + 2 * W * t + W);
+        else FN(grad_sums_planes)(x, dy, C, B, lo, hi, muw, s, h, act, fslope, sg, sgx);
 #pragma omp barrier
 #pragma omp single
         {
+            for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
+            for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
+                for (i64 c = 0; c < C; c++) {
+                    const F d = LD(x + r * C + c) - muw[c];
+                    const F g = LD(dy + r * C + c) * (act == ACT_NONE ? (F)1 : FN(act_grad)(d * s[c] + h[c], act, fslope));
+                    R1[c] += g;
+                    R2[c] += (double)g * d;
+                }
             for (i64 c = 0; c < C; c++) {
-                double S1 = 0, S2 = 0;
-                for (int u = 0; u < nt; u++) { S1 += ws[2 * C * u + c]; S2 += ws[2 * C * u + C + c]; }
+                double S1 = R1[c], S2 = R2[c];
+                for (int u = 0; u < nt; u++)
+                    for (i64 j = c; j < W; j += C) { S1 += ws[2 * W * u + j]; S2 += ws[2 * W * u + W + j]; }
                 const double inv = invstd[c], kk = gamma ? inv * (double)gamma[c] : inv;
                 if (dbeta) dbeta[c] = (F)S1;
                 if (dgamma) dgamma[c] = (F)(S2 * inv);
@@ -447,20 +486,18 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
                 al[c] = (F)(-kk * inv * inv * S2 / M);
                 c0[c] = (F)(-kk * S1 / M);
             }
+            if (rows) { FN(replicate)(k, k, C, rp.k); FN(replicate)(al, al, C, rp.k); FN(replicate)(c0, c0, C, rp.k); }
         }
         if (dx) {
-            if (B == 1) {
-                i64 r = lo;
-                if (act == ACT_NONE)
-                    for (; r + 1 < hi; r += 2)
-                        FN(dx_row2)(x + r * C, x + (r + 1) * C, dy + r * C, dy + (r + 1) * C, dx + r * C,
-                                    dx + (r + 1) * C, C, mean, k, al, c0);
-                for (; r < hi; r++)
-                    FN(dx_row)(x + r * C, dy + r * C, dx + r * C, C, mean, s, h, k, al, c0, act, fslope);
+            if (rows) {
+                for (i64 r = lo; r < hi; r++) FN(dx_row)(x + r * W, dy + r * W, dx + r * W, W, muw, s, h, k, al, c0, act, fslope);
+                if (t == nt - 1)
+                    for (i64 q = rp.A2 * rp.k; q < A; q++)
+                        FN(dx_row)(x + q * C, dy + q * C, dx + q * C, C, muw, s, h, k, al, c0, act, fslope);
             } else {
                 for (i64 p = lo; p < hi; p++) {
                     const i64 c = p % C;
-                    FN(dx_plane)(x + p * B, dy + p * B, dx + p * B, B, mean[c], s[c], h[c], k[c], al[c], c0[c], act, fslope);
+                    FN(dx_plane)(x + p * B, dy + p * B, dx + p * B, B, muw[c], s[c], h[c], k[c], al[c], c0[c], act, fslope);
                 }
             }
         }

@@ -1,0 +1,30 @@
+"""Steady-state memory for benchmarks: keep freed blocks instead of returning them to the OS.
+
+PyTorch's CPU tensors come from glibc's malloc. With its default settings a
+freed block of several MB is handed back to the kernel (munmap, or a trimmed
+heap) and the next allocation of that size faults in fresh zeroed pages:
+thousands of page faults per call, at random depending on what ran before.
+That noise is the allocator's, not any BN implementation's, so every variant
+in these benchmarks runs with freed memory kept for reuse (what a caching
+allocator such as jemalloc or tcmalloc gives a training loop anyway). Pass
+``--system-malloc`` to measure with the defaults instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> str:
+    """Raise glibc's mmap and trim thresholds; return a line saying what was done."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1  # glibc's maximum on 64-bit
+        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return "system malloc (mallopt not available)"
+    return "glibc malloc keeping freed blocks up to 32 MB" if ok else "glibc malloc, mallopt refused"
