@@ -63,7 +63,7 @@ typedef struct { i64 k, W, A2; } rows_plan;
 
 static inline rows_plan plan_rows(i64 A, i64 C) {
     rows_plan p;
-    p.k = C >= 256 ? 1 : (256 + C - 1) / C;
+    p.k = C >= 1024 ? 1 : (1024 + C - 1) / C;
     p.W = p.k * C;
     p.A2 = A / p.k;
     return p;
