@@ -129,3 +129,66 @@ def test_fold_refuses_training_mode_and_skips_unsuitable_layers():
     assert "2" in reasons and "4" in reasons and "track_running_stats" in reasons["4"]
     x = torch.randn(5, 3)
     torch.testing.assert_close(folded(x), odd(x))
+
+
+def _kmnist_cnn():
+    from bnlab.lab import models
+
+    torch.manual_seed(0)
+    return _randomize_bn(models.build("kmnist_cnn", norm_layer="bnlab")).eval()
+
+
+def test_fold_into_the_next_layer_removes_every_bn_of_the_tutorial_cnn():
+    # Tutorial 003 puts BN after ReLU and pooling: each BN folds into the conv/dense after it
+    # (through max pooling, a second BN and a Flatten).
+    model = _kmnist_cnn()
+    x = torch.randn(8, 1, 28, 28)
+    folded, report = bnlab.fold(model)
+    assert report.left == []
+    assert sorted(report.folded) == [("11", "7"), ("11", "9"), ("14", "13"), ("5", "2"), ("5", "4")]
+    assert not any(isinstance(m, bnlab.BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert any(isinstance(m, bnlab.BatchNorm) for m in model.modules())  # the original is untouched
+
+
+def test_fold_forward_refuses_what_would_change_the_outputs():
+    model = _kmnist_cnn()
+    with torch.no_grad():
+        model[2].gamma[3] = -0.7  # a negative scale before max pooling: max would become min
+    folded, report = bnlab.fold(model)
+    reasons = dict(report.left)
+    assert list(reasons) == ["2"] and "max pooling" in reasons["2"]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+    padded = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))).eval()
+    _, report = bnlab.fold(padded)
+    assert "zero-padded" in dict(report.left)["1"]
+    ambiguous = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2))).eval()
+    _, report = bnlab.fold(ambiguous)
+    assert "axis" in dict(report.left)["1"]
+    branching = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))).eval()
+    _, report = bnlab.fold(branching)
+    assert dict(report.left)["1"]
+
+
+@pytest.mark.parametrize("case", ["grouped-conv", "avgpool-conv1d", "bn-bn-linear", "dropout-linear-no-bias"])
+def test_fold_forward_cases_give_the_same_outputs(case):
+    torch.manual_seed(0)
+    if case == "grouped-conv":
+        model, x = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, groups=2)), torch.randn(2, 6, 7, 7)
+    elif case == "avgpool-conv1d":
+        model, x = nn.Sequential(nn.ReLU(), bnlab.BatchNorm(axis=1, num_features=4), nn.AvgPool1d(2), nn.Conv1d(4, 3, 2)), torch.randn(2, 4, 10)
+    elif case == "bn-bn-linear":
+        model = nn.Sequential(nn.Tanh(), bnlab.BatchNorm(num_features=5), bnlab.BatchNorm(num_features=5, epsilon=1e-2), nn.Linear(5, 3))
+        x = torch.randn(6, 5)
+    else:
+        model = nn.Sequential(nn.Sigmoid(), bnlab.BatchNorm(num_features=5), nn.Dropout(0.3), nn.Linear(5, 3, bias=False))
+        x = torch.randn(6, 5)
+    model = _randomize_bn(model).eval()
+    folded, report = bnlab.fold(model)
+    assert report.left == [] and report.folded
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)

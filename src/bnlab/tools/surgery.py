@@ -200,18 +200,30 @@ def _is_bn(m) -> bool:
 
 
 def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldReport]:
-    """Fold each eval-mode BN into the Linear/Conv1d/2d/3d right before it; returns ``(model, report)``.
+    """Fold each eval-mode BN into a Linear/Conv1d/2d/3d next to it; returns ``(model, report)``.
 
-    ``y = gamma * (W x + b - mean) / sqrt(var + eps) + beta`` becomes
-    ``W' x + b'`` with ``W' = W * s``, ``b' = (b - mean) * s + beta``,
-    ``s = gamma / sqrt(var + eps)`` per output channel (computed in float64).
-    Grouped and depthwise convolutions, layers without bias and BN without
-    affine all fold. The model is traced with ``torch.fx`` so a BN is folded
-    only where the layer's output feeds nothing but that BN; where tracing is
-    impossible, consecutive modules of ``nn.Sequential`` containers are used.
-    The input model is left untouched (a folded copy is returned); it must be
-    in eval mode. BN layers that cannot be folded stay, listed in
-    ``report.left`` with the reason.
+    In eval mode BN is a per-channel affine map ``u -> s * u + t`` with
+    ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (computed in float64).
+
+    *Into the layer before* (conv/linear then BN, the usual order):
+    ``W' = W * s`` per output channel, ``b' = b * s + t``. Grouped and depthwise
+    convolutions, layers without bias and BN without affine all fold.
+
+    *Into the layer after* (BN placed after an activation or a pooling layer,
+    as in the tutorials' Keras models): ``W' = W * s`` per input channel and
+    ``b' = b + W t``. The walk from BN to that layer may cross identities and
+    dropout (eval), other BN layers (their affine maps compose), ``Flatten`` of
+    channel-first maps into a Linear layer (each channel's ``s``, ``t`` repeated
+    over its positions), max pooling when every ``s >= 0`` (max commutes with
+    a non-decreasing map) and average pooling without padding. A zero-padded
+    convolution after BN is refused: its padding would not be shifted by ``t``.
+
+    The model is traced with ``torch.fx``; a fold is made only where every
+    value on the way feeds nothing else. Where tracing is impossible,
+    consecutive modules of ``nn.Sequential`` containers are used (folds into
+    the layer before only). The input model is left untouched (a folded copy
+    is returned); it must be in eval mode. BN layers that cannot be folded stay,
+    listed in ``report.left`` with the reason.
     """
     if model.training:
         raise ValueError("fold() needs the model in eval mode (call model.eval()): a BN layer in training mode "
@@ -222,21 +234,172 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
     if pairs is None:
         pairs = _pairs_sequential(model)
     modules = dict(model.named_modules())
+    refused = {}
     for layer_name, bn_name in pairs:
         why = _fold_into(modules[layer_name], modules[bn_name])
         if why is None:
             _set_module(model, bn_name, nn.Identity())
             report.folded.append((layer_name, bn_name))
         else:
-            report.left.append((bn_name, why))
-    done = {b for _, b in report.folded} | {b for b, _ in report.left}
-    for name, m in model.named_modules():
+            refused[bn_name] = why
+    done = {b for _, b in report.folded}
+    forward = _fold_forward(model, done)
+    for bn_name, outcome in forward.items():
+        if isinstance(outcome, tuple):  # (target layer, [bn names absorbed])
+            target, absorbed = outcome
+            for b in absorbed:
+                _set_module(model, b, nn.Identity())
+                report.folded.append((target, b))
+                done.add(b)
+        else:
+            refused.setdefault(bn_name, outcome)
+    for name, m in list(model.named_modules()):
         if _is_bn(m) and name not in done:
-            report.left.append((name, "does not directly follow a Linear/Conv layer whose only use it is"))
+            report.left.append((name, refused.get(name, "has no Linear/Conv layer next to it to fold into")))
     if verbose:
         for name, why in report.left:
             print(f"fold: left {name}: {why}")
     return model, report
+
+
+def _affine(bn: nn.Module):
+    """``(s, t, axis)`` of an eval-mode BN as float64 per-channel tensors, or ``(None, why, None)``."""
+    p = _bn_params(bn)
+    if p is None:
+        return None, "keeps no statistics (track_running_stats=False): it normalizes with batch statistics", None
+    gamma, beta, mean, var, eps, axis = p
+    if mean.dim() != 1:
+        return None, "has more than one feature axis", None
+    dt = torch.float64
+    s = torch.rsqrt(var.detach().to(dt) + eps)
+    if gamma is not None:
+        s = s * gamma.detach().to(dt)
+    t = -mean.detach().to(dt) * s
+    if beta is not None:
+        t = t + beta.detach().to(dt)
+    return s, t, axis
+
+
+_POOL_MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_POOL_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _fold_forward(model: nn.Module, done: set) -> dict:
+    """Fold BN layers into the Linear/Conv after them; ``{bn: (target, absorbed) or why}``."""
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return _is_bn(m) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: only the Sequential backward folds apply
+        return {}
+    modules = dict(model.named_modules())
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    out: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target in done or node.target in out or not _is_bn(modules[node.target]):
+            continue
+        result = _walk_forward(node, modules, calls, done)
+        out[node.target] = result
+        if isinstance(result, tuple):
+            for b in result[1]:
+                done.add(b)
+    return out
+
+
+def _walk_forward(node, modules, calls, done):
+    s, t, axis = _affine(modules[node.target])
+    if s is None:
+        return t
+    absorbed = [node.target]
+    repeat = None  # set once a Flatten has spread each channel over several features
+    cur = node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return "its output feeds more than one operation"
+        nxt = users[0]
+        if nxt.op != "call_module":
+            return f"is followed by {nxt.op} {getattr(nxt.target, '__name__', nxt.target)!s}, which it cannot be moved through"
+        m = modules[nxt.target]
+        if calls.get(nxt.target, 0) != 1:
+            return f"is followed by {nxt.target}, which is called more than once"
+        if isinstance(m, _PASS):
+            pass
+        elif _is_bn(m) and nxt.target not in done:
+            s2, t2, axis2 = _affine(m)
+            if s2 is None or axis2 != axis or s2.numel() != s.numel():
+                return f"is followed by {nxt.target}, a BN it cannot be merged with"
+            s, t = s2 * s, s2 * t + t2
+            absorbed.append(nxt.target)
+        elif isinstance(m, _POOL_MAX):
+            if axis != 1:
+                return f"normalizes axis {axis}, not the channels the pooling layer keeps apart"
+            if bool((s < 0).any()):
+                return "is followed by max pooling and has a negative scale gamma/sqrt(var+eps): max does not commute with it"
+        elif isinstance(m, _POOL_AVG):
+            pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            if axis != 1 or any(pad):
+                return "is followed by average pooling with padding (or on another axis)"
+        elif isinstance(m, nn.Flatten):
+            if axis != 1 or m.start_dim != 1 or m.end_dim != -1 or repeat is not None:
+                return "is followed by a Flatten that does not keep channel-first blocks"
+            repeat = True
+        elif isinstance(m, nn.Linear):
+            if repeat:
+                if m.in_features % s.numel():
+                    return f"is flattened into {nxt.target}, whose {m.in_features} inputs are not a multiple of {s.numel()} channels"
+                r = m.in_features // s.numel()
+                s, t = s.repeat_interleave(r), t.repeat_interleave(r)
+            elif axis != -1:
+                return (f"normalizes axis {axis} and is followed by {nxt.target}, which acts on the last axis "
+                        "(fold cannot tell the input's rank; use axis=-1)")
+            if m.in_features != s.numel():
+                return f"has {s.numel()} features but {nxt.target} takes {m.in_features}"
+            _scale_inputs(m, s, t)
+            return nxt.target, absorbed
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if repeat or axis != 1:
+                return f"does not normalize the channels (axis 1) that {nxt.target} takes"
+            pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            if isinstance(m.padding, str) and m.padding != "valid" or not isinstance(m.padding, str) and any(pad):
+                return f"is followed by {nxt.target}, a zero-padded convolution: its padding would not be shifted"
+            if m.in_channels != s.numel():
+                return f"has {s.numel()} features but {nxt.target} takes {m.in_channels} channels"
+            _scale_inputs(m, s, t)
+            return nxt.target, absorbed
+        else:
+            return f"is followed by {type(m).__name__} ({nxt.target}), which it cannot be moved through"
+        cur = nxt
+
+
+def _scale_inputs(layer: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """In place: ``layer(s * u + t) == layer'(u)`` for a Linear or an unpadded (grouped) conv."""
+    with torch.no_grad():
+        w = layer.weight.detach().to(torch.float64)
+        out_ch = w.shape[0]
+        if isinstance(layer, nn.Linear):
+            S, T = s.view(1, -1).expand(out_ch, -1), t.view(1, -1).expand(out_ch, -1)
+        else:
+            cg = w.shape[1]  # input channels per group
+            groups = layer.groups
+            idx = (torch.arange(out_ch, device=w.device) // (out_ch // groups)).view(-1, 1) * cg + torch.arange(cg, device=w.device)
+            S, T = s.to(w.device)[idx], t.to(w.device)[idx]  # (out, cg)
+        shape = (out_ch, S.shape[1]) + (1,) * (w.dim() - 2)
+        bias = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(out_ch, dtype=torch.float64, device=w.device)
+        new_b = bias + (w * T.to(w.device).reshape(shape)).reshape(out_ch, -1).sum(1)
+        layer.weight.copy_((w * S.to(w.device).reshape(shape)).to(layer.weight.dtype))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_b.to(layer.weight.dtype))
+        else:
+            layer.bias.copy_(new_b.to(layer.bias.dtype))
 
 
 def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
