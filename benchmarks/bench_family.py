@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import bnlab
+from _alloc import keep_freed_memory
 from bnlab.lab import models
 
 
@@ -64,21 +65,26 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _alloc.py)")
     a = p.parse_args(argv)
+    allocator = "glibc malloc, default settings" if a.system_malloc else keep_freed_memory()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"# {a.threads} threads, float32, median of {a.rounds} rounds; torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"# {a.threads} threads, float32, median of {a.rounds} rounds; torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"memory: {allocator}")
     print(f"{'row':<44} {'variant A':>12} {'variant B':>12} {'A/B':>6}")
     print("-" * 78)
     out = []
-    for shape, axis in [((4096, 1024), -1), ((128, 64, 16, 16), 1), ((250, 32, 26, 26), 1)]:
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU}
+    for shape, axis, act in [((4096, 1024), -1, "relu"), ((128, 64, 16, 16), 1, "relu"), ((250, 32, 26, 26), 1, "relu"),
+                             ((128, 64, 16, 16), 1, "silu")]:
         c = shape[axis]
         x, g = torch.randn(shape), torch.randn(shape)
-        fused = bnlab.BatchNormAct(axis=axis, num_features=c, activation="relu")
-        unfused = nn.Sequential(bnlab.BatchNorm(axis=axis, num_features=c), nn.ReLU())
+        fused = bnlab.BatchNormAct(axis=axis, num_features=c, activation=act)
+        unfused = nn.Sequential(bnlab.BatchNorm(axis=axis, num_features=c), acts[act]())
         times = _rows({"fused": _fwd_bwd(fused, x, g), "unfused": _fwd_bwd(unfused, x, g)}, a.rounds, 10)
         ratio = statistics.median(f / u for f, u in zip(times["fused"], times["unfused"], strict=True))
-        out.append((f"BatchNormAct(relu) vs BN+ReLU fwd+bwd {shape}", times["fused"], times["unfused"], ratio))
+        out.append((f"BatchNormAct({act}) vs BN+{acts[act].__name__} fwd+bwd {shape}", times["fused"], times["unfused"], ratio))
     for name, model, shape in [("digits28-cnn (kmnist_cnn), batch 250", models.kmnist_cnn(), (250, 1, 28, 28)),
                                ("ResNet basic block, (64, 64, 16, 16)", Block(), (64, 64, 16, 16))]:
         model.eval()

@@ -78,9 +78,9 @@ static inline float bf16_load(const uint16_t *p) {
 static inline uint16_t bf16_from_float(float f) {
     union { uint32_t u; float f; } v;
     v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
-    v.u += 0x7fffu + ((v.u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(v.u >> 16);
+    const uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16; /* round to nearest even */
+    const uint32_t quiet = (v.u >> 16) | 0x40u;                          /* NaN stays a (quiet) NaN */
+    return (uint16_t)((v.u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded); /* a select, no branch */
 }
 
 /* ---- float32 storage, float32 compute ---- */

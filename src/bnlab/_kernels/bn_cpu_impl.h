@@ -394,16 +394,27 @@ static void FN(grad_sums_planes)(const T *x, const T *dy, i64 C, i64 B, i64 p0, 
 }
 
 /* dx = k * g + alpha * (x - mean) + c0 for one row / one plane, g = dy * act'(z). */
-static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 C, const F *mu,
-                              const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
+static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 C, const F *restrict mu,
+                              const F *restrict s, const F *restrict h, const F *restrict k, const F *restrict al,
+                              const F *restrict c0, int act, F slope) {
     if (act == ACT_NONE) {
         for (i64 c = 0; c < C; c++) ST(dx + c, k[c] * LD(dy + c) + al[c] * (LD(x + c) - mu[c]) + c0[c]);
+    } else if (act == ACT_RELU) {
+        for (i64 c = 0; c < C; c++) {
+            F d = LD(x + c) - mu[c];
+            F g = d * s[c] + h[c] > 0 ? LD(dy + c) : (F)0;
+            ST(dx + c, k[c] * g + al[c] * d + c0[c]);
+        }
+    } else if (act == ACT_LEAKY) {
+        for (i64 c = 0; c < C; c++) {
+            F d = LD(x + c) - mu[c];
+            F g = LD(dy + c) * (d * s[c] + h[c] > 0 ? (F)1 : slope);
+            ST(dx + c, k[c] * g + al[c] * d + c0[c]);
+        }
     } else {
         for (i64 c = 0; c < C; c++) {
-            F d = LD(x + c) - mu[c], z = d * s[c] + h[c], g;
-            if (act == ACT_RELU) g = z > 0 ? LD(dy + c) : (F)0;
-            else if (act == ACT_LEAKY) g = LD(dy + c) * (z > 0 ? (F)1 : slope);
-            else g = LD(dy + c) * FN(act_grad)(z, act, slope);
+            F d = LD(x + c) - mu[c];
+            F g = LD(dy + c) * FN(act_grad)(d * s[c] + h[c], act, slope);
             ST(dx + c, k[c] * g + al[c] * d + c0[c]);
         }
     }
