@@ -35,8 +35,8 @@ and against :mod:`bnlab.reference`:
   analytic backward above; it is the one that supports masks and a batch of one.
 * ``"kernel"``: bnlab's compiled CPU kernels (:mod:`bnlab._kernels`): one pass
   for the statistics and one to normalize in the forward, two passes over
-  ``(x, dy)`` in the backward, an optional activation fused into both, the
-  moving statistics updated in the same call. ``"auto"`` picks it for float32,
+  ``(x, dy)`` in the backward, ReLU / leaky ReLU fused into both, the moving
+  statistics updated in the same call. ``"auto"`` picks it for float32,
   float64 and bfloat16 CPU tensors whenever the kernels could be built, and
   falls back to ``"aten"``/``"composite"`` otherwise (other devices, masks,
   ``torch.compile``/tracing, no C compiler, ``BNLAB_KERNELS=0``).
@@ -667,7 +667,9 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
         x, dims = _dense_acb(x, feat)
         kernels = _kernels_for(x, dims[1], gamma, beta, moving_mean, moving_variance)
         if kernels is not None:
-            return _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_variance, epsilon, act, slope)
+            fused = act if act in _ACT_CODES else None
+            y = _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
+            return y if fused == act else _activate(y, act, slope)
     return _activate(_inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype), act, slope)
 
 
@@ -845,7 +847,9 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
                     # stored variance = biased * var_factor; one value has no unbiased variance (NaN: skipped)
                     factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
                     moving = (moving_mean, moving_variance, float(momentum), factor)
-                return _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, moving, act, slope, False, kernels)
+                fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
+                y = _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, moving, fused, slope, False, kernels)
+                return y if fused == act else _activate(y, act, slope)
         if impl == "kernel":
             _kernels_refused(x, mask)
     return _activate(

@@ -51,8 +51,8 @@ _FLAG_SETS = (
     [],
 )
 
-#: Activation codes understood by the kernels (``bn_cpu.c``).
-ACTIVATION_CODES = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "sigmoid": 5, "tanh": 6}
+#: Activations the kernels fuse (``bn_cpu.c``): the piecewise-linear ones. Others run after the kernel.
+ACTIVATION_CODES = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2}
 
 #: Below this many elements a call runs on one thread (a fork/join costs more than it saves).
 PARALLEL_MIN_NUMEL = 1 << 15

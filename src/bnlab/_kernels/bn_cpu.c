@@ -36,7 +36,10 @@ static int omp_get_num_threads(void) { return 1; }
 
 typedef int64_t i64;
 
-enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_SILU = 3, ACT_GELU = 4, ACT_SIGMOID = 5, ACT_TANH = 6 };
+/* Activations fused into the kernels: piecewise linear ones, which cost nothing extra per value.
+ * (SiLU, GELU, sigmoid and tanh would need scalar libm calls here, slower than PyTorch's
+ * vectorized versions; bnlab applies those with PyTorch after the kernel.) */
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
 /* ABI version checked by the loader: bump when a signature changes. */
 int bnlab_abi_version(void) { return 1; }
@@ -89,9 +92,6 @@ static inline uint16_t bf16_from_float(float f) {
 #define F float
 #define LD(p) (*(p))
 #define ST(p, v) (*(p) = (v))
-#define F_EXP expf
-#define F_ERF erff
-#define F_TANH tanhf
 #include "bn_cpu_impl.h"
 
 /* ---- float64 storage, float64 compute ---- */
@@ -100,9 +100,6 @@ static inline uint16_t bf16_from_float(float f) {
 #define F double
 #define LD(p) (*(p))
 #define ST(p, v) (*(p) = (v))
-#define F_EXP exp
-#define F_ERF erf
-#define F_TANH tanh
 #include "bn_cpu_impl.h"
 
 /* ---- bfloat16 storage, float32 compute ---- */
@@ -111,7 +108,4 @@ static inline uint16_t bf16_from_float(float f) {
 #define F float
 #define LD(p) bf16_load(p)
 #define ST(p, v) (*(p) = bf16_from_float(v))
-#define F_EXP expf
-#define F_ERF erff
-#define F_TANH tanhf
 #include "bn_cpu_impl.h"

@@ -1,7 +1,7 @@
 /*
  * Kernel bodies, instantiated once per storage type by bn_cpu.c, which defines
- * SFX (name suffix), T (storage), F (compute: float or double), LD(p), ST(p, v),
- * F_EXP, F_ERF, F_TANH. Per-feature parameters and statistics are F arrays.
+ * SFX (name suffix), T (storage), F (compute: float or double), LD(p), ST(p, v).
+ * Per-feature parameters and statistics are F arrays.
  *
  * Layout: x is a contiguous (A, C, B) array. B == 1 ("rows": (N, C) matrices and
  * channels-last tensors) is processed row by row, vectorized across channels;
@@ -13,38 +13,11 @@
 
 /* ------------------------------------------------------------------ activations */
 
-static inline F FN(act_fwd)(F z, int act, F slope) {
-    switch (act) {
-    case ACT_RELU: return z < 0 ? (F)0 : z; /* NaN passes through, as in torch.relu */
-    case ACT_LEAKY: return z < 0 ? z * slope : z;
-    case ACT_SILU: return z / ((F)1 + F_EXP(-z));
-    case ACT_GELU: return (F)0.5 * z * ((F)1 + F_ERF(z * (F)0.70710678118654752440));
-    case ACT_SIGMOID: return (F)1 / ((F)1 + F_EXP(-z));
-    case ACT_TANH: return F_TANH(z);
-    default: return z;
-    }
-}
-
 /* d act(z) / dz, with PyTorch's choices at the kinks (relu'(0) = 0, leaky'(0) = slope). */
 static inline F FN(act_grad)(F z, int act, F slope) {
     switch (act) {
     case ACT_RELU: return z > 0 ? (F)1 : (F)0;
     case ACT_LEAKY: return z > 0 ? (F)1 : slope;
-    case ACT_SILU: {
-        F s = (F)1 / ((F)1 + F_EXP(-z));
-        return s * ((F)1 + z * ((F)1 - s));
-    }
-    case ACT_GELU:
-        return (F)0.5 * ((F)1 + F_ERF(z * (F)0.70710678118654752440))
-             + z * F_EXP((F)-0.5 * z * z) * (F)0.39894228040143267794;
-    case ACT_SIGMOID: {
-        F s = (F)1 / ((F)1 + F_EXP(-z));
-        return s * ((F)1 - s);
-    }
-    case ACT_TANH: {
-        F t = F_TANH(z);
-        return (F)1 - t * t;
-    }
     default: return (F)1;
     }
 }
@@ -58,8 +31,6 @@ static inline void FN(norm_row)(const T *restrict x, T *restrict y, i64 C, const
         for (i64 c = 0; c < C; c++) { F z = (LD(x + c) - mu[c]) * s[c] + h[c]; ST(y + c, z < 0 ? (F)0 : z); }
     } else if (act == ACT_LEAKY) {
         for (i64 c = 0; c < C; c++) { F z = (LD(x + c) - mu[c]) * s[c] + h[c]; ST(y + c, z < 0 ? z * slope : z); }
-    } else {
-        for (i64 c = 0; c < C; c++) ST(y + c, FN(act_fwd)((LD(x + c) - mu[c]) * s[c] + h[c], act, slope));
     }
 }
 
@@ -71,8 +42,6 @@ static inline void FN(norm_plane)(const T *restrict x, T *restrict y, i64 n, F m
         for (i64 i = 0; i < n; i++) { F z = (LD(x + i) - mu) * s + h; ST(y + i, z < 0 ? (F)0 : z); }
     } else if (act == ACT_LEAKY) {
         for (i64 i = 0; i < n; i++) { F z = (LD(x + i) - mu) * s + h; ST(y + i, z < 0 ? z * slope : z); }
-    } else {
-        for (i64 i = 0; i < n; i++) ST(y + i, FN(act_fwd)((LD(x + i) - mu) * s + h, act, slope));
     }
 }
 
@@ -341,12 +310,6 @@ static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 r0, i64 r1, c
                     F g = LD(gr + c) * (d * s[c] + h[c] > 0 ? (F)1 : slope);
                     fg[c] += g; fgx[c] += g * d;
                 }
-            } else {
-                for (i64 c = Cb; c < C; c++) {
-                    F d = LD(xr + c) - mu[c];
-                    F g = LD(gr + c) * FN(act_grad)(d * s[c] + h[c], act, slope);
-                    fg[c] += g; fgx[c] += g * d;
-                }
             }
         }
         for (i64 c = Cb; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
@@ -380,12 +343,6 @@ static void FN(grad_sums_planes)(const T *x, const T *dy, i64 C, i64 B, i64 p0, 
                     F g = LD(gc + i) * (d * sc + sh > 0 ? (F)1 : slope);
                     a += g; b += g * d;
                 }
-            } else {
-                for (i64 i = 0; i < n; i++) {
-                    F d = LD(xc + i) - m;
-                    F g = LD(gc + i) * FN(act_grad)(d * sc + sh, act, slope);
-                    a += g; b += g * d;
-                }
             }
             sg[c] += a;
             sgx[c] += b;
@@ -411,12 +368,6 @@ static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *rest
             F g = LD(dy + c) * (d * s[c] + h[c] > 0 ? (F)1 : slope);
             ST(dx + c, k[c] * g + al[c] * d + c0[c]);
         }
-    } else {
-        for (i64 c = 0; c < C; c++) {
-            F d = LD(x + c) - mu[c];
-            F g = LD(dy + c) * FN(act_grad)(d * s[c] + h[c], act, slope);
-            ST(dx + c, k[c] * g + al[c] * d + c0[c]);
-        }
     }
 }
 
@@ -433,7 +384,7 @@ static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *re
     } else {
         for (i64 i = 0; i < n; i++) {
             F d = LD(x + i) - m, z = d * sc + sh;
-            F g = act == ACT_LEAKY ? LD(dy + i) * (z > 0 ? (F)1 : slope) : LD(dy + i) * FN(act_grad)(z, act, slope);
+            F g = LD(dy + i) * (z > 0 ? (F)1 : slope); /* leaky ReLU */
             ST(dx + i, k * g + al * d + c0);
         }
     }
@@ -523,6 +474,3 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
 #undef F
 #undef LD
 #undef ST
-#undef F_EXP
-#undef F_ERF
-#undef F_TANH
