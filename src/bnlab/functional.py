@@ -380,14 +380,15 @@ def _ptr(t: Tensor | None) -> int | None:
 def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
     """The compiled kernels if they apply to ``x`` and these per-feature tensors, else ``None``."""
     pdtype = _KERNEL_PARAM_DTYPE.get(x.dtype)
-    if pdtype is None or x.device.type != "cpu":
+    if pdtype is None or not x.is_cpu:
         return None
     for t in per_feature:
-        if t is not None and (t.dtype != pdtype or t.device.type != "cpu" or t.numel() != channels or not t.is_contiguous()):
+        if t is not None and (t.dtype != pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
             return None
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch._C._get_tracing_state() or torch.compiler.is_compiling():
         return None  # the graph sees the PyTorch ops instead
-    return _kernels.get()
+    state = _kernels._state
+    return state["kernels"] if state["tried"] else _kernels.get()
 
 
 def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
@@ -423,39 +424,42 @@ def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -
 
 
 class _KernelTrain(torch.autograd.Function):
-    """Training-mode batch norm (+ optional activation) in compiled code.
+    """Training-mode batch norm (+ optional ReLU / leaky ReLU) in compiled code.
 
-    ``x`` is dense and its memory is the ``(A, C, B)`` array ``dims`` (see
-    :func:`_acb_dims`); ``y`` and ``dx`` get ``x``'s shape and strides, so no
-    view enters the autograd graph. ``moving`` is ``None`` or ``(moving_mean,
-    moving_var, momentum, var_factor)``, updated in place inside the forward
-    call (features with non-finite statistics keep their values). With
-    ``stats=True`` the batch mean and biased variance are returned too
-    (non-differentiable).
+    ``apply(x, gamma, beta, plan)`` with ``plan = (feat, dims, epsilon, moving,
+    act, slope, stats, kernels)`` (one tuple: every argument of ``apply`` costs
+    time on small layers). ``x`` is dense and its memory is the ``(A, C, B)``
+    array ``dims`` (see :func:`_acb_dims`); ``y`` and ``dx`` get ``x``'s shape
+    and strides, so no view enters the autograd graph. ``moving`` is ``None``
+    or ``(moving_mean, moving_var, momentum, var_factor)``, updated in place
+    inside the forward call (features with non-finite statistics keep their
+    values). With ``stats=True`` the batch mean and biased variance are
+    returned too (non-differentiable).
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, feat, dims, epsilon, moving, act, slope, stats, kernels):
-        a, c, b = dims
+    def forward(ctx, x, gamma, beta, plan):
+        feat, (a, c, b), epsilon, moving, act, slope, stats, kernels = plan
         pdtype = _KERNEL_PARAM_DTYPE[x.dtype]
         y = torch.empty_like(x)
-        mean = torch.empty(c, dtype=pdtype)
-        invstd = torch.empty(c, dtype=pdtype)
+        # mean and invstd share one buffer, kept on ctx (an intermediate, not a saved input)
+        saved = torch.empty(2 * c, dtype=pdtype)
+        p_mean = saved.data_ptr()
+        p_invstd = p_mean + c * saved.element_size()
         var = torch.empty(c, dtype=pdtype) if stats else None
         mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
         code = _ACT_CODES[act]
-        threads = _kernels.threads_for(x.numel())
+        threads = 1 if a * c * b < _kernels.PARALLEL_MIN_NUMEL else torch.get_num_threads()
         rc = kernels.train_fwd[x.dtype](
-            x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon,
-            mean.data_ptr(), _ptr(var), invstd.data_ptr(), _ptr(mm), _ptr(mv),
-            momentum, var_factor, code, slope, threads,
+            x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var), p_invstd,
+            _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
         )
         if rc:
             raise MemoryError("bnlab kernel could not allocate its scratch memory")
         ctx.save_for_backward(x, gamma, beta)
-        # intermediates live on ctx directly (autograd's advice for non-inputs; cheaper too)
-        ctx.state = (mean, invstd, feat, dims, epsilon, act, slope, code, threads, kernels)
+        ctx.state = (saved, plan, code, threads)
         if stats:
+            mean = saved[:c].clone()
             ctx.mark_non_differentiable(mean, var)
             return y, mean, var
         return y
@@ -463,7 +467,7 @@ class _KernelTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         x, gamma, beta = ctx.saved_tensors
-        mean, invstd, feat, (a, c, b), epsilon, act, slope, code, threads, kernels = ctx.state
+        saved, (feat, (a, c, b), epsilon, _moving, act, slope, _stats, kernels), code, threads = ctx.state
         need_x, need_g, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: differentiate a differentiable recomputation instead
@@ -473,20 +477,20 @@ class _KernelTrain(torch.autograd.Function):
             bt = None if beta is None else beta.reshape(-1)
             y = restore(_differentiable_train(x3, g, bt, epsilon, act, slope))
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            out = [next(grads) if need else None for need in (need_x, need_g, need_b)]
-            return (*out, *([None] * 8))
+            return next(grads) if need_x else None, next(grads) if need_g else None, next(grads) if need_b else None, None
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)  # x's memory layout
         dx = torch.empty_like(x) if need_x else None
         dgamma = torch.empty_like(gamma) if need_g else None
         dbeta = torch.empty_like(beta) if need_b else None
+        p_mean = saved.data_ptr()
         rc = kernels.train_bwd[x.dtype](
-            x.data_ptr(), dy.data_ptr(), _ptr(dx), a, c, b, _ptr(gamma), _ptr(beta), mean.data_ptr(),
-            invstd.data_ptr(), _ptr(dgamma), _ptr(dbeta), code, slope, threads,
+            x.data_ptr(), dy.data_ptr(), _ptr(dx), a, c, b, _ptr(gamma), _ptr(beta), p_mean,
+            p_mean + c * saved.element_size(), _ptr(dgamma), _ptr(dbeta), code, slope, threads,
         )
         if rc:
             raise MemoryError("bnlab kernel could not allocate its scratch memory")
-        return dx, dgamma, dbeta, None, None, None, None, None, None, None, None
+        return dx, dgamma, dbeta, None
 
 
 def _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_var, epsilon, act, slope) -> Tensor:
@@ -711,7 +715,7 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
             xd, dims = _dense_acb(x, feat)
             kernels = _kernels_for(xd, dims[1], gamma, beta)
             if kernels is not None:
-                y, mean, var = _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, None, None, 0.01, True, kernels)
+                y, mean, var = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, None, None, 0.01, True, kernels))
                 return y, (mean, var), dims[0] * dims[2], False
         if impl == "kernel":
             _kernels_refused(x, mask)
@@ -848,7 +852,7 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
                     factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
                     moving = (moving_mean, moving_variance, float(momentum), factor)
                 fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
-                y = _KernelTrain.apply(xd, gamma, beta, feat, dims, epsilon, moving, fused, slope, False, kernels)
+                y = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, moving, fused, slope, False, kernels))
                 return y if fused == act else _activate(y, act, slope)
         if impl == "kernel":
             _kernels_refused(x, mask)
