@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import bnlab
-from _alloc import keep_freed_memory
+from _bench import keep_freed_memory
 from bnlab.lab import models
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _alloc.py)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _bench.py)")
     a = p.parse_args(argv)
     allocator = "glibc malloc, default settings" if a.system_malloc else keep_freed_memory()
     torch.set_num_threads(a.threads)

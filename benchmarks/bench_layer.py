@@ -34,7 +34,7 @@ import time
 import torch
 
 import bnlab
-from _alloc import keep_freed_memory
+from _bench import keep_freed_memory, write_json
 from bnlab import _kernels
 
 ROWS_2D = [(64, 64), (256, 256), (4096, 1024), (60000, 128)]
@@ -258,7 +258,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="two 2D rows and one 4D shape only (smoke test)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--compare", help="a JSON file from an earlier run: print bnlab's time now / then per row")
-    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _alloc.py)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _bench.py)")
     a = p.parse_args(argv)
     allocator = "glibc malloc, default settings" if a.system_malloc else keep_freed_memory()
     torch.set_num_threads(a.threads)
@@ -295,10 +295,7 @@ def main(argv=None):
                 print(f"{r['mode']:<7} {r['dtype']:<9} {r['layout']:<13} {str(r['shape']):<18} "
                       f"{r['median_s']['bnlab'] / o['median_s']['bnlab']:.2f}")
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"env": env, "rows": rows}, fh, indent=1)
-        os.replace(tmp, a.json)
+        write_json(a.json, {"env": env, "rows": rows})
     return 0
 
 

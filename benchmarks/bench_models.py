@@ -17,7 +17,6 @@ of per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import time
 import torch
 
 import bnlab
-from _alloc import keep_freed_memory
+from _bench import keep_freed_memory, write_json
 from bnlab import _kernels
 from bnlab.lab import models as M
 from bnlab.lab import recipes
@@ -97,7 +96,7 @@ def main(argv=None):
     p.add_argument("--epoch-samples", type=int, default=60000)
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _alloc.py)")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _bench.py)")
     a = p.parse_args(argv)
     allocator = "glibc malloc, default settings" if a.system_malloc else keep_freed_memory()
     torch.set_num_threads(a.threads)
@@ -121,10 +120,7 @@ def main(argv=None):
         print(f"{name:<12} {r['batch_size']:>5} {e['bnlab BN']:>11.2f} {e['torch BN']:>11.2f} {e['no BN']:>9.2f} "
               f"{r['bnlab_over_nobn']:>11.2f} {r['torch_over_nobn']:>11.2f} {r['bnlab_over_torch']:>12.2f}", flush=True)
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"env": env, "rows": rows}, fh, indent=1)
-        os.replace(tmp, a.json)
+        write_json(a.json, {"env": env, "rows": rows})
     return 0
 
 

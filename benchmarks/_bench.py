@@ -1,4 +1,6 @@
-"""Steady-state memory for benchmarks: keep freed blocks instead of returning them to the OS.
+"""Helpers shared by the benchmarks: steady-state memory, atomic JSON results.
+
+Memory: keep freed blocks instead of returning them to the OS.
 
 PyTorch's CPU tensors come from glibc's malloc. With its default settings a
 freed block of several MB is handed back to the kernel (munmap, or a trimmed
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
+import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -28,3 +32,11 @@ def keep_freed_memory() -> str:
     except (OSError, AttributeError):
         return "system malloc (mallopt not available)"
     return "glibc malloc keeping freed blocks up to 32 MB" if ok else "glibc malloc, mallopt refused"
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a killed run leaves the old file or none, never half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
