@@ -280,3 +280,16 @@ def test_build_is_cached_per_machine(monkeypatch, tmp_path):
         assert _kernels.status()["available"]
     finally:
         _kernels._reset()
+
+
+def test_transforms_and_inference_mode_take_a_safe_path():
+    layer = bnlab.BatchNorm(num_features=3)
+    x = torch.randn(5, 4, 3)
+    with torch.inference_mode():
+        y = layer(x)
+    torch.testing.assert_close(y, F.batch_norm_train(x, impl="composite")[0])
+    # vmap hands functions wrapped tensors: the kernels step aside for the PyTorch ops
+    seen = []
+    torch.func.vmap(lambda t: seen.append(F._kernels_for(t, 3)) or t)(x)
+    assert seen == [None]
+    assert F._kernels_for(x, 3) is _kernels.get()

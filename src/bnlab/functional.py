@@ -380,13 +380,13 @@ def _ptr(t: Tensor | None) -> int | None:
 def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
     """The compiled kernels if they apply to ``x`` and these per-feature tensors, else ``None``."""
     pdtype = _KERNEL_PARAM_DTYPE.get(x.dtype)
-    if pdtype is None or not x.is_cpu:
-        return None
+    if pdtype is None or not x.is_cpu or (type(x) is not Tensor and type(x) is not torch.nn.Parameter):
+        return None  # tensor subclasses and wrappers hold no plain memory to hand to C
     for t in per_feature:
         if t is not None and (t.dtype != pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
             return None
-    if torch._C._get_tracing_state() or torch.compiler.is_compiling():
-        return None  # the graph sees the PyTorch ops instead
+    if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None  # the graph (or vmap/grad transform) sees the PyTorch ops instead
     state = _kernels._state
     return state["kernels"] if state["tried"] else _kernels.get()
 
@@ -873,7 +873,7 @@ def _kernels_refused(x: Tensor, mask) -> None:
 
 def _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl):
     fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, "auto" if impl == "kernel" else impl)
+    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
     if moving_mean is None:
         return y
     valid = None
