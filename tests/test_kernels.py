@@ -90,8 +90,9 @@ def test_output_keeps_the_input_layout_without_copies(layout):
 @needs_kernels
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("shape,axis", [((40, 6), -1), ((600, 6), -1), ((301, 70), -1), ((4, 6, 5, 7), 1)])
-def test_fused_activation_matches_composite(act, shape, axis):
-    x = _make(shape, "contiguous", torch.float64, offset=0.3, scale=1.0).requires_grad_()
+@pytest.mark.parametrize("offset", [0.3, 50.0])  # rows: the two-parameter forms, then the exact ones (mean far from 0)
+def test_fused_activation_matches_composite(act, shape, axis, offset):
+    x = _make(shape, "contiguous", torch.float64, offset=offset, scale=1.0).requires_grad_()
     fs = R.feature_shape(shape, axis)
     g = (torch.rand(fs, dtype=torch.float64) + 0.5).requires_grad_()
     b = (torch.randn(fs, dtype=torch.float64) * 0.3).requires_grad_()

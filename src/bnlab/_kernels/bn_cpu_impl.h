@@ -34,6 +34,30 @@ static inline void FN(norm_row)(const T *restrict x, T *restrict y, i64 C, const
     }
 }
 
+/* y[i] = act(x[i] * s[i] + t[i]): the two-parameter form, used where |mean * s| is small
+ * enough that folding the mean into t loses nothing (see affine_ok). */
+static inline void FN(affine_row)(const T *restrict x, T *restrict y, i64 C, const F *restrict s,
+                                  const F *restrict t, int act, F slope) {
+    if (act == ACT_NONE) {
+        for (i64 c = 0; c < C; c++) ST(y + c, LD(x + c) * s[c] + t[c]);
+    } else if (act == ACT_RELU) {
+        for (i64 c = 0; c < C; c++) { F z = LD(x + c) * s[c] + t[c]; ST(y + c, z < 0 ? (F)0 : z); }
+    } else if (act == ACT_LEAKY) {
+        for (i64 c = 0; c < C; c++) { F z = LD(x + c) * s[c] + t[c]; ST(y + c, z < 0 ? z * slope : z); }
+    }
+}
+
+/* Whether y = x*s + (h - mean*s) matches (x - mean)*s + h to within a few units of rounding:
+ * the folded shift carries an absolute error of about eps * |mean * s|, so that must stay
+ * near the output's own scale. Otherwise (data far from zero) the exact form is used. */
+static int FN(affine_ok)(const F *mu, const F *s, i64 C) {
+    for (i64 c = 0; c < C; c++) {
+        const double v = (double)mu[c] * (double)s[c];
+        if (!(v <= 4.0 && v >= -4.0)) return 0;
+    }
+    return 1;
+}
+
 /* y[i] = act((x[i] - mu) * s + h) for one plane of n values of one feature. */
 static inline void FN(norm_plane)(const T *restrict x, T *restrict y, i64 n, F mu, F s, F h, int act, F slope) {
     if (act == ACT_NONE) {
@@ -177,6 +201,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     for (i64 c = 0; c < C; c++) Kw[c] = LD(x + c * B); /* first sample of each feature */
     if (rows) FN(replicate)(Kw, Kw, C, rp.k);
     const F fslope = (F)slope;
+    int affine = 0; /* set by the single thread that finishes the statistics */
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -210,12 +235,25 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
                     if (isfinite(nm) && isfinite(nv)) { mm[c] = (F)nm; mv[c] = (F)nv; }
                 }
             }
-            if (rows) { FN(replicate)(muw, mu, C, rp.k); FN(replicate)(sw, scale, C, rp.k); FN(replicate)(hw, shift, C, rp.k); }
+            if (rows) {
+                affine = FN(affine_ok)(mu, scale, C);
+                if (affine) /* shift becomes beta - mean * scale: one parameter fewer per value */
+                    for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
+                FN(replicate)(muw, mu, C, rp.k);
+                FN(replicate)(sw, scale, C, rp.k);
+                FN(replicate)(hw, shift, C, rp.k);
+            }
         }
         if (rows) {
-            FN(normalize_range)(x, y, W, 1, lo, hi, muw, sw, hw, act, fslope);
+            if (affine)
+                for (i64 r = lo; r < hi; r++) FN(affine_row)(x + r * W, y + r * W, W, sw, hw, act, fslope);
+            else
+                FN(normalize_range)(x, y, W, 1, lo, hi, muw, sw, hw, act, fslope);
             if (t == nt - 1)
-                for (i64 r = rp.A2 * rp.k; r < A; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
+                for (i64 r = rp.A2 * rp.k; r < A; r++) {
+                    if (affine) FN(affine_row)(x + r * C, y + r * C, C, scale, shift, act, fslope);
+                    else FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
+                }
         } else {
             FN(normalize_range)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
         }
@@ -244,6 +282,9 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
         scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
         shift[c] = beta ? beta[c] : (F)0;
     }
+    const int affine = rows && FN(affine_ok)(mu, scale, C);
+    if (affine)
+        for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
     if (rows) { FN(replicate)(mu, mu, C, rp.k); FN(replicate)(scale, scale, C, rp.k); FN(replicate)(shift, shift, C, rp.k); }
     const F fslope = (F)slope;
 #pragma omp parallel num_threads(nthreads)
@@ -251,9 +292,15 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         split(items, t, nt, &lo, &hi);
-        FN(normalize_range)(x, y, W, rows ? 1 : B, lo, hi, mu, scale, shift, act, fslope);
+        if (affine)
+            for (i64 r = lo; r < hi; r++) FN(affine_row)(x + r * W, y + r * W, W, scale, shift, act, fslope);
+        else
+            FN(normalize_range)(x, y, W, rows ? 1 : B, lo, hi, mu, scale, shift, act, fslope);
         if (rows && t == nt - 1)
-            for (i64 r = rp.A2 * rp.k; r < A; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
+            for (i64 r = rp.A2 * rp.k; r < A; r++) {
+                if (affine) FN(affine_row)(x + r * C, y + r * C, C, scale, shift, act, fslope);
+                else FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
+            }
     }
     free(fs);
     return 0;
@@ -371,6 +418,27 @@ static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *rest
     }
 }
 
+/* dx = k*g + al*x + c0 with g = dy * act'(x*s + t): the two-parameter form of dx_row. */
+static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 C,
+                                     const F *restrict s, const F *restrict t, const F *restrict k,
+                                     const F *restrict al, const F *restrict c0, int act, F slope) {
+    if (act == ACT_NONE) {
+        for (i64 c = 0; c < C; c++) ST(dx + c, k[c] * LD(dy + c) + al[c] * LD(x + c) + c0[c]);
+    } else if (act == ACT_RELU) {
+        for (i64 c = 0; c < C; c++) {
+            const F xv = LD(x + c);
+            const F g = xv * s[c] + t[c] > 0 ? LD(dy + c) : (F)0;
+            ST(dx + c, k[c] * g + al[c] * xv + c0[c]);
+        }
+    } else if (act == ACT_LEAKY) {
+        for (i64 c = 0; c < C; c++) {
+            const F xv = LD(x + c);
+            const F g = LD(dy + c) * (xv * s[c] + t[c] > 0 ? (F)1 : slope);
+            ST(dx + c, k[c] * g + al[c] * xv + c0[c]);
+        }
+    }
+}
+
 static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, F m, F sc,
                                 F sh, F k, F al, F c0, int act, F slope) {
     if (act == ACT_NONE) {
@@ -417,6 +485,7 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     }
     if (rows) { FN(replicate)(muw, muw, C, rp.k); FN(replicate)(s, s, C, rp.k); FN(replicate)(h, h, C, rp.k); }
     const F fslope = (F)slope;
+    int affine = 0; /* set by the single thread that finishes the sums */
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -448,14 +517,32 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
                 al[c] = (F)(-kk * inv * inv * S2 / M);
                 c0[c] = (F)(-kk * S1 / M);
             }
-            if (rows) { FN(replicate)(k, k, C, rp.k); FN(replicate)(al, al, C, rp.k); FN(replicate)(c0, c0, C, rp.k); }
+            if (rows) {
+                /* the two-parameter forms where they lose nothing (see affine_ok): z = x*s + t and
+                   dx = k*g + al*x + (c0 - al*mean) */
+                affine = FN(affine_ok)(muw, invstd, C) && (act == ACT_NONE || FN(affine_ok)(muw, s, C));
+                if (affine)
+                    for (i64 c = 0; c < C; c++) {
+                        h[c] = (F)((double)h[c] - (double)muw[c] * (double)s[c]);
+                        c0[c] = (F)((double)c0[c] - (double)al[c] * (double)muw[c]);
+                    }
+                FN(replicate)(h, h, C, rp.k);
+                FN(replicate)(k, k, C, rp.k);
+                FN(replicate)(al, al, C, rp.k);
+                FN(replicate)(c0, c0, C, rp.k);
+            }
         }
         if (dx) {
             if (rows) {
-                for (i64 r = lo; r < hi; r++) FN(dx_row)(x + r * W, dy + r * W, dx + r * W, W, muw, s, h, k, al, c0, act, fslope);
+                for (i64 r = lo; r < hi; r++) {
+                    if (affine) FN(dx_row_affine)(x + r * W, dy + r * W, dx + r * W, W, s, h, k, al, c0, act, fslope);
+                    else FN(dx_row)(x + r * W, dy + r * W, dx + r * W, W, muw, s, h, k, al, c0, act, fslope);
+                }
                 if (t == nt - 1)
-                    for (i64 q = rp.A2 * rp.k; q < A; q++)
-                        FN(dx_row)(x + q * C, dy + q * C, dx + q * C, C, muw, s, h, k, al, c0, act, fslope);
+                    for (i64 q = rp.A2 * rp.k; q < A; q++) {
+                        if (affine) FN(dx_row_affine)(x + q * C, dy + q * C, dx + q * C, C, s, h, k, al, c0, act, fslope);
+                        else FN(dx_row)(x + q * C, dy + q * C, dx + q * C, C, muw, s, h, k, al, c0, act, fslope);
+                    }
             } else {
                 for (i64 p = lo; p < hi; p++) {
                     const i64 c = p % C;
