@@ -177,3 +177,21 @@ def test_run_with_two_processes(capsys, tmp_path):
     assert abs(two["val_accuracy"] - one["val_accuracy"]) < 0.03
     code, _, err = run_cli(capsys, "run", "blobs", "--nproc", "0")
     assert code == 2 and "--nproc must be >= 1" in err
+
+
+def test_info_says_whether_the_kernels_are_in_use(capsys, monkeypatch):
+    from bnlab import _kernels
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "bnlab" in out and "threads:" in out
+    assert ("CPU kernels: in use" in out) == _kernels.status()["available"]
+    monkeypatch.setenv("BNLAB_KERNELS", "0")
+    _kernels._reset()
+    try:
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "PyTorch paths in use" in out and "BNLAB_KERNELS=0" in out
+    finally:
+        monkeypatch.delenv("BNLAB_KERNELS")
+        _kernels._reset()

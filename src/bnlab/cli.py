@@ -355,6 +355,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """Versions, threads, and whether bnlab's compiled CPU kernels are in use (building them if needed)."""
+    import platform
+
+    import torch
+
+    import bnlab
+    from bnlab import _kernels
+
+    st = _kernels.status()
+    print(f"bnlab {bnlab.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"threads: {torch.get_num_threads()} (torch.get_num_threads())")
+    print(f"CPU kernels: {'in use' if st['available'] else 'not available, PyTorch paths in use'}"
+          f"{' (OpenMP)' if st['openmp'] else ''}")
+    print(f"  {st['reason']}")
+    if st["available"]:
+        print(f"  took {st['seconds']:.2f} s to build or load")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -410,6 +430,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed to inspect (default: the first)")
     s.add_argument("--batch", type=int, default=8, help="test inputs to push through (default 8)")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("info", help="versions, threads and whether the compiled CPU kernels are in use", formatter_class=fmt,
+                       epilog="examples:\n  bnlab info\n  BNLAB_KERNELS=0 bnlab info\n")
+    s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("demo", help="diabetes, blobs-deep and digits28-mlp with and without BN, 3 seeds, with reports",
                        formatter_class=fmt, epilog="example:\n  bnlab demo\n  bnlab demo --out runs/my-demo --seeds 5\n")

@@ -3,7 +3,8 @@
 Why this technology (see also the README's "Speed" section):
 
 * The C source (``bn_cpu.c`` + ``bn_cpu_impl.h``) includes no PyTorch or Python
-  headers, so any C compiler builds it in about two seconds, and the result
+  headers, so a C compiler builds it in a few seconds (3.2-3.5 s measured
+  with gcc 12 on a 2-core machine), and the result
   does not depend on the installed torch version.
 * It is built on first use with the system's compiler (``$CC``, else ``cc``)
   and cached under ``$BNLAB_KERNEL_CACHE`` (default ``~/.cache/bnlab/kernels``)
@@ -189,7 +190,9 @@ def get() -> Kernels | None:
             t0 = time.perf_counter()
             kernels, reason = _load()
             _state.update(kernels=kernels, reason=reason, seconds=time.perf_counter() - t0, tried=True)
-            (log.debug if kernels is not None else log.warning)("bnlab kernels: %s", reason)
+            # a failed build deserves a word; a deliberate BNLAB_KERNELS=0 does not
+            quiet = kernels is not None or reason.startswith("disabled")
+            (log.debug if quiet else log.warning)("bnlab kernels: %s", reason)
     return _state["kernels"]
 
 
