@@ -294,3 +294,22 @@ def test_transforms_and_inference_mode_take_a_safe_path():
     torch.func.vmap(lambda t: seen.append(F._kernels_for(t, 3)) or t)(x)
     assert seen == [None]
     assert F._kernels_for(x, 3) is _kernels.get()
+
+
+def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_path):
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'bn_cpu.c:1:1: error: this compiler is broken on purpose' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    _kernels._reset()
+    try:
+        st = _kernels.status()
+        assert not st["available"]
+        assert "could not build" in st["reason"] and "broken on purpose" in st["reason"]
+        assert not list((tmp_path / "cache").glob("*"))  # nothing half-written left behind
+        x = torch.randn(4, 3, 5)
+        y = bnlab.BatchNorm(axis=1)(x)  # runs on the PyTorch paths
+        torch.testing.assert_close(y, F.batch_norm_train(x, axis=1, impl="composite")[0])
+    finally:
+        _kernels._reset()

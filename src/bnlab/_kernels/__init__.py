@@ -134,7 +134,9 @@ def _compile(cc: str, flags: list[str], out: Path) -> str | None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            return (proc.stderr or proc.stdout).strip()[-400:] or f"{cc} exited with {proc.returncode}"
+            text = (proc.stderr or proc.stdout).strip()
+            first_error = next((ln for ln in text.splitlines() if "error" in ln.lower()), None)
+            return (first_error or text[-300:] or f"{cc} exited with {proc.returncode}")[:300]
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as err:
