@@ -192,3 +192,38 @@ def test_fold_forward_cases_give_the_same_outputs(case):
     assert report.left == [] and report.folded
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_forward_through_a_shared_pool_but_not_into_a_shared_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.MaxPool2d(2)  # one stateless module used twice
+            self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+            self.conv1, self.conv2 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            x = self.conv1(self.pool(self.bn1(torch.relu(x))))
+            return self.conv2(self.pool(self.bn2(torch.relu(x))))
+
+    net = _randomize_bn(Net()).eval()
+    folded, report = bnlab.fold(net)
+    assert sorted(report.folded) == [("conv1", "bn1"), ("conv2", "bn2")] and report.left == []
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-6)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.lin = bnlab.BatchNorm(num_features=4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(self.bn(torch.tanh(x))) + self.lin(x)
+
+    shared = _randomize_bn(Shared()).eval()
+    folded, report = bnlab.fold(shared)
+    assert "called more than once" in dict(report.left)["bn"]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), shared(x))

@@ -329,7 +329,8 @@ def _walk_forward(node, modules, calls, done):
         if nxt.op != "call_module":
             return f"is followed by {nxt.op} {getattr(nxt.target, '__name__', nxt.target)!s}, which it cannot be moved through"
         m = modules[nxt.target]
-        if calls.get(nxt.target, 0) != 1:
+        if calls.get(nxt.target, 0) != 1 and (_is_bn(m) or isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+            # its weights would change for every other call too (stateless layers may be shared)
             return f"is followed by {nxt.target}, which is called more than once"
         if isinstance(m, _PASS):
             pass
