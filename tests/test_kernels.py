@@ -313,3 +313,16 @@ def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_pat
         torch.testing.assert_close(y, F.batch_norm_train(x, axis=1, impl="composite")[0])
     finally:
         _kernels._reset()
+
+
+@pytest.mark.skipif(_kernels.get() is None, reason="no working C compiler here")
+def test_two_processes_building_at_once_leave_one_good_library(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, BNLAB_KERNEL_CACHE=str(tmp_path))
+    code = "import bnlab._kernels as k, sys; sys.exit(0 if k.status()['available'] else 1)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(list(tmp_path.glob("bn_cpu-*"))) == 1 and not list(tmp_path.glob("*.tmp"))
