@@ -169,12 +169,15 @@ def test_fold_forward_refuses_what_would_change_the_outputs():
     ambiguous = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2))).eval()
     _, report = bnlab.fold(ambiguous)
     assert "axis" in dict(report.left)["1"]
+    override = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(3, 2, 1))).eval()
+    _, report = bnlab.fold(override)
+    assert "divisor override" in dict(report.left)["1"]
     branching = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))).eval()
     _, report = bnlab.fold(branching)
     assert dict(report.left)["1"]
 
 
-@pytest.mark.parametrize("case", ["grouped-conv", "avgpool-conv1d", "bn-bn-linear", "dropout-linear-no-bias"])
+@pytest.mark.parametrize("case", ["grouped-conv", "avgpool-conv1d", "bn-bn-linear", "dropout-linear-no-bias", "reflect-padded-conv"])
 def test_fold_forward_cases_give_the_same_outputs(case):
     torch.manual_seed(0)
     if case == "grouped-conv":
@@ -184,6 +187,8 @@ def test_fold_forward_cases_give_the_same_outputs(case):
     elif case == "bn-bn-linear":
         model = nn.Sequential(nn.Tanh(), bnlab.BatchNorm(num_features=5), bnlab.BatchNorm(num_features=5, epsilon=1e-2), nn.Linear(5, 3))
         x = torch.randn(6, 5)
+    elif case == "reflect-padded-conv":
+        model, x = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), torch.randn(2, 3, 6, 6)
     else:
         model = nn.Sequential(nn.Sigmoid(), bnlab.BatchNorm(num_features=5), nn.Dropout(0.3), nn.Linear(5, 3, bias=False))
         x = torch.randn(6, 5)

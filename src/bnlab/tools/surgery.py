@@ -216,7 +216,8 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
     channel-first maps into a Linear layer (each channel's ``s``, ``t`` repeated
     over its positions), max pooling when every ``s >= 0`` (max commutes with
     a non-decreasing map) and average pooling without padding. A zero-padded
-    convolution after BN is refused: its padding would not be shifted by ``t``.
+    convolution after BN is refused (its padding would not be shifted by ``t``);
+    reflect, replicate and circular padding copy values, so those fold.
 
     The model is traced with ``torch.fx``; a fold is made only where every
     value on the way feeds nothing else. Where tracing is impossible,
@@ -347,8 +348,8 @@ def _walk_forward(node, modules, calls, done):
                 return "is followed by max pooling and has a negative scale gamma/sqrt(var+eps): max does not commute with it"
         elif isinstance(m, _POOL_AVG):
             pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
-            if axis != 1 or any(pad):
-                return "is followed by average pooling with padding (or on another axis)"
+            if axis != 1 or any(pad) or getattr(m, "divisor_override", None):
+                return "is followed by average pooling with padding or a divisor override (or on another axis)"
         elif isinstance(m, nn.Flatten):
             if axis != 1 or m.start_dim != 1 or m.end_dim != -1 or repeat is not None:
                 return "is followed by a Flatten that does not keep channel-first blocks"
@@ -370,7 +371,9 @@ def _walk_forward(node, modules, calls, done):
             if repeat or axis != 1:
                 return f"does not normalize the channels (axis 1) that {nxt.target} takes"
             pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
-            if isinstance(m.padding, str) and m.padding != "valid" or not isinstance(m.padding, str) and any(pad):
+            padded = (m.padding != "valid") if isinstance(m.padding, str) else any(pad)
+            if padded and m.padding_mode == "zeros":
+                # reflect/replicate/circular padding copies values, so it commutes with the affine map; zeros do not
                 return f"is followed by {nxt.target}, a zero-padded convolution: its padding would not be shifted"
             if m.in_channels != s.numel():
                 return f"has {s.numel()} features but {nxt.target} takes {m.in_channels} channels"
