@@ -1,0 +1,39 @@
+"""The benchmark scripts run and write well-formed results (a smoke test: no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_layer_benchmark_quick_run_writes_json(tmp_path):
+    out = tmp_path / "layer.json"
+    text = _run("bench_layer.py", "--quick", "--rounds", "1", "--modes", "infer,fwdbwd", "--dtypes", "float32",
+                "--no-keras", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["env"]["threads"] == 2 and data["env"]["allocator"]
+    rows = data["rows"]
+    assert len(rows) == 2 * 5  # two modes x (two 2-D rows + one 4-D shape in three layouts)
+    for r in rows:
+        assert r["bnlab_over_native"] > 0 and r["copies"]["bnlab"] > 0 and r["native"].startswith("native")
+    assert "against the targets" in text and not list(tmp_path.glob("*.tmp"))
+    again = _run("bench_layer.py", "--quick", "--rounds", "1", "--modes", "infer", "--dtypes", "float32", "--no-keras",
+                 "--compare", str(out))
+    assert "bnlab now / then" in again
+
+
+def test_model_benchmark_quick_run_writes_json(tmp_path):
+    out = tmp_path / "models.json"
+    _run("bench_models.py", "--networks", "mnist-mlp", "--steps", "2", "--rounds", "1", "--json", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["network"] == "mnist-mlp" and set(row["epoch_s"]) == {"bnlab BN", "torch BN", "no BN"}
+    assert row["bnlab_over_nobn"] > 0
