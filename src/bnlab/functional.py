@@ -423,6 +423,26 @@ def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -
     return _activate(y, act, slope).to(x3.dtype)
 
 
+def _kernel_train_forward(x, gamma, beta, plan):
+    """The kernels' training forward: ``(y, saved, var, act_code, threads)``; ``saved`` = mean ++ invstd."""
+    _feat, (a, c, b), epsilon, moving, act, slope, stats, kernels = plan
+    pdtype = _KERNEL_PARAM_DTYPE[x.dtype]
+    y = torch.empty_like(x)
+    saved = torch.empty(2 * c, dtype=pdtype)
+    p_mean = saved.data_ptr()
+    var = torch.empty(c, dtype=pdtype) if stats else None
+    mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
+    code = _ACT_CODES[act]
+    threads = 1 if a * c * b < _kernels.PARALLEL_MIN_NUMEL else torch.get_num_threads()
+    rc = kernels.train_fwd[x.dtype](
+        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var),
+        p_mean + c * saved.element_size(), _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
+    )
+    if rc:
+        raise MemoryError("bnlab kernel could not allocate its scratch memory")
+    return y, saved, var, code, threads
+
+
 class _KernelTrain(torch.autograd.Function):
     """Training-mode batch norm (+ optional ReLU / leaky ReLU) in compiled code.
 
@@ -439,24 +459,10 @@ class _KernelTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, plan):
-        feat, (a, c, b), epsilon, moving, act, slope, stats, kernels = plan
-        pdtype = _KERNEL_PARAM_DTYPE[x.dtype]
-        y = torch.empty_like(x)
-        # mean and invstd share one buffer, kept on ctx (an intermediate, not a saved input)
-        saved = torch.empty(2 * c, dtype=pdtype)
-        p_mean = saved.data_ptr()
-        p_invstd = p_mean + c * saved.element_size()
-        var = torch.empty(c, dtype=pdtype) if stats else None
-        mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
-        code = _ACT_CODES[act]
-        threads = 1 if a * c * b < _kernels.PARALLEL_MIN_NUMEL else torch.get_num_threads()
-        rc = kernels.train_fwd[x.dtype](
-            x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var), p_invstd,
-            _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
-        )
-        if rc:
-            raise MemoryError("bnlab kernel could not allocate its scratch memory")
+        y, saved, var, code, threads = _kernel_train_forward(x, gamma, beta, plan)
+        c, stats = plan[1][1], plan[6]
         ctx.save_for_backward(x, gamma, beta)
+        # mean and invstd (one buffer) live on ctx: an intermediate, not a saved input
         ctx.state = (saved, plan, code, threads)
         if stats:
             mean = saved[:c].clone()
@@ -852,7 +858,13 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
                     factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
                     moving = (moving_mean, moving_variance, float(momentum), factor)
                 fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
-                y = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, moving, fused, slope, False, kernels))
+                plan = (feat, dims, epsilon, moving, fused, slope, False, kernels)
+                if torch.is_grad_enabled() and (
+                    xd.requires_grad or (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)
+                ):
+                    y = _KernelTrain.apply(xd, gamma, beta, plan)
+                else:  # no graph to record (no_grad, recalibration, frozen weights): skip autograd's machinery
+                    y = _kernel_train_forward(xd, gamma, beta, plan)[0]
                 return y if fused == act else _activate(y, act, slope)
         if impl == "kernel":
             _kernels_refused(x, mask)

@@ -1,8 +1,8 @@
 /*
  * bnlab CPU kernels for batch normalization on an (A, C, B) contiguous view.
  *
- * Plain C (no PyTorch headers), so a stock C compiler builds it in well under a
- * second; bnlab/_kernels/__init__.py compiles it once per machine, caches the
+ * Plain C (no PyTorch headers), so a stock C compiler builds it in a few seconds
+ * (3.2-3.5 s with gcc 12 here); bnlab/_kernels/__init__.py compiles it once per machine, caches the
  * shared library and calls it through ctypes. Threads come from OpenMP; loaded
  * after PyTorch, the library binds to the libgomp that PyTorch already uses
  * (same soname), so both share one thread pool.
