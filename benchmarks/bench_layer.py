@@ -77,11 +77,6 @@ def _step(call, x, dy, mode):
     return fwdbwd
 
 
-def _torch_module(layer, mode):
-    layer.train(mode != "infer")
-    return layer
-
-
 def _variants(layout, shape, dtype, mode, keras):
     """``(x, dy, {label: callable(x) -> y})`` for one row; labels: bnlab, native[:how], keras."""
     if layout == "NHWC":

@@ -7,6 +7,8 @@ import torch
 from bnlab import functional as F
 from bnlab import reference as R
 
+from .reference_checks import assert_train_matches_reference
+
 CASES = [
     ((16, 5), -1),
     ((16, 5), 1),
@@ -34,23 +36,7 @@ def _mask_shape(shape, axis):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_train_forward_backward_match_reference(shape, axis, impl, dtype, tol):
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype).requires_grad_()
-    fs = _feat(shape, axis)
-    g = (torch.rand(fs, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
-    b = torch.randn(fs, dtype=torch.float64).to(dtype).requires_grad_()
-    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
-    y, mean, var, count = F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, impl=impl)
-    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
-    xn, gn, bn, dyn = (t.detach().double().numpy() for t in (x, g, b, dy))
-    yr, mr, vr = R.forward_train(xn, gn, bn, 1e-3, axis)
-    dxr, dgr, dbr = R.backward(dyn, xn, gn, 1e-3, axis)
-    assert y.dtype == dtype and y.shape == x.shape
-    np.testing.assert_allclose(y.detach().double().numpy(), yr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(mean.double().numpy().reshape(fs), mr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(var.double().numpy().reshape(fs), vr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(dx.double().numpy(), dxr, atol=tol * 10, rtol=tol * 10)
-    np.testing.assert_allclose(dg.double().numpy(), dgr, atol=tol * 10, rtol=tol * 10)
-    np.testing.assert_allclose(db.double().numpy(), dbr, atol=tol * 10, rtol=tol * 10)
-    assert count == int(np.prod(shape)) // int(np.prod(fs))
+    assert_train_matches_reference(x, axis, impl, tol)
 
 
 @pytest.mark.parametrize("shape,axis", CASES)

@@ -15,6 +15,8 @@ from bnlab import _kernels
 from bnlab import functional as F
 from bnlab import reference as R
 
+from .reference_checks import assert_train_matches_reference
+
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason=f"kernels unavailable: {_kernels.status()['reason']}")
 
 # (shape, axis, how the input is laid out in memory)
@@ -55,25 +57,8 @@ def _make(shape, layout, dtype=torch.float64, offset=1.0, scale=3.0, seed=0):
 @pytest.mark.parametrize("shape,axis,layout", LAYOUTS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_training_matches_reference(shape, axis, layout, dtype, tol):
-    x = _make(shape, layout, dtype).requires_grad_()
-    shape = tuple(x.shape)  # a sliced view is smaller than what it was cut from
-    fs = R.feature_shape(shape, axis)
-    g = (torch.rand(fs, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
-    b = torch.randn(fs, dtype=torch.float64).to(dtype).requires_grad_()
-    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
-    y, mean, var, count = F.batch_norm_train(x, g, b, axis=axis, epsilon=1e-3, impl="kernel")
-    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
-    xn, gn, bn, dyn = (t.detach().double().numpy() for t in (x, g, b, dy))
-    yr, mr, vr = R.forward_train(xn, gn, bn, 1e-3, axis)
-    dxr, dgr, dbr = R.backward(dyn, xn, gn, 1e-3, axis)
-    assert y.shape == x.shape and y.dtype == dtype and dx.shape == x.shape
-    np.testing.assert_allclose(y.detach().double().numpy(), yr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(mean.double().numpy().reshape(fs), mr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(var.double().numpy().reshape(fs), vr, atol=tol, rtol=tol)
-    np.testing.assert_allclose(dx.double().numpy(), dxr, atol=tol * 10, rtol=tol * 10)
-    np.testing.assert_allclose(dg.double().numpy(), dgr, atol=tol * 10, rtol=tol * 10)
-    np.testing.assert_allclose(db.double().numpy(), dbr, atol=tol * 10, rtol=tol * 10)
-    assert count == int(np.prod(shape)) // int(np.prod(fs))
+    x = _make(shape, layout, dtype).requires_grad_()  # a sliced view is smaller than what it was cut from
+    assert_train_matches_reference(x, axis, "kernel", tol)
 
 
 @needs_kernels

@@ -391,6 +391,34 @@ def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
     return state["kernels"] if state["tried"] else _kernels.get()
 
 
+def _kernel_route(x: Tensor, feat: tuple[int, ...], *per_feature: Tensor | None):
+    """``(x_dense, dims, kernels)`` when the compiled kernels take this call, else ``None``.
+
+    The cheap checks come first, so an input the kernels refuse is never copied.
+    """
+    if not x.numel():
+        return None
+    channels = x.shape[feat[0]] if len(feat) == 1 else _prod(x.shape[a] for a in feat)
+    kernels = _kernels_for(x, channels, *per_feature)
+    if kernels is None:
+        return None
+    xd, dims = _dense_acb(x, feat)
+    return xd, dims, kernels
+
+
+def _records_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record this call (grad mode on and some input needing a gradient)."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
+
+
+#: Activations that may follow the normalization (``BatchNormAct``); ReLU and leaky ReLU fuse into the kernels.
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "identity")
+
+
 def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
     """The activation applied by PyTorch ops (the path where the kernels do not run)."""
     if act is None or act == "identity":
@@ -407,7 +435,7 @@ def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
         return torch.sigmoid(y)
     if act == "tanh":
         return torch.tanh(y)
-    raise ValueError(f"unknown activation {act!r}; expected one of {sorted(k for k in _ACT_CODES if k)}")
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
 def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -> Tensor:
@@ -433,7 +461,7 @@ def _kernel_train_forward(x, gamma, beta, plan):
     var = torch.empty(c, dtype=pdtype) if stats else None
     mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
     code = _ACT_CODES[act]
-    threads = 1 if a * c * b < _kernels.PARALLEL_MIN_NUMEL else torch.get_num_threads()
+    threads = _kernels.threads_for(a * c * b)
     rc = kernels.train_fwd[x.dtype](
         x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var),
         p_mean + c * saved.element_size(), _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
@@ -670,16 +698,12 @@ def batch_norm_inference(
 
 def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
     dtype = _compute_dtype(x)
-    if x.numel() and not (
-        torch.is_grad_enabled()
-        and (x.requires_grad or (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad))
-    ):
-        x, dims = _dense_acb(x, feat)
-        kernels = _kernels_for(x, dims[1], gamma, beta, moving_mean, moving_variance)
-        if kernels is not None:
-            fused = act if act in _ACT_CODES else None
-            y = _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
-            return y if fused == act else _activate(y, act, slope)
+    route = None if _records_graph(x, gamma, beta) else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
+    if route is not None:
+        xd, dims, kernels = route
+        fused = act if act in _ACT_CODES else None
+        y = _kernel_inference(kernels, xd, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
+        return y if fused == act else _activate(y, act, slope)
     return _activate(_inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype), act, slope)
 
 
@@ -704,7 +728,7 @@ def _inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
+def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl, try_kernel=True):
     """Shared training transform. Returns ``(y, (mean, var), count, unbiased)``.
 
     ``mean`` and ``var`` are the ``(C,)`` batch statistics; ``var`` is the
@@ -716,13 +740,12 @@ def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl):
         dtype = torch.float32
     elif not x.is_floating_point():
         _compute_dtype(x)  # raises with the message
-    if impl in ("auto", "kernel"):
-        if mask is None and x.numel():
-            xd, dims = _dense_acb(x, feat)
-            kernels = _kernels_for(xd, dims[1], gamma, beta)
-            if kernels is not None:
-                y, mean, var = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, None, None, 0.01, True, kernels))
-                return y, (mean, var), dims[0] * dims[2], False
+    if impl in ("auto", "kernel") and try_kernel:
+        route = None if mask is not None else _kernel_route(x, feat, gamma, beta)
+        if route is not None:
+            xd, dims, kernels = route
+            y, mean, var = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, None, None, 0.01, True, kernels))
+            return y, (mean, var), dims[0] * dims[2], False
         if impl == "kernel":
             _kernels_refused(x, mask)
     if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):
@@ -847,25 +870,22 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
         return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
     if impl in ("auto", "kernel"):
-        if mask is None and x.numel():
-            xd, dims = _dense_acb(x, feat)
-            kernels = _kernels_for(xd, dims[1], gamma, beta, moving_mean, moving_variance)
-            if kernels is not None:
-                moving = None
-                if moving_mean is not None:
-                    m = dims[0] * dims[2]
-                    # stored variance = biased * var_factor; one value has no unbiased variance (NaN: skipped)
-                    factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
-                    moving = (moving_mean, moving_variance, float(momentum), factor)
-                fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
-                plan = (feat, dims, epsilon, moving, fused, slope, False, kernels)
-                if torch.is_grad_enabled() and (
-                    xd.requires_grad or (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)
-                ):
-                    y = _KernelTrain.apply(xd, gamma, beta, plan)
-                else:  # no graph to record (no_grad, recalibration, frozen weights): skip autograd's machinery
-                    y = _kernel_train_forward(xd, gamma, beta, plan)[0]
-                return y if fused == act else _activate(y, act, slope)
+        route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
+        if route is not None:
+            xd, dims, kernels = route
+            moving = None
+            if moving_mean is not None:
+                m = dims[0] * dims[2]
+                # stored variance = biased * var_factor; one value has no unbiased variance (NaN: skipped)
+                factor = (m / (m - 1) if m > 1 else math.nan) if unbiased_moving_variance else 1.0
+                moving = (moving_mean, moving_variance, float(momentum), factor)
+            fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
+            plan = (feat, dims, epsilon, moving, fused, slope, False, kernels)
+            if _records_graph(xd, gamma, beta):
+                y = _KernelTrain.apply(xd, gamma, beta, plan)
+            else:  # no graph to record (no_grad, recalibration, frozen weights): skip autograd's machinery
+                y = _kernel_train_forward(xd, gamma, beta, plan)[0]
+            return y if fused == act else _activate(y, act, slope)
         if impl == "kernel":
             _kernels_refused(x, mask)
     return _activate(
@@ -885,7 +905,8 @@ def _kernels_refused(x: Tensor, mask) -> None:
 
 def _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl):
     fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    # the kernels were already asked (and declined) by the caller
+    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl, try_kernel=False)
     if moving_mean is None:
         return y
     valid = None

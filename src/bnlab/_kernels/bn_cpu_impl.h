@@ -83,9 +83,11 @@ static void FN(normalize_range)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, 
     }
 }
 
-/* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows. */
+/* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows.
+ * dst may be src itself (then its first C values are already in place). */
 static void FN(replicate)(F *dst, const F *src, i64 C, i64 k) {
-    for (i64 j = 0; j < k; j++) memcpy(dst + j * C, src, sizeof(F) * (size_t)C);
+    if (dst != src) memcpy(dst, src, sizeof(F) * (size_t)C);
+    for (i64 j = 1; j < k; j++) memcpy(dst + j * C, src, sizeof(F) * (size_t)C);
 }
 
 /* ------------------------------------------------------------------ statistics */

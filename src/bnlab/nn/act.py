@@ -17,11 +17,10 @@ synchronized statistics, no C compiler); the results are the same.
 
 from __future__ import annotations
 
+from ..functional import ACTIVATIONS
 from .batchnorm import BatchNorm
 
 __all__ = ["BatchNormAct", "ACTIVATIONS"]
-
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "identity")
 
 
 class BatchNormAct(BatchNorm):

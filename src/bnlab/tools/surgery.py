@@ -156,13 +156,10 @@ class FoldReport:
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> str | None:
-    """Fold ``bn`` (eval form) into ``layer`` in place; returns why not, or None when done."""
-    p = _bn_params(bn)
-    if p is None:
-        return "keeps no statistics (track_running_stats=False): it normalizes with batch statistics"
-    gamma, beta, mean, var, eps, axis = p
-    if mean.dim() != 1:
-        return "has more than one feature axis"
+    """Fold ``bn`` (eval form) into ``layer`` before it, in place; returns why not, or None when done."""
+    s, t, axis = _affine(bn)
+    if s is None:
+        return t  # the reason
     if isinstance(layer, nn.Linear):
         if axis not in (-1, 1):
             return f"normalizes axis {axis}, not the Linear layer's output features"
@@ -173,20 +170,14 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> str | None:
         out = layer.out_channels
     else:
         return f"follows a {type(layer).__name__}, which has no weights to fold into"
-    if mean.numel() != out:
-        return f"has {mean.numel()} features but the layer before has {out} outputs"
+    if s.numel() != out:
+        return f"has {s.numel()} features but the layer before has {out} outputs"
     with torch.no_grad():
         w = layer.weight
         dt = torch.float64
-        scale = torch.rsqrt(var.to(dt) + eps)
-        if gamma is not None:
-            scale = scale * gamma.detach().to(dt)
-        shift = -mean.to(dt) * scale
-        if beta is not None:
-            shift = shift + beta.detach().to(dt)
         bias = layer.bias.detach().to(dt) if layer.bias is not None else torch.zeros(out, dtype=dt, device=w.device)
-        new_w = (w.detach().to(dt) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-        new_b = (bias * scale + shift).to(w.dtype)
+        new_w = (w.detach().to(dt) * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        new_b = (bias * s + t).to(w.dtype)
         layer.weight.copy_(new_w)
         if layer.bias is None:
             layer.bias = nn.Parameter(new_b)
@@ -231,9 +222,8 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
                          "normalizes with batch statistics, which cannot be folded into weights")
     model = copy.deepcopy(model)
     report = FoldReport()
-    pairs = _pairs_fx(model)
-    if pairs is None:
-        pairs = _pairs_sequential(model)
+    graph = _trace(model)
+    pairs = _pairs_sequential(model) if graph is None else _pairs_fx(model, graph)
     modules = dict(model.named_modules())
     refused = {}
     for layer_name, bn_name in pairs:
@@ -244,7 +234,8 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
         else:
             refused[bn_name] = why
     done = {b for _, b in report.folded}
-    forward = _fold_forward(model, done)
+    # the graph still holds: folded BN layers became Identity modules under the same names
+    forward = {} if graph is None else _fold_forward(model, graph, done)
     for bn_name, outcome in forward.items():
         if isinstance(outcome, tuple):  # (target layer, [bn names absorbed])
             target, absorbed = outcome
@@ -286,18 +277,8 @@ _POOL_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
-def _fold_forward(model: nn.Module, done: set) -> dict:
+def _fold_forward(model: nn.Module, graph, done: set) -> dict:
     """Fold BN layers into the Linear/Conv after them; ``{bn: (target, absorbed) or why}``."""
-    import torch.fx
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return _is_bn(m) or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable: only the Sequential backward folds apply
-        return {}
     modules = dict(model.named_modules())
     calls: dict = {}
     for node in graph.nodes:
@@ -411,7 +392,8 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _pairs_fx(model: nn.Module):
+def _trace(model: nn.Module):
+    """``model``'s ``torch.fx`` graph with every BN layer a leaf, or ``None`` where tracing fails."""
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):
@@ -419,9 +401,14 @@ def _pairs_fx(model: nn.Module):
             return _is_bn(m) or super().is_leaf_module(m, qualname)
 
     try:
-        graph = _Tracer().trace(model)
+        return _Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure: use the Sequential fallback
         return None
+
+
+def _pairs_fx(model: nn.Module, graph):
+    import torch.fx
+
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
