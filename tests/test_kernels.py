@@ -153,15 +153,22 @@ def test_an_outlying_first_sample_still_gives_exact_statistics():
 
 
 @needs_kernels
-def test_moving_statistics_update_and_non_finite_guard():
-    layer = bnlab.BatchNorm(axis=-1, momentum=0.9, moving_variance_estimator="unbiased")
-    x = torch.randn(50, 4) * 2 + 1
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+@pytest.mark.parametrize("rows,path", [(50, "small"), (50, "no_grad"), (20000, "kernel")])
+def test_moving_statistics_update_and_non_finite_guard(estimator, rows, path):
+    # small: an (N, C) batch under F.SMALL_ROWS_NUMEL values with a graph (PyTorch's op + the
+    # kernels' update); no_grad: the kernels without autograd; kernel: the kernels' Function
+    layer = bnlab.BatchNorm(axis=-1, momentum=0.9, moving_variance_estimator=estimator)
+    x = torch.randn(rows, 4) * 2 + 1
     x[3, 2] = float("nan")
-    layer(x)
+    with torch.set_grad_enabled(path != "no_grad"):
+        y = layer(x)
+    expect_node = {"small": "NativeBatchNormBackward0", "no_grad": None, "kernel": "_KernelTrainBackward"}[path]
+    assert (y.grad_fn and type(y.grad_fn).__name__) == expect_node
     mm, mv = layer.moving_mean, layer.moving_variance
     xd = x.double()
     expect_m = 0.1 * xd.mean(0)
-    expect_v = 0.9 + 0.1 * xd.var(0, unbiased=True)
+    expect_v = 0.9 + 0.1 * xd.var(0, unbiased=estimator == "unbiased")
     keep = torch.tensor([True, True, False, True])
     torch.testing.assert_close(mm[keep].double(), expect_m[keep], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(mv[keep].double(), expect_v[keep], rtol=1e-6, atol=1e-7)
@@ -190,6 +197,31 @@ def test_results_are_deterministic_for_a_thread_count():
                 assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
             outs[threads] = runs[0]
         torch.testing.assert_close(outs[1][0], outs[2][0], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernels
+@pytest.mark.parametrize("features", [1, 3, 7, 13, 40, 64])
+@pytest.mark.parametrize("offset", [0.3, 50.0])  # two-parameter forms, then the exact ones
+def test_rows_split_across_threads(monkeypatch, features, offset):
+    """Two threads on small inputs: each thread's share of super-rows, the leftover rows, and
+    the grouping of narrow rows in the streaming passes (normalize below 32 features, dx below 64)."""
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        super_rows = -(-1024 // features)
+        rows = 2 * super_rows + 11  # two super-rows, then 11 rows that fit none
+        x = _make((rows, features), "contiguous", torch.float64, offset=offset).requires_grad_()
+        assert_train_matches_reference(x, -1, "kernel", 1e-12)
+        mm = torch.randn(features, dtype=torch.float64) + offset
+        mv = torch.rand(features, dtype=torch.float64) + 0.5
+        g, b = torch.rand(features, dtype=torch.float64) + 0.5, torch.randn(features, dtype=torch.float64)
+        with torch.no_grad():
+            y = F.batch_norm_inference(x, mm, mv, g, b, epsilon=1e-3)
+        expect = (x.detach() - mm) / torch.sqrt(mv + 1e-3) * g + b
+        torch.testing.assert_close(y, expect, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(old)
 

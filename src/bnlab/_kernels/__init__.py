@@ -40,7 +40,7 @@ __all__ = ["get", "status", "cache_dir", "threads_for", "ACTIVATION_CODES"]
 
 log = logging.getLogger("bnlab.kernels")
 
-ABI_VERSION = 1  # must match bnlab_abi_version() in bn_cpu.c
+ABI_VERSION = 2  # must match bnlab_abi_version() in bn_cpu.c
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -60,7 +60,7 @@ PARALLEL_MIN_NUMEL = 1 << 15
 
 
 class Kernels:
-    """The loaded library: ``train_fwd[dtype]``, ``train_bwd[dtype]``, ``infer[dtype]`` (ctypes functions)."""
+    """The loaded library: ``train_fwd``, ``train_bwd``, ``infer``, ``update_moving``: ctypes functions by dtype."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.lib = lib
@@ -71,6 +71,7 @@ class Kernels:
             "bnlab_train_fwd": [p, p, i64, i64, i64, p, p, d, p, p, p, p, p, d, d, i, d, i],
             "bnlab_infer": [p, p, i64, i64, i64, p, p, p, p, d, i, d, i],
             "bnlab_train_bwd": [p, p, p, i64, i64, i64, p, p, p, p, p, p, i, d, i],
+            "bnlab_update_moving": [p, p, p, p, i64, d, d],
         }
         tables = {}
         for name, argtypes in sigs.items():
@@ -84,6 +85,7 @@ class Kernels:
         self.train_fwd = tables["bnlab_train_fwd"]
         self.train_bwd = tables["bnlab_train_bwd"]
         self.infer = tables["bnlab_infer"]
+        self.update_moving = tables["bnlab_update_moving"]
 
 
 _lock = threading.Lock()

@@ -42,7 +42,7 @@ typedef int64_t i64;
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
 /* ABI version checked by the loader: bump when a signature changes. */
-int bnlab_abi_version(void) { return 1; }
+int bnlab_abi_version(void) { return 2; }
 
 int bnlab_has_openmp(void) {
 #ifdef _OPENMP
@@ -59,18 +59,30 @@ static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
-/* Rows layout (B == 1): k consecutive rows are processed as one "super-row" of W = k*C
- * values, so that rows with few features still give long vectorized inner loops; the
- * A - A2*k rows left over are processed one by one. */
+/* Rows layout (B == 1): the sums take k consecutive rows as one "super-row" of W = k*C
+ * values (at least 1024, or all A rows when fewer), so that rows with few features still give
+ * long register-blocked inner loops; the A - A2*k rows left over are summed one by one. */
 typedef struct { i64 k, W, A2; } rows_plan;
 
 static inline rows_plan plan_rows(i64 A, i64 C) {
     rows_plan p;
     p.k = C >= 1024 ? 1 : (1024 + C - 1) / C;
+    if (p.k > A) p.k = A > 0 ? A : 1; /* a small batch: no wider than the data (scratch and setup scale with W) */
     p.W = p.k * C;
     p.A2 = A / p.k;
     return p;
 }
+
+/* Rows per inner loop in the streaming passes (normalize and inference: at least 32 values,
+ * dx: at least 64): one row when it is that long, else enough rows to make it so. Measured on
+ * AMD EPYC (2 threads, float32): wide super-rows slow these passes down (inference of
+ * (169000, 32) takes 1.6-2.3 copy-times in 1024-value super-rows, 1.1-1.3 row by row), while
+ * rows of 3 or 8 values one at a time cost 1.5-2x in loop overhead. The per-feature arrays
+ * must hold that many rows' worth of values: plan_rows' k is min(ceil(1024 / C), A), at least
+ * as large as any group that fits in the batch (a group is only used when A holds it). */
+#define NORM_MIN_VALUES 32
+#define DX_MIN_VALUES 64
+static inline i64 stream_rows(i64 C, i64 min_values) { return C >= min_values ? 1 : (min_values + C - 1) / C; }
 
 static inline float bf16_load(const uint16_t *p) {
     union { uint32_t u; float f; } v;

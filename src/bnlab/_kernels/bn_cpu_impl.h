@@ -69,25 +69,40 @@ static inline void FN(norm_plane)(const T *restrict x, T *restrict y, i64 n, F m
     }
 }
 
-/* Normalize items [lo, hi) (rows when B == 1, planes otherwise). */
-static void FN(normalize_range)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, const F *mu,
-                                const F *s, const F *h, int act, F slope) {
-    if (B == 1) {
-        i64 r = lo;
-        for (; r < hi; r++) FN(norm_row)(x + r * C, y + r * C, C, mu, s, h, act, slope);
-    } else {
-        for (i64 p = lo; p < hi; p++) {
-            i64 c = p % C;
-            FN(norm_plane)(x + p * B, y + p * B, B, mu[c], s[c], h[c], act, slope);
-        }
+/* Normalize planes [lo, hi) of length B. */
+static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi, const F *mu,
+                                 const F *s, const F *h, int act, F slope) {
+    for (i64 p = lo; p < hi; p++) {
+        i64 c = p % C;
+        FN(norm_plane)(x + p * B, y + p * B, B, mu[c], s[c], h[c], act, slope);
+    }
+}
+
+/* Normalize rows [r0, r1) of C features, ks rows per inner loop (see stream_rows; the
+ * per-feature arrays hold ks*C values); affine selects the two-parameter form. */
+static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
+                               const F *s, const F *h, int act, F slope) {
+    i64 r = r0;
+    for (; r + ks <= r1; r += ks) {
+        if (affine) FN(affine_row)(x + r * C, y + r * C, ks * C, s, h, act, slope);
+        else FN(norm_row)(x + r * C, y + r * C, ks * C, mu, s, h, act, slope);
+    }
+    for (; r < r1; r++) {
+        if (affine) FN(affine_row)(x + r * C, y + r * C, C, s, h, act, slope);
+        else FN(norm_row)(x + r * C, y + r * C, C, mu, s, h, act, slope);
     }
 }
 
 /* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows.
- * dst may be src itself (then its first C values are already in place). */
+ * dst may be src itself (then its first C values are already in place). The filled part is
+ * doubled at each step: log2(k) copies, not k (k reaches 1024 when C = 1). */
 static void FN(replicate)(F *dst, const F *src, i64 C, i64 k) {
     if (dst != src) memcpy(dst, src, sizeof(F) * (size_t)C);
-    for (i64 j = 1; j < k; j++) memcpy(dst + j * C, src, sizeof(F) * (size_t)C);
+    for (i64 have = C, total = C * k; have < total;) {
+        const i64 n = have < total - have ? have : total - have;
+        memcpy(dst + have, dst, sizeof(F) * (size_t)n);
+        have += n;
+    }
 }
 
 /* ------------------------------------------------------------------ statistics */
@@ -181,6 +196,21 @@ static void FN(finish_stats)(const T *x, i64 A, i64 C, i64 B, i64 c, double k, d
 
 /* ------------------------------------------------------------------ training forward */
 
+/* One feature's moving statistics: momentum * old + (1 - momentum) * new, the new variance
+ * being var * var_factor; kept as they are unless both new values are finite. */
+static inline void FN(update_one)(F *mm, F *mv, double mean, double var, double momentum, double var_factor) {
+    const double nm = momentum * (double)*mm + (1.0 - momentum) * mean;
+    const double nv = momentum * (double)*mv + (1.0 - momentum) * (var * var_factor);
+    if (isfinite(nm) && isfinite(nv)) { *mm = (F)nm; *mv = (F)nv; }
+}
+
+/* The moving-statistics update alone, from batch statistics computed elsewhere (PyTorch's
+ * kernel, on the small-batch path). Returns 0. */
+int FN(bnlab_update_moving)(F *mm, F *mv, const F *mean, const F *var, i64 C, double momentum, double var_factor) {
+    for (i64 c = 0; c < C; c++) FN(update_one)(mm + c, mv + c, (double)mean[c], (double)var[c], momentum, var_factor);
+    return 0;
+}
+
 /* Batch statistics, optional moving-statistics update, then y = act((x - mean) * invstd * gamma + beta).
  * Outputs (any may be NULL): mean_out, var_out (biased), invstd_out. Moving statistics, when
  * given, become momentum * old + (1 - momentum) * new (new variance = var * var_factor) for
@@ -231,11 +261,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
                 if (mean_out) mean_out[c] = (F)m;
                 if (var_out) var_out[c] = (F)var;
                 if (invstd_out) invstd_out[c] = (F)inv;
-                if (mm && mv) {
-                    const double nm = momentum * (double)mm[c] + (1.0 - momentum) * m;
-                    const double nv = momentum * (double)mv[c] + (1.0 - momentum) * (var * var_factor);
-                    if (isfinite(nm) && isfinite(nv)) { mm[c] = (F)nm; mv[c] = (F)nv; }
-                }
+                if (mm && mv) FN(update_one)(mm + c, mv + c, m, var, momentum, var_factor);
             }
             if (rows) {
                 affine = FN(affine_ok)(mu, scale, C);
@@ -246,19 +272,11 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
                 FN(replicate)(hw, shift, C, rp.k);
             }
         }
-        if (rows) {
-            if (affine)
-                for (i64 r = lo; r < hi; r++) FN(affine_row)(x + r * W, y + r * W, W, sw, hw, act, fslope);
-            else
-                FN(normalize_range)(x, y, W, 1, lo, hi, muw, sw, hw, act, fslope);
-            if (t == nt - 1)
-                for (i64 r = rp.A2 * rp.k; r < A; r++) {
-                    if (affine) FN(affine_row)(x + r * C, y + r * C, C, scale, shift, act, fslope);
-                    else FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
-                }
-        } else {
-            FN(normalize_range)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
-        }
+        if (rows) /* this thread's rows, plus the leftover ones for the last thread */
+            FN(normalize_rows)(x, y, C, lo * rp.k, t == nt - 1 ? A : hi * rp.k, stream_rows(C, NORM_MIN_VALUES),
+                               affine, muw, sw, hw, act, fslope);
+        else
+            FN(normalize_planes)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
     }
     free(ws);
     free(fs);
@@ -271,8 +289,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
 int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, const F *mm,
                     const F *mv, double eps, int act, double slope, int nthreads) {
     const int rows = B == 1;
-    const rows_plan rp = plan_rows(rows ? A : 0, C);
-    const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
+    const i64 ks = rows ? stream_rows(C, NORM_MIN_VALUES) : 1, W = ks * C, items = rows ? A : A * C;
     if (nthreads < 1) nthreads = 1;
     if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
     F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
@@ -287,22 +304,15 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
     const int affine = rows && FN(affine_ok)(mu, scale, C);
     if (affine)
         for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
-    if (rows) { FN(replicate)(mu, mu, C, rp.k); FN(replicate)(scale, scale, C, rp.k); FN(replicate)(shift, shift, C, rp.k); }
+    if (ks > 1) { FN(replicate)(mu, mu, C, ks); FN(replicate)(scale, scale, C, ks); FN(replicate)(shift, shift, C, ks); }
     const F fslope = (F)slope;
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         split(items, t, nt, &lo, &hi);
-        if (affine)
-            for (i64 r = lo; r < hi; r++) FN(affine_row)(x + r * W, y + r * W, W, scale, shift, act, fslope);
-        else
-            FN(normalize_range)(x, y, W, rows ? 1 : B, lo, hi, mu, scale, shift, act, fslope);
-        if (rows && t == nt - 1)
-            for (i64 r = rp.A2 * rp.k; r < A; r++) {
-                if (affine) FN(affine_row)(x + r * C, y + r * C, C, scale, shift, act, fslope);
-                else FN(norm_row)(x + r * C, y + r * C, C, mu, scale, shift, act, fslope);
-            }
+        if (rows) FN(normalize_rows)(x, y, C, lo, hi, ks, affine, mu, scale, shift, act, fslope);
+        else FN(normalize_planes)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
     }
     free(fs);
     return 0;
@@ -441,6 +451,20 @@ static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, 
     }
 }
 
+/* dx for rows [r0, r1), ks rows per inner loop (as normalize_rows). */
+static void FN(dx_rows)(const T *x, const T *dy, T *dx, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
+                        const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
+    i64 r = r0;
+    for (; r + ks <= r1; r += ks) {
+        if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, ks * C, s, h, k, al, c0, act, slope);
+        else FN(dx_row)(x + r * C, dy + r * C, dx + r * C, ks * C, mu, s, h, k, al, c0, act, slope);
+    }
+    for (; r < r1; r++) {
+        if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, C, s, h, k, al, c0, act, slope);
+        else FN(dx_row)(x + r * C, dy + r * C, dx + r * C, C, mu, s, h, k, al, c0, act, slope);
+    }
+}
+
 static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, F m, F sc,
                                 F sh, F k, F al, F c0, int act, F slope) {
     if (act == ACT_NONE) {
@@ -536,15 +560,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         }
         if (dx) {
             if (rows) {
-                for (i64 r = lo; r < hi; r++) {
-                    if (affine) FN(dx_row_affine)(x + r * W, dy + r * W, dx + r * W, W, s, h, k, al, c0, act, fslope);
-                    else FN(dx_row)(x + r * W, dy + r * W, dx + r * W, W, muw, s, h, k, al, c0, act, fslope);
-                }
-                if (t == nt - 1)
-                    for (i64 q = rp.A2 * rp.k; q < A; q++) {
-                        if (affine) FN(dx_row_affine)(x + q * C, dy + q * C, dx + q * C, C, s, h, k, al, c0, act, fslope);
-                        else FN(dx_row)(x + q * C, dy + q * C, dx + q * C, C, muw, s, h, k, al, c0, act, fslope);
-                    }
+                FN(dx_rows)(x, dy, dx, C, lo * rp.k, t == nt - 1 ? A : hi * rp.k, stream_rows(C, DX_MIN_VALUES),
+                            affine, muw, s, h, k, al, c0, act, fslope);
             } else {
                 for (i64 p = lo; p < hi; p++) {
                     const i64 c = p % C;
