@@ -29,7 +29,7 @@ LAYOUTS = [
     ((5, 6, 14, 8), 1, "strided"),  # a sliced view: one copy
     ((3, 4, 5, 2, 3), 1, "contiguous"),  # 5-D
     ((2, 3, 5000), 1, "contiguous"),  # planes longer than one 4096-value chunk
-    ((3000, 5), -1, "contiguous"),  # rows spanning several chunks
+    ((40000, 5), -1, "contiguous"),  # rows spanning several 512 KB chunks of the sums
 ]
 
 ACTS = {
