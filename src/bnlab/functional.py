@@ -39,7 +39,11 @@ and against :mod:`bnlab.reference`:
   statistics updated in the same call. ``"auto"`` picks it for float32,
   float64 and bfloat16 CPU tensors whenever the kernels could be built, and
   falls back to ``"aten"``/``"composite"`` otherwise (other devices, masks,
-  ``torch.compile``/tracing, no C compiler, ``BNLAB_KERNELS=0``).
+  ``torch.compile``/tracing, no C compiler, ``BNLAB_KERNELS=0``). One
+  exception, for speed: in the layers' training step a small ``(N, C)`` batch
+  that records a graph (at most ``SMALL_ROWS_NUMEL`` values) runs PyTorch's op,
+  whose autograd node is C++, with the moving statistics updated by the kernels
+  (:func:`_small_rows_train`).
 """
 
 from __future__ import annotations
