@@ -117,13 +117,8 @@ static void FN(replicate)(F *dst, const F *src, i64 C, i64 k) {
 /* Columns per register block in the rows loops: four 64-byte vectors. */
 #define RB (256 / (int)sizeof(F))
 
-/* Rows per chunk in the rows sums: about SUMS_CHUNK_BYTES of x, at most 1024 rows (each
- * float32 accumulator takes at most that many terms before it is flushed into float64).
- * Every value is read once, so the chunk need not stay in cache; it only spaces out the
- * flushes. Measured (2 threads, float32): 512 KB instead of 32 KB made the backward of
- * (43264, 64) 6.60 -> 5.77 copy-times and of (250000, 8) 7.72 -> 6.91, the forward
- * 2.56 -> 2.08 and 3.22 -> 2.31; neutral on the memory-bound (169000, 32) and (60000, 128). */
-#define SUMS_CHUNK_BYTES 524288
+/* Rows per chunk in the rows sums: about SUMS_CHUNK_BYTES of x (see bn_cpu.c), at most 1024
+ * rows (each float32 accumulator takes at most that many terms before it is flushed into float64). */
 static inline i64 FN(sums_chunk_rows)(i64 C) {
     i64 R = SUMS_CHUNK_BYTES / (C * (i64)sizeof(T));
     return R < 8 ? 8 : R > 1024 ? 1024 : R;
