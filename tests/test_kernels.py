@@ -173,6 +173,17 @@ def test_moving_statistics_update_and_non_finite_guard(estimator, rows, path):
     torch.testing.assert_close(mm[keep].double(), expect_m[keep], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(mv[keep].double(), expect_v[keep], rtol=1e-6, atol=1e-7)
     assert mm[2].item() == 0.0 and mv[2].item() == 1.0  # bit for bit untouched
+    # the next clean batch updates every feature (nothing of the NaN batch is carried over,
+    # e.g. in the small path's per-layer buffers)
+    mm1, mv1 = mm.double().clone(), mv.double().clone()
+    x2 = torch.randn(rows, 4) * 3 - 2
+    with torch.set_grad_enabled(path != "no_grad"):
+        y2 = layer(x2)
+    assert torch.isfinite(y2).all()
+    x2d = x2.double()
+    torch.testing.assert_close(layer.moving_mean.double(), 0.9 * mm1 + 0.1 * x2d.mean(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.moving_variance.double(),
+                               0.9 * mv1 + 0.1 * x2d.var(0, unbiased=estimator == "unbiased"), rtol=1e-6, atol=1e-7)
     one = bnlab.BatchNorm(axis=-1, moving_variance_estimator="unbiased")
     one(torch.randn(1, 4))  # one value per feature: no unbiased variance, so no update
     assert torch.equal(one.moving_variance, torch.ones(4))

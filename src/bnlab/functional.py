@@ -387,7 +387,7 @@ def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
     if pdtype is None or not x.is_cpu or (type(x) is not Tensor and type(x) is not torch.nn.Parameter):
         return None  # tensor subclasses and wrappers hold no plain memory to hand to C
     for t in per_feature:
-        if t is not None and (t.dtype != pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
+        if t is not None and (t.dtype is not pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
             return None
     if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None  # the graph (or vmap/grad transform) sees the PyTorch ops instead
@@ -483,7 +483,7 @@ def _kernel_train_forward(x, gamma, beta, plan):
 SMALL_ROWS_NUMEL = 1 << 16
 
 
-def _small_rows_train(x, gamma, beta, epsilon, moving, kernels):
+def _small_rows_train(x, gamma, beta, epsilon, moving, kernels, scratch=None):
     """Training forward of a small ``(N, C)`` batch: PyTorch's batch-norm op, whose autograd node is C++.
 
     On layers this small the fixed cost of a Python ``autograd.Function`` (about
@@ -491,18 +491,26 @@ def _small_rows_train(x, gamma, beta, epsilon, moving, kernels):
     gradients come from ``torch.batch_norm``; the moving statistics (``moving``,
     see :class:`_KernelTrain`) are updated by the kernels' ``update_moving``, with
     the same conventions and non-finite guard as the kernel path. PyTorch's op
-    writes the batch mean and the *unbiased* variance into zeroed buffers when
-    its momentum is 1; ``(N - 1) / N`` turns the latter back into the biased one.
+    with momentum 1 writes ``0 * buffer + statistic`` into two per-feature
+    buffers: the batch mean and the *unbiased* variance (``(N - 1) / N`` turns
+    it back into the biased one). ``update_moving`` reads them and resets them
+    to zero, so a caller may keep them for its next batch: ``scratch`` is a dict
+    (a layer's own) holding them by dtype; without it they are allocated here.
     """
     n, c = x.shape
-    mean = torch.zeros(c, dtype=x.dtype)
-    var = torch.zeros(c, dtype=x.dtype)
+    if moving is None:
+        return torch.batch_norm(x, gamma, beta, None, None, True, 0.0, epsilon, False)
+    pair = None if scratch is None else scratch.get(x.dtype)
+    if pair is None or pair[0].numel() != c:
+        pair = (torch.zeros(c, dtype=x.dtype), torch.zeros(c, dtype=x.dtype))
+        if scratch is not None:
+            scratch[x.dtype] = pair
+    mean, var = pair
     y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, epsilon, False)
-    if moving is not None:
-        mm, mv, momentum, var_factor = moving
-        kernels.update_moving[x.dtype](
-            mm.data_ptr(), mv.data_ptr(), mean.data_ptr(), var.data_ptr(), c, momentum, var_factor * (n - 1) / n
-        )
+    mm, mv, momentum, var_factor = moving
+    kernels.update_moving[x.dtype](
+        mm.data_ptr(), mv.data_ptr(), mean.data_ptr(), var.data_ptr(), c, momentum, var_factor * (n - 1) / n
+    )
     return y
 
 
@@ -899,18 +907,22 @@ def batch_norm(
 
 
 def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
-                             unbiased_moving_variance, impl="auto", act=None, slope=0.01):
-    """Training transform (+ ``act``) plus the in-place moving-statistics update (``feat`` already normalized)."""
+                             unbiased_moving_variance, impl="auto", act=None, slope=0.01, scratch=None):
+    """Training transform (+ ``act``) plus the in-place moving-statistics update (``feat`` already normalized).
+
+    ``scratch``: a dict the caller keeps between calls (see :func:`_small_rows_train`).
+    """
     if x.numel() == 0 and moving_mean is not None:
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
         return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
     if impl in ("auto", "kernel"):
-        if impl == "auto" and mask is None and feat == (1,) and x.dim() == 2 and 1 < x.shape[0] \
-                and x.numel() <= SMALL_ROWS_NUMEL and x.dtype is not torch.bfloat16 and _records_graph(x, gamma, beta):
-            kernels = _kernels_for(x, x.shape[1], gamma, beta, moving_mean, moving_variance)
-            if kernels is not None:
-                moving = _moving_plan(moving_mean, moving_variance, momentum, x.shape[0], unbiased_moving_variance)
-                return _activate(_small_rows_train(x, gamma, beta, epsilon, moving, kernels), act, slope)
+        if impl == "auto" and feat == (1,) and mask is None and x.dim() == 2 and x.numel() <= SMALL_ROWS_NUMEL:
+            n, c = x.shape
+            if n > 1 and x.dtype is not torch.bfloat16 and _records_graph(x, gamma, beta):
+                kernels = _kernels_for(x, c, gamma, beta, moving_mean, moving_variance)
+                if kernels is not None:
+                    moving = _moving_plan(moving_mean, moving_variance, momentum, n, unbiased_moving_variance)
+                    return _activate(_small_rows_train(x, gamma, beta, epsilon, moving, kernels, scratch), act, slope)
         route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
         if route is not None:
             xd, dims, kernels = route

@@ -40,7 +40,7 @@ __all__ = ["get", "status", "cache_dir", "threads_for", "ACTIVATION_CODES"]
 
 log = logging.getLogger("bnlab.kernels")
 
-ABI_VERSION = 2  # must match bnlab_abi_version() in bn_cpu.c
+ABI_VERSION = 3  # must match bnlab_abi_version() in bn_cpu.c
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]

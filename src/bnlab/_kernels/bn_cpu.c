@@ -42,7 +42,7 @@ typedef int64_t i64;
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
 /* ABI version checked by the loader: bump when a signature changes. */
-int bnlab_abi_version(void) { return 2; }
+int bnlab_abi_version(void) { return 3; }
 
 int bnlab_has_openmp(void) {
 #ifdef _OPENMP

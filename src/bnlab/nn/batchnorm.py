@@ -111,6 +111,7 @@ class _BatchNormBase(nn.Module):
         self.virtual_batch_size = getattr(self, "virtual_batch_size", None)  # set by the Keras face
         self._trainable = True
         self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
+        self._scratch: dict = {}  # dtype -> per-feature buffers of the small-batch path (functional._small_rows_train)
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         self.feature_shape: tuple[int, ...] | None = None
         self.register_parameter("weight", None)
@@ -336,6 +337,7 @@ class _BatchNormBase(nn.Module):
             "auto",
             self._act,
             self._slope,
+            self._scratch,
         )
 
     def _count_batch(self, counted: bool = True):
