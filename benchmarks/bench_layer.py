@@ -155,13 +155,17 @@ def bench_row(layout, shape, dtype, mode, rounds, keras):
     return row
 
 
-def grid(quick: bool):
+LAYOUTS = ("2D", "NCHW", "channels_last", "NHWC")
+
+
+def grid(quick: bool, layouts=LAYOUTS, shapes=None):
+    """``(layout, shape)`` rows; ``shapes``: a set of ``"AxBx..."`` strings (in the NCHW order) or ``None`` for all."""
     rows_2d = ROWS_2D[:2] if quick else ROWS_2D
     rows_4d = ROWS_4D[:1] if quick else ROWS_4D
-    for shape in rows_2d:
-        yield "2D", shape
-    for shape in rows_4d:
-        for layout in ("NCHW", "channels_last", "NHWC"):
+    rows = [("2D", shape) for shape in rows_2d]
+    rows += [(layout, shape) for shape in rows_4d for layout in ("NCHW", "channels_last", "NHWC")]
+    for layout, shape in rows:
+        if layout in layouts and (shapes is None or "x".join(map(str, shape)) in shapes):
             yield layout, shape
 
 
@@ -251,10 +255,20 @@ def main(argv=None):
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--no-keras", action="store_true", help="leave Keras out even if installed")
     p.add_argument("--quick", action="store_true", help="two 2D rows and one 4D shape only (smoke test)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated subset of {','.join(LAYOUTS)}")
+    p.add_argument("--shapes", help="comma-separated shapes of the grid to keep, as in the table (NCHW order), "
+                   "e.g. 64x64,128x64x16x16")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--compare", help="a JSON file from an earlier run: print bnlab's time now / then per row")
     p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone (see _bench.py)")
     a = p.parse_args(argv)
+    layouts = a.layouts.split(",")
+    shapes = None if a.shapes is None else set(a.shapes.split(","))
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        p.error(f"unknown layout(s) {unknown}; expected some of {list(LAYOUTS)}")
+    if shapes is not None and not list(grid(a.quick, layouts, shapes)):
+        p.error(f"no grid row has layout in {layouts} and shape in {sorted(shapes)}")
     allocator = "glibc malloc, default settings" if a.system_malloc else keep_freed_memory()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -273,7 +287,7 @@ def main(argv=None):
             print(f"\n## {MODE_TITLES[mode]}, {dtype_name}")
             print(HEADER)
             print("-" * len(HEADER))
-            for layout, shape in grid(a.quick):
+            for layout, shape in grid(a.quick, layouts, shapes):
                 r = bench_row(layout, shape, dtype, mode, a.rounds, keras)
                 rows.append(r)
                 print(_fmt_row(r), flush=True)

@@ -190,6 +190,28 @@ def test_moving_statistics_update_and_non_finite_guard(estimator, rows, path):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_batch_path_without_moving_statistics(dtype):
+    # F.batch_norm with no moving statistics on a small (N, C) batch that records a graph: PyTorch's
+    # op without buffers; values and gradients against the float64 reference
+    x = (torch.randn(40, 6, dtype=torch.float64) * 3 + 2).to(dtype).requires_grad_()
+    gamma = torch.rand(6, dtype=dtype).add_(0.5).requires_grad_()
+    beta = torch.randn(6, dtype=dtype).requires_grad_()
+    y = F.batch_norm(x, None, None, gamma, beta, training=True, epsilon=1e-3)
+    assert type(y.grad_fn).__name__ == "NativeBatchNormBackward0"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd, gd, bd = (t.detach().double().requires_grad_() for t in (x, gamma, beta))
+    var, mean = torch.var_mean(xd, 0, correction=0)
+    ref = (xd - mean) / torch.sqrt(var + 1e-3) * gd + bd
+    ref.backward(dy.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y.detach().double(), ref.detach(), **tol)
+    for got, want in ((x.grad, xd.grad), (gamma.grad, gd.grad), (beta.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@needs_kernels
 def test_results_are_deterministic_for_a_thread_count():
     x = torch.randn(256, 64, 9, 9)
     layer = bnlab.BatchNorm(axis=1)

@@ -479,37 +479,60 @@ def _kernel_train_forward(x, gamma, beta, plan):
 #: (:func:`_small_rows_train`). Measured (2 threads, float32, forward+backward against the native
 #: module at (64, 64), (32, 128) and (256, 256)): ``torch.batch_norm`` with its two scratch buffers,
 #: called bare, 0.81-0.90x; bnlab's layer through the kernels' autograd Function 1.14-1.27x, through
-#: this path 1.10-1.18x (the rest is the layer's own Python and the ctypes update).
+#: this path with buffers allocated per call 1.10-1.18x, with the layer's kept buffers and the
+#: checks written out 0.93-1.11x (benchmarks/bench_layer.py --quick, three runs; the rest is the
+#: layer's own Python and the ctypes update, about 1 us each).
 SMALL_ROWS_NUMEL = 1 << 16
 
 
-def _small_rows_train(x, gamma, beta, epsilon, moving, kernels, scratch=None):
-    """Training forward of a small ``(N, C)`` batch: PyTorch's batch-norm op, whose autograd node is C++.
+def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, unbiased, scratch):
+    """Training forward of a small ``(N, C)`` batch that records a graph, or ``None`` when this path does not apply.
 
     On layers this small the fixed cost of a Python ``autograd.Function`` (about
     20 us per step) outweighs the arithmetic, so the normalization and its
-    gradients come from ``torch.batch_norm``; the moving statistics (``moving``,
-    see :class:`_KernelTrain`) are updated by the kernels' ``update_moving``, with
-    the same conventions and non-finite guard as the kernel path. PyTorch's op
-    with momentum 1 writes ``0 * buffer + statistic`` into two per-feature
-    buffers: the batch mean and the *unbiased* variance (``(N - 1) / N`` turns
-    it back into the biased one). ``update_moving`` reads them and resets them
-    to zero, so a caller may keep them for its next batch: ``scratch`` is a dict
-    (a layer's own) holding them by dtype; without it they are allocated here.
+    gradients come from ``torch.batch_norm``, whose autograd node is C++. The
+    moving statistics are updated by the kernels' ``update_moving``, with the
+    same conventions and non-finite guard as the kernel path. PyTorch's op with
+    momentum 1 writes ``0 * buffer + statistic`` into two per-feature buffers:
+    the batch mean and the *unbiased* variance (``(N - 1) / N`` turns it back
+    into the biased one). ``update_moving`` reads them and resets them to zero,
+    so a caller may keep them for its next batch: ``scratch`` is a dict (a
+    layer's own) holding them by dtype; without it they are allocated here.
+
+    Every call of a small layer pays for this function's checks, so they are
+    written out here (the ones :func:`_kernels_for` makes, for the tensors that
+    reach C) rather than shared.
     """
     n, c = x.shape
-    if moving is None:
+    dt = x.dtype
+    if n < 2 or (dt is not torch.float32 and dt is not torch.float64) or not x.is_cpu \
+            or (type(x) is not Tensor and type(x) is not torch.nn.Parameter) or not _records_graph(x, gamma, beta):
+        return None
+    for t in (gamma, beta):
+        if t is not None and (t.dtype is not dt or t.numel() != c):
+            return None  # the general paths deal with (or explain) mixed dtypes and sizes
+    if moving_mean is None:
         return torch.batch_norm(x, gamma, beta, None, None, True, 0.0, epsilon, False)
-    pair = None if scratch is None else scratch.get(x.dtype)
+    for t in (moving_mean, moving_variance):
+        if t.dtype is not dt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
+            return None
+    if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None  # the graph (or vmap/grad transform) sees the PyTorch ops instead
+    state = _kernels._state
+    kernels = state["kernels"] if state["tried"] else _kernels.get()
+    if kernels is None:
+        return None
+    pair = None if scratch is None else scratch.get(dt)
     if pair is None or pair[0].numel() != c:
-        pair = (torch.zeros(c, dtype=x.dtype), torch.zeros(c, dtype=x.dtype))
+        pair = (torch.zeros(c, dtype=dt), torch.zeros(c, dtype=dt))
         if scratch is not None:
-            scratch[x.dtype] = pair
+            scratch[dt] = pair
     mean, var = pair
     y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, epsilon, False)
-    mm, mv, momentum, var_factor = moving
-    kernels.update_moving[x.dtype](
-        mm.data_ptr(), mv.data_ptr(), mean.data_ptr(), var.data_ptr(), c, momentum, var_factor * (n - 1) / n
+    # the stored variance is the biased one times M/(M-1) when unbiased (M = n > 1 here)
+    factor = (n - 1) / n if not unbiased else 1.0
+    kernels.update_moving[dt](
+        moving_mean.data_ptr(), moving_variance.data_ptr(), mean.data_ptr(), var.data_ptr(), c, float(momentum), factor
     )
     return y
 
@@ -917,12 +940,10 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
     if impl in ("auto", "kernel"):
         if impl == "auto" and feat == (1,) and mask is None and x.dim() == 2 and x.numel() <= SMALL_ROWS_NUMEL:
-            n, c = x.shape
-            if n > 1 and x.dtype is not torch.bfloat16 and _records_graph(x, gamma, beta):
-                kernels = _kernels_for(x, c, gamma, beta, moving_mean, moving_variance)
-                if kernels is not None:
-                    moving = _moving_plan(moving_mean, moving_variance, momentum, n, unbiased_moving_variance)
-                    return _activate(_small_rows_train(x, gamma, beta, epsilon, moving, kernels, scratch), act, slope)
+            y = _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon,
+                                  unbiased_moving_variance, scratch)
+            if y is not None:
+                return _activate(y, act, slope)
         route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
         if route is not None:
             xd, dims, kernels = route
