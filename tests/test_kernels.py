@@ -74,7 +74,7 @@ def test_output_keeps_the_input_layout_without_copies(layout):
 
 @needs_kernels
 @pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("shape,axis", [((40, 6), -1), ((600, 6), -1), ((301, 70), -1), ((4, 6, 5, 7), 1)])
+@pytest.mark.parametrize("shape,axis", [((40, 6), -1), ((600, 6), -1), ((301, 70), -1), ((260, 130), -1), ((4, 6, 5, 7), 1)])
 @pytest.mark.parametrize("offset", [0.3, 50.0])  # rows: the two-parameter forms, then the exact ones (mean far from 0)
 def test_fused_activation_matches_composite(act, shape, axis, offset):
     x = _make(shape, "contiguous", torch.float64, offset=offset, scale=1.0).requires_grad_()
@@ -235,11 +235,13 @@ def test_results_are_deterministic_for_a_thread_count():
 
 
 @needs_kernels
-@pytest.mark.parametrize("features", [1, 3, 7, 13, 40, 64])
+@pytest.mark.parametrize("features", [1, 3, 7, 13, 40, 64, 100, 130, 300])
 @pytest.mark.parametrize("offset", [0.3, 50.0])  # two-parameter forms, then the exact ones
 def test_rows_split_across_threads(monkeypatch, features, offset):
-    """Two threads on small inputs: each thread's share of super-rows, the leftover rows, and
-    the grouping of narrow rows in the streaming passes (normalize below 32 features, dx below 64)."""
+    """Two threads on small inputs: each thread's share of super-rows, the leftover rows, the
+    grouping of narrow rows in the streaming passes (normalize below 32 features, dx and the
+    backward's sums below 64), and both kinds of backward sums (memory order below 128
+    features, register blocks from 128 on)."""
     monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
