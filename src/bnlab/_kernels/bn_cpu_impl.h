@@ -367,12 +367,14 @@ static void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 count, const F
  * accumulator takes one term per super-row; they are flushed into float64 (sg, sgx: Ws
  * values) every 1024 super-rows. Rows short of a whole super-row at the end go into the
  * first C accumulators. mu, s, h hold at least Ws values (replicated per feature).
- * Measured (2 threads, float32; sums alone, in copy-times): this order against column blocks
- * of 64 values walked down 1,024-value super-rows (the previous kernel) took 0.46 vs 1.01
- * on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 1.36-1.43 vs 1.54-2.05 on
- * (60000, 128), 0.99-1.05 vs 1.30-1.68 on (4096, 1024), 0.75 vs 1.39 on (250000, 8): the
- * old walk jumped a whole super-row (4 KB) between consecutive loads of a block, so the
- * hardware prefetchers, which follow addresses within a 4 KB page, did not help it. */
+ * Measured (2 threads, float32; the sums alone, in copy-times): this order against column
+ * blocks of 64 values walked down 1,024-value super-rows (grad_sums_blocks) took 0.46 vs 1.01
+ * on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 0.75 vs 1.39 on (250000, 8); the
+ * whole backward 0.74-0.86x as long on these and (43264, 64), (64, 64). The block walk jumps
+ * a whole super-row (4 KB) between consecutive loads of a block, where the hardware
+ * prefetchers, which follow addresses within a 4 KB page, do not help. From SUMS_SEQ_MAX_C
+ * features on the whole backward gained nothing (0.96-1.01x at 128 and 1024 features, slower
+ * at 256 and 512), so wide rows keep the blocks. */
 static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu, const F *s,
                                const F *h, int act, F slope, double *sg, double *sgx, F *restrict fg,
                                F *restrict fgx) {
