@@ -373,8 +373,8 @@ static void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 count, const F
  * whole backward 0.74-0.86x as long on these and (43264, 64), (64, 64). The block walk jumps
  * a whole super-row (4 KB) between consecutive loads of a block, where the hardware
  * prefetchers, which follow addresses within a 4 KB page, do not help. From SUMS_SEQ_MAX_C
- * features on the whole backward gained nothing (0.96-1.01x at 128 and 1024 features, slower
- * at 256 and 512), so wide rows keep the blocks. */
+ * features on the whole backward gained nothing (0.94-1.11x at 128 features, 0.96-1.00x at
+ * 1024 and 2048, 1.04-1.14x at 256 and 512), so wide rows keep the blocks. */
 static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu, const F *s,
                                const F *h, int act, F slope, double *sg, double *sgx, F *restrict fg,
                                F *restrict fgx) {
