@@ -389,8 +389,17 @@ def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
     for t in per_feature:
         if t is not None and (t.dtype is not pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
             return None
+    return _loaded_kernels()
+
+
+def _loaded_kernels():
+    """The compiled kernels, or ``None`` when they are unavailable or a graph is being captured.
+
+    Under tracing, ``torch.compile`` or a functorch transform (vmap, grad) the
+    graph must see the PyTorch ops instead of a call into C.
+    """
     if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return None  # the graph (or vmap/grad transform) sees the PyTorch ops instead
+        return None
     state = _kernels._state
     return state["kernels"] if state["tried"] else _kernels.get()
 
@@ -516,10 +525,7 @@ def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, ep
     for t in (moving_mean, moving_variance):
         if t.dtype is not dt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
             return None
-    if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return None  # the graph (or vmap/grad transform) sees the PyTorch ops instead
-    state = _kernels._state
-    kernels = state["kernels"] if state["tried"] else _kernels.get()
+    kernels = _loaded_kernels()
     if kernels is None:
         return None
     pair = None if scratch is None else scratch.get(dt)

@@ -59,6 +59,15 @@ static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
+/* Inside a parallel region: thread t's share [*lo, *hi) of items, and its two float64 sum
+ * arrays of W values (laid out per thread in ws), zeroed; returns the first, the second follows. */
+static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i64 *lo, i64 *hi) {
+    double *S = ws + 2 * W * t;
+    for (i64 j = 0; j < 2 * W; j++) S[j] = 0;
+    split(items, t, nt, lo, hi);
+    return S;
+}
+
 /* Rows layout (B == 1): the sums take k consecutive rows as one "super-row" of W = k*C
  * values (at least 1024, or all A rows when fewer), so that rows with few features still give
  * long register-blocked inner loops; the A - A2*k rows left over are summed one by one. */

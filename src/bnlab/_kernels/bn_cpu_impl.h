@@ -248,10 +248,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        double *S1 = ws + 2 * W * t, *S2 = S1 + W;
-        for (i64 j = 0; j < W; j++) S1[j] = S2[j] = 0;
         i64 lo, hi;
-        split(items, t, nt, &lo, &hi);
+        double *S1 = thread_sums(ws, W, items, t, nt, &lo, &hi), *S2 = S1 + W;
         if (rows) FN(sums_rows)(x, W, lo, hi, Kw, S1, S2, fs + 2 * W * t, fs + 2 * W * t + W);
         else FN(sums_planes)(x, C, B, lo, hi, Kw, S1, S2);
 #pragma omp barrier
@@ -591,10 +589,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        double *sg = ws + 2 * W * t, *sgx = sg + W;
-        for (i64 j = 0; j < W; j++) sg[j] = sgx[j] = 0;
         i64 lo, hi;
-        split(items, t, nt, &lo, &hi);
+        double *sg = thread_sums(ws, W, items, t, nt, &lo, &hi), *sgx = sg + W;
         if (rows && C < SUMS_SEQ_MAX_C) /* super-rows of at least SUMS_MIN_VALUES values, no wider than the replicated arrays */
             FN(grad_sums_rows)(x, dy, C, ks < rp.k ? ks : rp.k, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx,
                                fs + 2 * W * t, fs + 2 * W * t + W);
