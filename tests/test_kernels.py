@@ -378,3 +378,113 @@ def test_two_processes_building_at_once_leave_one_good_library(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert len(list(tmp_path.glob("bn_cpu-*"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- streaming stores
+
+
+def _kernel_outputs(x, act, slope=0.2):
+    """Training forward (y), backward (dx, dgamma, dbeta) and inference of the layer, on the kernels."""
+    c = x.shape[1] if x.dim() > 2 else x.shape[-1]
+    axis = 1 if x.dim() > 2 else -1
+    gen = torch.Generator().manual_seed(1)
+    pdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    layer = bnlab.BatchNormAct(activation=act or "identity", negative_slope=slope, axis=axis, num_features=c)
+    layer = layer.to(pdtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(c, generator=gen, dtype=pdtype) + 0.5)
+        layer.bias.copy_(torch.randn(c, generator=gen, dtype=pdtype))
+    xi = x.detach().clone().requires_grad_()
+    y = layer(xi)
+    y.backward(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype))
+    layer.eval()
+    with torch.no_grad():
+        z = layer(x)
+    return y.detach(), xi.grad, layer.weight.grad, layer.bias.grad, z, layer.running_mean.clone(), layer.running_var.clone()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((700, 1), "contiguous"),  # rows of one feature
+        ((300, 13), "contiguous"),  # rows not a whole number of cache lines
+        ((90, 130), "contiguous"),
+        ((9, 1100), "contiguous"),  # a row wider than the staging buffer
+        ((6, 5, 7, 9), "contiguous"),  # planes of 63 values
+        ((2, 3, 5000), "contiguous"),  # planes wider than the staging buffer
+        ((6, 5, 7, 9), "channels_last"),
+    ],
+)
+@pytest.mark.parametrize("offset", [0.3, 50.0])  # rows: the two-parameter forms, then the exact ones
+def test_streaming_stores_give_the_same_bits(monkeypatch, shape, layout, act, dtype, offset):
+    """Outputs written through the staging buffer and non-temporal stores (every output
+    streams with a threshold of one byte) equal the ordinary ones bit for bit, on two threads."""
+    kernels = _kernels.get()
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    x = _make(shape, layout, dtype, offset=offset)
+    try:
+        kernels.lib.bnlab_set_stream_min_bytes(0)
+        plain = _kernel_outputs(x, act)
+        kernels.lib.bnlab_set_stream_min_bytes(1)
+        assert kernels.stream_min_bytes == 1
+        streamed = _kernel_outputs(x, act)
+    finally:
+        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
+        torch.set_num_threads(old_threads)
+    for a, b in zip(plain, streamed):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.isfinite(plain[0].float()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shift", [1, 3, 16])
+def test_streaming_stores_into_unaligned_outputs(shift):
+    """The partial cache lines at either end of an output that does not start on a 64-byte
+    line are written too, and nothing around it is touched (called through ctypes)."""
+    kernels = _kernels.get()
+    a, c = 257, 37
+    x = torch.randn(a, c) * 2 + 1
+    g, b = torch.rand(c) + 0.5, torch.randn(c)
+    mm, mv = torch.randn(c), torch.rand(c) + 0.5
+    outs = []
+    try:
+        for threshold in (0, 1):
+            kernels.lib.bnlab_set_stream_min_bytes(threshold)
+            buf = torch.full((a * c + 2 * shift,), -7.0)
+            rc = kernels.infer[torch.float32](
+                x.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(), mm.data_ptr(),
+                mv.data_ptr(), 1e-3, 0, 0.0, 2,
+            )
+            assert rc == 0
+            outs.append(buf)
+    finally:
+        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
+    plain, streamed = outs
+    assert torch.equal(plain, streamed)
+    assert (streamed[:shift] == -7).all() and (streamed[-shift:] == -7).all()
+    expect = (x - mm) / torch.sqrt(mv + 1e-3) * g + b
+    torch.testing.assert_close(streamed[shift:-shift].view(a, c), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_threshold_follows_the_cache_size_and_the_environment(monkeypatch, tmp_path):
+    for name, level, size in (("index0", 1, "32K"), ("index2", 2, "1024K"), ("index3", 3, "32768K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+        (tmp_path / name / "level").write_text(f"{level}\n")
+    assert _kernels.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert _kernels.last_level_cache_bytes(tmp_path / "missing") is None
+    monkeypatch.setattr(_kernels, "last_level_cache_bytes", lambda: 8 << 20)
+    monkeypatch.delenv("BNLAB_STREAM_MIN_BYTES", raising=False)
+    assert _kernels.stream_min_bytes() == 4 << 20  # half the last-level cache
+    monkeypatch.setattr(_kernels, "last_level_cache_bytes", lambda: None)
+    assert _kernels.stream_min_bytes() == 32 << 20  # unknown cache
+    monkeypatch.setenv("BNLAB_STREAM_MIN_BYTES", "0")
+    assert _kernels.stream_min_bytes() == 0
+    monkeypatch.setenv("BNLAB_STREAM_MIN_BYTES", "lots")
+    with pytest.raises(ValueError, match="BNLAB_STREAM_MIN_BYTES must be a whole number of bytes, got 'lots'"):
+        _kernels.stream_min_bytes()

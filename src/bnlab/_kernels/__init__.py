@@ -17,6 +17,9 @@ Why this technology (see also the README's "Speed" section):
   PyTorch already uses (same soname), so the two share one thread pool.
   Work is split in fixed ranges by thread count: results are deterministic for
   a given number of threads.
+* Outputs of at least half the last-level cache (:func:`stream_min_bytes`;
+  ``BNLAB_STREAM_MIN_BYTES`` overrides, ``0`` turns it off) are written with
+  non-temporal stores on x86-64; the values are the same bits either way.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["get", "status", "cache_dir", "threads_for", "ACTIVATION_CODES"]
+__all__ = ["get", "status", "cache_dir", "threads_for", "stream_min_bytes", "ACTIVATION_CODES"]
 
 log = logging.getLogger("bnlab.kernels")
 
-ABI_VERSION = 3  # must match bnlab_abi_version() in bn_cpu.c
+ABI_VERSION = 4  # must match bnlab_abi_version() in bn_cpu.c
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -86,6 +89,53 @@ class Kernels:
         self.train_bwd = tables["bnlab_train_bwd"]
         self.infer = tables["bnlab_infer"]
         self.update_moving = tables["bnlab_update_moving"]
+        lib.bnlab_set_stream_min_bytes.argtypes = [i64]
+        lib.bnlab_set_stream_min_bytes.restype = None
+        lib.bnlab_get_stream_min_bytes.restype = i64
+        lib.bnlab_set_stream_min_bytes(stream_min_bytes())
+
+    @property
+    def stream_min_bytes(self) -> int:
+        """Outputs of at least this many bytes are written with streaming stores (0: never)."""
+        return int(self.lib.bnlab_get_stream_min_bytes())
+
+
+def last_level_cache_bytes(root: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size of the largest CPU cache as Linux reports it for CPU 0 (sysfs), or ``None`` if unknown.
+
+    (glibc's ``sysconf(_SC_LEVEL3_CACHE_SIZE)`` is not used: on the AMD EPYC here it
+    reports 320 MB for a 32 MB L3.)
+    """
+    best = None
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            size = int(digits) * scale
+            best = size if best is None or size > best else best
+    return best
+
+
+def stream_min_bytes() -> int:
+    """Smallest output the kernels write with streaming (non-temporal) stores; 0 means never.
+
+    Half the last-level cache: an output that large cannot stay cached next to its
+    input (see ``stream_copy`` in ``bn_cpu.c`` for the measurements). 32 MB where the
+    cache size is unknown. ``BNLAB_STREAM_MIN_BYTES`` overrides it (``0`` turns
+    streaming off).
+    """
+    env = os.environ.get("BNLAB_STREAM_MIN_BYTES", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"BNLAB_STREAM_MIN_BYTES must be a whole number of bytes, got {env!r}") from None
+    llc = last_level_cache_bytes()
+    return 32 << 20 if llc is None else llc // 2
 
 
 _lock = threading.Lock()

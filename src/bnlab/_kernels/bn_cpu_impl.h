@@ -93,6 +93,31 @@ static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, 
     }
 }
 
+/* normalize_rows for an output written with streaming stores (see stream_copy in bn_cpu.c):
+ * values [v0, v1) of y (whole rows), staged STAGE_BYTES at a time; the per-feature arrays
+ * repeat with period C over Wd values (Wd >= C). (Planes do not stream here: STREAM_PLANES.) */
+static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd, int affine, const F *mu,
+                                 const F *s, const F *h, int act, F slope) {
+    T stage[STAGE_BYTES / sizeof(T)];
+    const i64 cap = STAGE_BYTES / (i64)sizeof(T);
+    for (i64 pos = v0; pos < v1;) {
+        T *dst = y + pos;
+        i64 filled = 0;
+        while (filled < cap && pos < v1) {
+            const i64 j = pos % C;
+            i64 n = Wd - j < v1 - pos ? Wd - j : v1 - pos;
+            if (filled > 0 && n > cap - filled) break; /* whole super-rows where they fit */
+            if (n > cap) n = cap;
+            if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
+            else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
+            filled += n;
+            pos += n;
+        }
+        stream_copy(dst, stage, (size_t)filled * sizeof(T));
+    }
+    stream_fence();
+}
+
 /* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows.
  * dst may be src itself (then its first C values are already in place). The filled part is
  * doubled at each step: log2(k) copies, not k (k reaches 1024 when C = 1). */
@@ -244,6 +269,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     for (i64 c = 0; c < C; c++) Kw[c] = LD(x + c * B); /* first sample of each feature */
     if (rows) FN(replicate)(Kw, Kw, C, rp.k);
     const F fslope = (F)slope;
+    const int stream = rows && use_stream(A * C * B * (i64)sizeof(T)); /* rows only: see STREAM_PLANES */
     int affine = 0; /* set by the single thread that finishes the statistics */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -281,7 +307,10 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
                 FN(replicate)(hw, shift, C, rp.k);
             }
         }
-        if (rows) /* this thread's rows, plus the leftover ones for the last thread */
+        if (stream) /* this thread's rows, plus the leftover ones for the last thread */
+            FN(normalize_stream)(x, y, C, lo * rp.k * C, (t == nt - 1 ? A : hi * rp.k) * C, rp.W, affine, muw, sw, hw, act,
+                                 fslope);
+        else if (rows) /* this thread's rows, plus the leftover ones for the last thread */
             FN(normalize_rows)(x, y, C, lo * rp.k, t == nt - 1 ? A : hi * rp.k, stream_rows(C, NORM_MIN_VALUES),
                                affine, muw, sw, hw, act, fslope);
         else
@@ -315,12 +344,15 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
         for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
     if (ks > 1) { FN(replicate)(mu, mu, C, ks); FN(replicate)(scale, scale, C, ks); FN(replicate)(shift, shift, C, ks); }
     const F fslope = (F)slope;
+    const int stream = rows && use_stream(A * C * B * (i64)sizeof(T)); /* rows only: see STREAM_PLANES */
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         split(items, t, nt, &lo, &hi);
-        if (rows) FN(normalize_rows)(x, y, C, lo, hi, ks, affine, mu, scale, shift, act, fslope);
+        if (stream)
+            FN(normalize_stream)(x, y, C, lo * C, hi * C, W, affine, mu, scale, shift, act, fslope);
+        else if (rows) FN(normalize_rows)(x, y, C, lo, hi, ks, affine, mu, scale, shift, act, fslope);
         else FN(normalize_planes)(x, y, C, B, lo, hi, mu, scale, shift, act, fslope);
     }
     free(fs);
@@ -557,6 +589,40 @@ static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *re
     }
 }
 
+/* dx_rows / dx_plane for a dx written with streaming stores: values [v0, v1) of dx, staged as in
+ * normalize_stream. Rows: the per-feature arrays repeat with period C over Wd values; planes of
+ * B values: plane p holds feature p % C. */
+static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, i64 v1, i64 Wd, int affine,
+                          const F *mu, const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
+    T stage[STAGE_BYTES / sizeof(T)];
+    const i64 cap = STAGE_BYTES / (i64)sizeof(T);
+    for (i64 pos = v0; pos < v1;) {
+        T *dst = dx + pos;
+        i64 filled = 0;
+        while (filled < cap && pos < v1) {
+            /* whole super-rows / planes where they fit, so the inner loops keep their length */
+            const i64 j = B == 1 ? pos % C : 0, p = pos / B, off = pos - p * B;
+            i64 n = B == 1 ? Wd - j : B - off;
+            if (n > v1 - pos) n = v1 - pos;
+            if (filled > 0 && n > cap - filled) break;
+            if (n > cap) n = cap;
+            if (B == 1) {
+                if (affine)
+                    FN(dx_row_affine)(x + pos, dy + pos, stage + filled, n, s + j, h + j, k + j, al + j, c0 + j, act, slope);
+                else
+                    FN(dx_row)(x + pos, dy + pos, stage + filled, n, mu + j, s + j, h + j, k + j, al + j, c0 + j, act, slope);
+            } else {
+                const i64 c = p % C;
+                FN(dx_plane)(x + pos, dy + pos, stage + filled, n, mu[c], s[c], h[c], k[c], al[c], c0[c], act, slope);
+            }
+            filled += n;
+            pos += n;
+        }
+        stream_copy(dst, stage, (size_t)filled * sizeof(T));
+    }
+    stream_fence();
+}
+
 /* Gradients of the training transform (statistics depend on x):
  *   g = dy * act'(z),  S1 = sum(g),  S2 = sum(g * (x - mean))
  *   dbeta = S1,  dgamma = S2 * invstd
@@ -585,6 +651,7 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     if (rows) { FN(replicate)(muw, muw, C, rp.k); FN(replicate)(s, s, C, rp.k); FN(replicate)(h, h, C, rp.k); }
     const F fslope = (F)slope;
     const i64 ks = stream_rows(C, SUMS_MIN_VALUES);
+    const int stream = dx && use_stream(A * C * B * (i64)sizeof(T));
     int affine = 0; /* set by the single thread that finishes the sums */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -634,7 +701,10 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
                 FN(replicate)(c0, c0, C, rp.k);
             }
         }
-        if (dx) {
+        if (dx && stream) {
+            FN(dx_stream)(x, dy, dx, C, B, rows ? lo * rp.k * C : lo * B, rows ? (t == nt - 1 ? A : hi * rp.k) * C : hi * B,
+                          rp.W, affine, muw, s, h, k, al, c0, act, fslope);
+        } else if (dx) {
             if (rows) {
                 FN(dx_rows)(x, dy, dx, C, lo * rp.k, t == nt - 1 ? A : hi * rp.k, stream_rows(C, DX_MIN_VALUES),
                             affine, muw, s, h, k, al, c0, act, fslope);
