@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmarks: steady-state memory, atomic JSON results.
+"""Helpers shared by the benchmarks: variants in turn, steady-state memory, atomic JSON results.
+
+Rounds: every benchmark runs its variants in turn, round after round, and
+reverses the order every other round (:func:`in_turn`), so no variant always
+runs right after the same neighbour (whose cache and heap state it inherits).
 
 Memory: keep freed blocks instead of returning them to the OS.
 
@@ -18,9 +22,29 @@ import ctypes
 import ctypes.util
 import json
 import os
+import time
+
+from typing import Callable
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+
+
+def seconds(fn: Callable) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def in_turn(variants: dict, rounds: int, measure: Callable) -> dict:
+    """``{label: [measure(fn) per round]}``, the variants in turn, order reversed every other round."""
+    times = {label: [] for label in variants}
+    items = list(variants.items())
+    for r in range(rounds):
+        for label, fn in items if r % 2 == 0 else reversed(items):
+            times[label].append(measure(fn))
+    return times
 
 
 def keep_freed_memory() -> str:

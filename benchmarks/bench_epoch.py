@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from _bench import in_turn
+from _bench import seconds as _seconds
 from bnlab import lab
 from bnlab.lab import models as M
 from bnlab.lab import training as T
@@ -95,14 +97,9 @@ def main(argv=None):
             "fit-torch": lambda recipe=recipe, ds=ds: fit_run(recipe, ds, a.epochs, "torch"),
             "fit-bnlab": lambda recipe=recipe, ds=ds: fit_run(recipe, ds, a.epochs),
         }
-        times = {k: [] for k in fns}
         for f in fns.values():
             f()  # warm-up run
-        for _ in range(a.rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) / a.epochs)
+        times = in_turn(fns, a.rounds, lambda f: _seconds(f) / a.epochs)
         ratio = statistics.median(b / p_ for b, p_ in zip(times["fit-bnlab"], times["plain"], strict=True))
         worst = max(worst, ratio)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}

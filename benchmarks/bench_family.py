@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import bnlab
-from _bench import keep_freed_memory
+from _bench import in_turn, keep_freed_memory
 from bnlab.lab import models
 
 
@@ -30,11 +30,7 @@ def _time(fn, reps):
 
 
 def _rows(variants: dict, rounds: int, reps: int):
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(_time(fn, reps))
-    return times
+    return in_turn(variants, rounds, lambda fn: _time(fn, reps))
 
 
 def _fwd_bwd(module, x, g):

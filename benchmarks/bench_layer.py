@@ -2,9 +2,9 @@
 
 For every row (shape x memory layout x dtype) and mode (training forward,
 training forward+backward, inference forward) the variants run in turn, round
-after round: bnlab, PyTorch's module (``torch.nn.BatchNorm1d/2d``), Keras 3's
-``BatchNormalization`` on the torch backend (when keras is installed), and a
-copy of x (``x.clone()``, which like every layer allocates its output). The
+after round, the order reversed every other round: bnlab, PyTorch's module
+(``torch.nn.BatchNorm1d/2d``), Keras 3's ``BatchNormalization`` on the torch
+backend (when keras is installed), and a copy of x (``x.clone()``, which like every layer allocates its output). The
 table gives medians over the rounds, the median of the per-round ratios
 bnlab/native and keras/bnlab, and each time in "copy-times" (time / copy time).
 
@@ -34,7 +34,7 @@ import time
 import torch
 
 import bnlab
-from _bench import keep_freed_memory, write_json
+from _bench import in_turn, keep_freed_memory, write_json
 from bnlab import _kernels
 
 ROWS_2D = [(64, 64), (256, 256), (4096, 1024), (60000, 128)]
@@ -132,10 +132,7 @@ def bench_row(layout, shape, dtype, mode, rounds, keras):
     xd = x.detach()
     steps["copy"] = lambda: xd.clone()
     reps = {label: _reps(fn) for label, fn in steps.items()}
-    times = {label: [] for label in steps}
-    for _ in range(rounds):
-        for label, fn in steps.items():
-            times[label].append(_time(fn, reps[label]))
+    times = in_turn({label: (fn, reps[label]) for label, fn in steps.items()}, rounds, lambda item: _time(*item))
     med = {k: statistics.median(v) for k, v in times.items()}
     natives = [k for k in steps if k.startswith("native")]
     best = min(natives, key=lambda k: med[k])

@@ -26,7 +26,8 @@ import time
 import torch
 
 import bnlab
-from _bench import keep_freed_memory, write_json
+from _bench import in_turn, keep_freed_memory, write_json
+from _bench import seconds as _seconds
 from bnlab import _kernels
 from bnlab.lab import models as M
 from bnlab.lab import recipes
@@ -66,12 +67,7 @@ def bench(name, steps, rounds, epoch_samples):
     units = {label: _unit(recipe, norm, steps) for label, norm in VARIANTS.items()}
     for fn in units.values():
         fn()  # warm: allocations, kernel build
-    times = {label: [] for label in units}
-    for _ in range(rounds):
-        for label, fn in units.items():
-            t0 = time.perf_counter()
-            fn()
-            times[label].append((time.perf_counter() - t0) / steps)
+    times = in_turn(units, rounds, lambda fn: _seconds(fn) / steps)
     per_epoch = epoch_samples / recipe.batch_size
     med = {k: statistics.median(v) * per_epoch for k, v in times.items()}
 

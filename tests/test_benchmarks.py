@@ -37,3 +37,15 @@ def test_model_benchmark_quick_run_writes_json(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["network"] == "mnist-mlp" and set(row["epoch_s"]) == {"bnlab BN", "torch BN", "no BN"}
     assert row["bnlab_over_nobn"] > 0
+
+
+def test_variants_run_in_turn_with_the_order_reversed_every_other_round():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _bench import in_turn
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = []
+    times = in_turn({"a": "A", "b": "B", "c": "C"}, 3, lambda v: calls.append(v) or len(calls))
+    assert calls == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
+    assert times == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
