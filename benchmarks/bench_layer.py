@@ -4,8 +4,8 @@ For every row (shape x memory layout x dtype) and mode (training forward,
 training forward+backward, inference forward) the variants run in turn, round
 after round, the order reversed every other round: bnlab, PyTorch's module
 (``torch.nn.BatchNorm1d/2d``), Keras 3's ``BatchNormalization`` on the torch
-backend (when keras is installed), and a copy of x (``x.clone()``, which like every layer allocates its output). The
-table gives medians over the rounds, the median of the per-round ratios
+backend (when keras is installed), and a copy of x (``x.clone()``, which like
+every layer allocates its output). The table gives medians over the rounds, the median of the per-round ratios
 bnlab/native and keras/bnlab, and each time in "copy-times" (time / copy time).
 
     python benchmarks/bench_layer.py                        # the full grid, 2 threads
