@@ -131,6 +131,11 @@ def _keras_kmnist():
     ])
 
 
+# Whole networks (convolutions, dense layers, softmax) are compared at rtol=1e-4: the two
+# frameworks sum in different orders, and float32 rounding through four layers reaches a few
+# 1e-5 of the value (measured: 1.1e-5 on an output of 0.29, one run in several).
+
+
 def _train_a_little(km, x, y, loss):
     km.compile(optimizer="adam", loss=loss)
     km.fit(x, y, epochs=2, batch_size=16, verbose=0)  # moves gamma, beta and the moving statistics
@@ -143,6 +148,7 @@ def test_keras_model_loads_into_its_bnlab_twin(fmt, tmp_path):
     from bnlab.lab import models
 
     keras.backend.clear_session()
+    keras.utils.set_random_seed(0)  # the Keras model's initial weights
     rng = np.random.default_rng(0)
     km = _keras_diabetes()
     x = rng.normal(size=(64, 10)).astype("float32")
@@ -152,7 +158,7 @@ def test_keras_model_loads_into_its_bnlab_twin(fmt, tmp_path):
     twin = models.diabetes_mlp()
     report = bk.load_weights(twin, path)
     twin.eval()
-    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5, rtol=1e-4)
     assert any("transposed" in line for line in report) and sum("batch_normalization" in line for line in report) == 3
 
 
@@ -162,6 +168,7 @@ def test_keras_cnn_with_flatten_loads_and_saves_back(tmp_path):
     from bnlab.lab import models
 
     keras.backend.clear_session()
+    keras.utils.set_random_seed(0)  # the Keras model's initial weights
     rng = np.random.default_rng(1)
     km = _keras_kmnist()
     x = rng.random((32, 28, 28, 1)).astype("float32")
@@ -174,7 +181,7 @@ def test_keras_cnn_with_flatten_loads_and_saves_back(tmp_path):
     assert any("permuted from Keras'" in line for line in report)
     twin.eval()
     x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    np.testing.assert_allclose(twin(x_nchw).detach().numpy(), _np(km(x, training=False)), atol=1e-5)
+    np.testing.assert_allclose(twin(x_nchw).detach().numpy(), _np(km(x, training=False)), atol=1e-5, rtol=1e-4)
     # and back: bnlab weights into a fresh Keras twin through Keras' own loader
     with torch.no_grad():
         for p in twin.parameters():
@@ -183,7 +190,7 @@ def test_keras_cnn_with_flatten_loads_and_saves_back(tmp_path):
     keras.backend.clear_session()
     fresh = _keras_kmnist()
     fresh.load_weights(tmp_path / "back.weights.h5")
-    np.testing.assert_allclose(_np(fresh(x, training=False)), twin(x_nchw).detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(_np(fresh(x, training=False)), twin(x_nchw).detach().numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_keras_weights_into_torch_bn_report_conventions(tmp_path):
@@ -191,6 +198,7 @@ def test_keras_weights_into_torch_bn_report_conventions(tmp_path):
     import bnlab.keras as bk
 
     keras.backend.clear_session()
+    keras.utils.set_random_seed(0)  # the Keras model's initial weights
     km = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])
     _train_a_little(km, np.random.default_rng(2).normal(size=(32, 3)).astype("float32"), np.zeros((32, 4), "float32"), "mse")
     km.save(tmp_path / "t.keras")
@@ -199,4 +207,4 @@ def test_keras_weights_into_torch_bn_report_conventions(tmp_path):
     assert "momentum 0.1 = Keras 0.9" in report[-1] and "biased variance" in report[-1]
     twin.eval()
     x = np.random.default_rng(3).normal(size=(5, 3)).astype("float32")
-    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5)
+    np.testing.assert_allclose(twin(torch.from_numpy(x)).detach().numpy(), _np(km(x, training=False)), atol=1e-5, rtol=1e-4)
