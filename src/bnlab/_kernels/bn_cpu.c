@@ -130,6 +130,17 @@ static void stream_copy(void *dst, const void *src, size_t n) {
 #endif
 }
 
+/* Values to stage next at pos (of [pos, v1)), with `filled` of the stage's `cap` values in use:
+ * the rest of a super-row (rows: per-feature arrays of Wd values, period C) or of a plane (B
+ * values), so the inner loops keep their length; cut at cap; 0 when the stage must be flushed
+ * first. */
+static inline i64 stage_piece(i64 pos, i64 v1, i64 filled, i64 cap, i64 C, i64 B, i64 Wd) {
+    i64 n = B == 1 ? Wd - pos % C : B - pos % B;
+    if (n > v1 - pos) n = v1 - pos;
+    if (filled > 0 && n > cap - filled) return 0;
+    return n > cap ? cap : n;
+}
+
 /* After a thread's last streaming store: make them visible before the threads join. */
 static inline void stream_fence(void) {
 #ifdef BNLAB_STREAM

@@ -102,12 +102,9 @@ static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd
     const i64 cap = STAGE_BYTES / (i64)sizeof(T);
     for (i64 pos = v0; pos < v1;) {
         T *dst = y + pos;
-        i64 filled = 0;
-        while (filled < cap && pos < v1) {
+        i64 filled = 0, n;
+        while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, 1, Wd)) > 0) {
             const i64 j = pos % C;
-            i64 n = Wd - j < v1 - pos ? Wd - j : v1 - pos;
-            if (filled > 0 && n > cap - filled) break; /* whole super-rows where they fit */
-            if (n > cap) n = cap;
             if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
             else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
             filled += n;
@@ -598,21 +595,16 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
     const i64 cap = STAGE_BYTES / (i64)sizeof(T);
     for (i64 pos = v0; pos < v1;) {
         T *dst = dx + pos;
-        i64 filled = 0;
-        while (filled < cap && pos < v1) {
-            /* whole super-rows / planes where they fit, so the inner loops keep their length */
-            const i64 j = B == 1 ? pos % C : 0, p = pos / B, off = pos - p * B;
-            i64 n = B == 1 ? Wd - j : B - off;
-            if (n > v1 - pos) n = v1 - pos;
-            if (filled > 0 && n > cap - filled) break;
-            if (n > cap) n = cap;
+        i64 filled = 0, n;
+        while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, B, Wd)) > 0) {
             if (B == 1) {
+                const i64 j = pos % C;
                 if (affine)
                     FN(dx_row_affine)(x + pos, dy + pos, stage + filled, n, s + j, h + j, k + j, al + j, c0 + j, act, slope);
                 else
                     FN(dx_row)(x + pos, dy + pos, stage + filled, n, mu + j, s + j, h + j, k + j, al + j, c0 + j, act, slope);
             } else {
-                const i64 c = p % C;
+                const i64 c = (pos / B) % C;
                 FN(dx_plane)(x + pos, dy + pos, stage + filled, n, mu[c], s[c], h[c], k[c], al[c], c0[c], act, slope);
             }
             filled += n;
