@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,3 +51,15 @@ def test_variants_run_in_turn_with_the_order_reversed_every_other_round():
     times = in_turn({"a": "A", "b": "B", "c": "C"}, 3, lambda v: calls.append(v) or len(calls))
     assert calls == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]
     assert times == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
+
+
+def test_streaming_benchmark_quick_run(monkeypatch):
+    from bnlab import _kernels
+
+    if _kernels.get() is None:
+        pytest.skip(f"kernels unavailable: {_kernels.status()['reason']}")
+    monkeypatch.setenv("BNLAB_STREAM_MIN_BYTES", "1")  # every output streams, so the tiny rows compare something
+    text = _run("bench_stream.py", "--shapes", "300x70", "--modes", "infer,fwdbwd", "--rounds", "1")
+    lines = [ln.split() for ln in text.splitlines() if ln.startswith(("infer", "fwdbwd"))]
+    assert [ln[:2] for ln in lines] == [["infer", "300x70"], ["fwdbwd", "300x70"]]
+    assert all(float(v) > 0 for ln in lines for v in ln[3:])

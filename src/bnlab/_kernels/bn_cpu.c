@@ -86,7 +86,13 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
  * the rows layouts gained on the largest rows (training forward of (60000, 128) 0.88-1.06x the
  * time, (4096, 1024) 0.75-0.86x; inference 0.80-0.96x) and were neutral on (169000, 32), while
  * NCHW planes ((250, 32, 676), 21 MB) lost in the forward (1.06-1.12x) and inference
- * (1.03-1.29x) and gained only in the backward (0.92-0.95x): planes stream in the backward only. */
+ * (1.03-1.29x) and gained only in the backward (0.92-0.95x): planes stream in the backward only.
+ * STREAM_INFER_MIN_ROW_BYTES: inference of 20.6 MB as rows of 32, 64 and 128 float32 features,
+ * on/off over three runs of 21 rounds (benchmarks/bench_stream.py): 0.91-1.11 (in other runs
+ * as bad as 1.35-1.38) with 32 features, 0.83-0.96 with 64, 0.83-0.98 with 128; so inference
+ * streams rows of at least 256 bytes. (Staging narrow rows in 4 KB super-rows instead made
+ * every width slower.) */
+#define STREAM_INFER_MIN_ROW_BYTES 256
 static i64 stream_min_bytes = 0;
 
 void bnlab_set_stream_min_bytes(i64 n) { stream_min_bytes = n > 0 ? n : 0; }

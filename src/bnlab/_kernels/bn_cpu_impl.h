@@ -341,7 +341,8 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
         for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
     if (ks > 1) { FN(replicate)(mu, mu, C, ks); FN(replicate)(scale, scale, C, ks); FN(replicate)(shift, shift, C, ks); }
     const F fslope = (F)slope;
-    const int stream = rows && use_stream(A * C * B * (i64)sizeof(T)); /* rows only: see STREAM_PLANES */
+    /* rows of at least STREAM_INFER_MIN_ROW_BYTES only (and no planes): see STREAM_PLANES */
+    const int stream = rows && C * (i64)sizeof(T) >= STREAM_INFER_MIN_ROW_BYTES && use_stream(A * C * B * (i64)sizeof(T));
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
