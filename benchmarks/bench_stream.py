@@ -21,44 +21,18 @@ import torch
 
 import bnlab
 from _bench import in_turn, keep_freed_memory
+from bench_layer import _step  # the same steps as the layer benchmark (train: forward recording the graph)
 from bnlab import _kernels
 
 MODES = ("infer", "train", "fwdbwd")
-
-
-def _step(module, x, dy, mode):
-    if mode == "infer":
-        module.eval()
-
-        def infer():
-            with torch.no_grad():
-                module(x)
-
-        return infer
-    module.train()
-    if mode == "train":
-
-        def train():
-            with torch.no_grad():
-                module(x)
-
-        return train
-    xr = x.detach().clone().requires_grad_()
-
-    def fwdbwd():
-        y = module(xr)
-        y.backward(dy)
-        xr.grad = None
-
-    return fwdbwd
 
 
 def bench(shape, mode, rounds, kernels, threshold):
     x = torch.randn(shape)
     dy = torch.randn_like(x)
     c = shape[-1]
-    ours = _step(bnlab.BatchNorm(axis=-1, num_features=c), x, dy, mode)
-    native = _step(torch.nn.BatchNorm1d(c, eps=1e-3, momentum=0.01), x, dy, mode)
+    layers = (bnlab.BatchNorm(axis=-1, num_features=c), torch.nn.BatchNorm1d(c, eps=1e-3, momentum=0.01))
+    ours, native = (_step(m.train(mode != "infer"), x, dy, mode) for m in layers)
 
     def with_threshold(n):
         def run():
