@@ -30,11 +30,14 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
-def seconds(fn: Callable) -> float:
-    """Wall-clock seconds of one call of ``fn``."""
+def seconds(fn: Callable, reps: int = 1, warm: bool = False) -> float:
+    """Wall-clock seconds per call of ``fn``, over ``reps`` calls (after one untimed call if ``warm``)."""
+    if warm:
+        fn()
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
 
 
 def in_turn(variants: dict, rounds: int, measure: Callable) -> dict:

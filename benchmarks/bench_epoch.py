@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from _bench import in_turn
-from _bench import seconds as _seconds
+from _bench import in_turn, seconds
 from bnlab import lab
 from bnlab.lab import models as M
 from bnlab.lab import training as T
@@ -99,7 +98,7 @@ def main(argv=None):
         }
         for f in fns.values():
             f()  # warm-up run
-        times = in_turn(fns, a.rounds, lambda f: _seconds(f) / a.epochs)
+        times = in_turn(fns, a.rounds, lambda f: seconds(f) / a.epochs)
         ratio = statistics.median(b / p_ for b, p_ in zip(times["fit-bnlab"], times["plain"], strict=True))
         worst = max(worst, ratio)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}

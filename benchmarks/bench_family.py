@@ -17,20 +17,14 @@ import torch
 from torch import nn
 
 import bnlab
-from _bench import in_turn, keep_freed_memory
+from _bench import in_turn, keep_freed_memory, seconds
 from bnlab.lab import models
 
 
-def _time(fn, reps):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def _rows(variants: dict, rounds: int, reps: int):
-    return in_turn(variants, rounds, lambda fn: _time(fn, reps))
+    return in_turn(variants, rounds, lambda fn: seconds(fn, reps, warm=True))
 
 
 def _fwd_bwd(module, x, g):

@@ -5,8 +5,9 @@ training forward+backward, inference forward) the variants run in turn, round
 after round, the order reversed every other round: bnlab, PyTorch's module
 (``torch.nn.BatchNorm1d/2d``), Keras 3's ``BatchNormalization`` on the torch
 backend (when keras is installed), and a copy of x (``x.clone()``, which like
-every layer allocates its output). The table gives medians over the rounds, the median of the per-round ratios
-bnlab/native and keras/bnlab, and each time in "copy-times" (time / copy time).
+every layer allocates its output). The table gives medians over the rounds,
+the median of the per-round ratios bnlab/native and keras/bnlab, and each time
+in "copy-times" (time / copy time).
 
     python benchmarks/bench_layer.py                        # the full grid, 2 threads
     python benchmarks/bench_layer.py --quick                # a smoke run
@@ -34,7 +35,7 @@ import time
 import torch
 
 import bnlab
-from _bench import in_turn, keep_freed_memory, write_json
+from _bench import in_turn, keep_freed_memory, seconds, write_json
 from bnlab import _kernels
 
 ROWS_2D = [(64, 64), (256, 256), (4096, 1024), (60000, 128)]
@@ -112,17 +113,10 @@ def _variants(layout, shape, dtype, mode, keras):
 # --------------------------------------------------------------------------- timing
 
 
-def _time(fn, reps):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
-
-
 def _reps(fn):
     fn()
     fn()  # warm: first-use allocations and kernel builds
-    t = _time(fn, 1)
+    t = seconds(fn)
     return max(1, min(500, int(TARGET_SECONDS / max(t, 1e-7))))
 
 
@@ -132,7 +126,7 @@ def bench_row(layout, shape, dtype, mode, rounds, keras):
     xd = x.detach()
     steps["copy"] = lambda: xd.clone()
     reps = {label: _reps(fn) for label, fn in steps.items()}
-    times = in_turn({label: (fn, reps[label]) for label, fn in steps.items()}, rounds, lambda item: _time(*item))
+    times = in_turn({label: (fn, reps[label]) for label, fn in steps.items()}, rounds, lambda item: seconds(*item))
     med = {k: statistics.median(v) for k, v in times.items()}
     natives = [k for k in steps if k.startswith("native")]
     best = min(natives, key=lambda k: med[k])

@@ -26,8 +26,7 @@ import time
 import torch
 
 import bnlab
-from _bench import in_turn, keep_freed_memory, write_json
-from _bench import seconds as _seconds
+from _bench import in_turn, keep_freed_memory, seconds, write_json
 from bnlab import _kernels
 from bnlab.lab import models as M
 from bnlab.lab import recipes
@@ -67,7 +66,7 @@ def bench(name, steps, rounds, epoch_samples):
     units = {label: _unit(recipe, norm, steps) for label, norm in VARIANTS.items()}
     for fn in units.values():
         fn()  # warm: allocations, kernel build
-    times = in_turn(units, rounds, lambda fn: _seconds(fn) / steps)
+    times = in_turn(units, rounds, lambda fn: seconds(fn) / steps)
     per_epoch = epoch_samples / recipe.batch_size
     med = {k: statistics.median(v) * per_epoch for k, v in times.items()}
 

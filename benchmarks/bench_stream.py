@@ -20,7 +20,7 @@ import time
 import torch
 
 import bnlab
-from _bench import in_turn, keep_freed_memory
+from _bench import in_turn, keep_freed_memory, seconds
 from bench_layer import _step  # the same steps as the layer benchmark (train: forward recording the graph)
 from bnlab import _kernels
 
@@ -43,15 +43,8 @@ def bench(shape, mode, rounds, kernels, threshold):
 
     variants = {"on": with_threshold(threshold), "off": with_threshold(0), "native": native, "copy": x.clone}
 
-    def timed(fn, reps=10):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
     try:
-        times = in_turn(variants, rounds, timed)
+        times = in_turn(variants, rounds, lambda fn: seconds(fn, 10, warm=True))
     finally:
         kernels.lib.bnlab_set_stream_min_bytes(threshold)
     copy = statistics.median(times["copy"])

@@ -694,7 +694,7 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
                 FN(replicate)(c0, c0, C, rp.k);
             }
         }
-        if (dx && stream) {
+        if (stream) { /* stream implies dx */
             FN(dx_stream)(x, dy, dx, C, B, rows ? lo * rp.k * C : lo * B, rows ? (t == nt - 1 ? A : hi * rp.k) * C : hi * B,
                           rp.W, affine, muw, s, h, k, al, c0, act, fslope);
         } else if (dx) {
