@@ -240,8 +240,8 @@ def test_results_are_deterministic_for_a_thread_count():
 def test_rows_split_across_threads(monkeypatch, features, offset):
     """Two threads on small inputs: each thread's share of super-rows, the leftover rows, the
     grouping of narrow rows in the streaming passes (normalize below 32 features, dx and the
-    backward's sums below 64), and both kinds of backward sums (memory order below 128
-    features, register blocks from 128 on)."""
+    backward's sums below 64), and both builds of the backward's sums (unroll-and-jam off
+    from 128 features on)."""
     monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
     old = torch.get_num_threads()
     torch.set_num_threads(2)

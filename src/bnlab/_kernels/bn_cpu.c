@@ -40,6 +40,22 @@ static int omp_get_num_threads(void) { return 1; }
 
 typedef int64_t i64;
 
+/* NOJAM: a function GCC compiles without its unroll-and-jam pass (-floop-unroll-and-jam, on at
+ * -O3), which, in a loop over rows around a loop over features, takes two rows per inner
+ * iteration. For the backward's sums over rows of 128 or more features, kept in per-feature
+ * arrays in L1, that interleaving of two rows was the slow part: measured (AMD EPYC, gcc 12,
+ * float32, sums of dy and dy*(x - mean) over (60000, 128) in memory order, one thread) 4.0-4.5 ms
+ * with it, 1.9 ms without. Narrower rows keep it (their inner loop is short, and without it the
+ * backward of (32768, 64) and (43264, 64) took 1.00-1.14x as long); so does the forward's
+ * register-blocked sums (1.10-1.17x as long without it). Other compilers do not have the pass. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NOJAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define NOJAM
+#define ALWAYS_INLINE inline
+#endif
+
 /* Activations fused into the kernels: piecewise linear ones, which cost nothing extra per value.
  * (SiLU, GELU, sigmoid and tanh would need scalar libm calls here, slower than PyTorch's
  * vectorized versions; bnlab applies those with PyTorch after the kernel.) */
@@ -177,12 +193,12 @@ static inline rows_plan plan_rows(i64 A, i64 C) {
  * as large as any group that fits in the batch (a group is only used when A holds it). */
 #define NORM_MIN_VALUES 32
 #define DX_MIN_VALUES 64
-/* The backward's sums go through rows of fewer than SUMS_SEQ_MAX_C features in memory order, a
- * super-row of at least SUMS_MIN_VALUES values at a time (grad_sums_rows; 64 measured better
- * than 256: 0.71-0.76x the time on (169000, 32) and (43264, 64)); wider rows go through
- * register blocks (grad_sums_blocks). */
+/* The backward's sums go through the rows in memory order, a super-row of at least
+ * SUMS_MIN_VALUES values at a time (grad_sums_rows; 64 measured better than 256: 0.71-0.76x the
+ * time on (169000, 32) and (43264, 64)). From SUMS_NOJAM_MIN_C features on, with GCC's
+ * unroll-and-jam turned off (see NOJAM). */
 #define SUMS_MIN_VALUES 64
-#define SUMS_SEQ_MAX_C 128
+#define SUMS_NOJAM_MIN_C 128
 static inline i64 stream_rows(i64 C, i64 min_values) { return C >= min_values ? 1 : (min_values + C - 1) / C; }
 
 /* Bytes of x per chunk in the rows sums, between flushes of the float32 accumulators into

@@ -361,8 +361,9 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
 
 /* Sums of g = dy * act'(z) and g * (x - mean) over count consecutive blocks of w values (x and dy
  * contiguous), into float32 accumulators fg, fgx of w values (zeroed here). mu, s, h: w values. */
-static void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 count, const F *restrict mu, const F *restrict s,
-                              const F *restrict h, int act, F slope, F *restrict fg, F *restrict fgx) {
+static ALWAYS_INLINE void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 count, const F *restrict mu,
+                                            const F *restrict s, const F *restrict h, int act, F slope, F *restrict fg,
+                                            F *restrict fgx) {
     for (i64 j = 0; j < w; j++) fg[j] = fgx[j] = 0;
     if (act == ACT_NONE) {
         for (i64 i = 0; i < count; i++) {
@@ -396,16 +397,18 @@ static void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 count, const F
  * values) every 1024 super-rows. Rows short of a whole super-row at the end go into the
  * first C accumulators. mu, s, h hold at least Ws values (replicated per feature).
  * Measured (2 threads, float32; the sums alone, in copy-times): this order against column
- * blocks of 64 values walked down 1,024-value super-rows (grad_sums_blocks) took 0.46 vs 1.01
- * on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 0.75 vs 1.39 on (250000, 8); the
- * whole backward 0.74-0.86x as long on these and (43264, 64), (64, 64). The block walk jumps
- * a whole super-row (4 KB) between consecutive loads of a block, where the hardware
- * prefetchers, which follow addresses within a 4 KB page, do not help. From SUMS_SEQ_MAX_C
- * features on the whole backward gained nothing (0.94-1.11x at 128 features, 0.96-1.00x at
- * 1024 and 2048, 1.04-1.14x at 256 and 512), so wide rows keep the blocks. */
-static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu, const F *s,
-                               const F *h, int act, F slope, double *sg, double *sgx, F *restrict fg,
-                               F *restrict fgx) {
+ * blocks of 64 values walked down 1,024-value super-rows with their accumulators in registers
+ * took 0.46 vs 1.01 on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 0.75 vs 1.39 on
+ * (250000, 8). The block walk jumps a whole super-row (4 KB) between consecutive loads of a
+ * block, where the hardware prefetchers, which follow addresses within a 4 KB page, do not
+ * help. Rows of 128 and more features once kept the blocks, since in memory order they gained
+ * nothing; GCC's unroll-and-jam was what held them back (NOJAM). Without it, against the
+ * blocks, paired rounds, 2 threads: the backward kernel 0.84-0.86x the time on (60000, 128),
+ * 0.79-0.83 on (8192, 512), 0.81-0.89 on (16384, 256), 0.95-0.97 on (4096, 1024); the layer's
+ * forward+backward 0.89-0.90, 0.91, 0.92-1.01 and 0.94 on the same shapes. */
+static ALWAYS_INLINE void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu,
+                                             const F *s, const F *h, int act, F slope, double *sg, double *sgx,
+                                             F *restrict fg, F *restrict fgx) {
     const i64 Ws = ks * C;
     i64 r = r0;
     for (i64 n; (n = (r1 - r) / ks) > 0; r += n * ks) {
@@ -419,63 +422,11 @@ static void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i
     }
 }
 
-/* The same sums for wide rows (C >= SUMS_SEQ_MAX_C): super-rows [r0, r1) of W values (plan_rows),
- * chunk by chunk, columns taken RB at a time with their accumulators in registers (each value
- * costs one load; columns past the last full block go through the fg/fgx scratch). With rows
- * this wide a block's walk down the chunk strides at most a few KB, and keeping the
- * accumulators in registers beats the L1 arrays of grad_sums_rows: measured (2 threads,
- * float32, bare backward) those took 1.04-1.14x as long on (16384, 256) and (8192, 512).
- * Here C is the super-row width W and r0, r1 count super-rows. */
-static void FN(grad_sums_blocks)(const T *x, const T *dy, i64 C, i64 r0, i64 r1, const F *mu, const F *s,
-                               const F *h, int act, F slope, double *sg, double *sgx, F *restrict fg,
-                               F *restrict fgx) {
-    const i64 R = FN(sums_chunk_rows)(C);
-    /* register blocks (as in sums_rows) for no activation and ReLU; the rest through scratch */
-    const i64 Cb = (act == ACT_NONE || act == ACT_RELU) ? C - C % RB : 0;
-    for (i64 r = r0; r < r1; r += R) {
-        const i64 n = r1 - r < R ? r1 - r : R;
-        for (i64 cb = 0; cb < Cb; cb += RB) {
-            F a1[RB], a2[RB], m[RB], sc[RB], sh[RB];
-            for (int j = 0; j < RB; j++) { a1[j] = 0; a2[j] = 0; m[j] = mu[cb + j]; sc[j] = s[cb + j]; sh[j] = h[cb + j]; }
-            if (act == ACT_NONE) {
-                for (i64 i = 0; i < n; i++) {
-                    const T *xr = x + (r + i) * C + cb, *gr = dy + (r + i) * C + cb;
-                    for (int j = 0; j < RB; j++) { F g = LD(gr + j); a1[j] += g; a2[j] += g * (LD(xr + j) - m[j]); }
-                }
-            } else {
-                for (i64 i = 0; i < n; i++) {
-                    const T *xr = x + (r + i) * C + cb, *gr = dy + (r + i) * C + cb;
-                    for (int j = 0; j < RB; j++) {
-                        F d = LD(xr + j) - m[j];
-                        F g = d * sc[j] + sh[j] > 0 ? LD(gr + j) : (F)0;
-                        a1[j] += g; a2[j] += g * d;
-                    }
-                }
-            }
-            for (int j = 0; j < RB; j++) { sg[cb + j] += a1[j]; sgx[cb + j] += a2[j]; }
-        }
-        if (Cb == C) continue;
-        for (i64 c = Cb; c < C; c++) fg[c] = fgx[c] = 0;
-        for (i64 i = 0; i < n; i++) {
-            const T *xr = x + (r + i) * C, *gr = dy + (r + i) * C;
-            if (act == ACT_NONE) {
-                for (i64 c = Cb; c < C; c++) { F g = LD(gr + c); fg[c] += g; fgx[c] += g * (LD(xr + c) - mu[c]); }
-            } else if (act == ACT_RELU) {
-                for (i64 c = Cb; c < C; c++) {
-                    F d = LD(xr + c) - mu[c];
-                    F g = d * s[c] + h[c] > 0 ? LD(gr + c) : (F)0;
-                    fg[c] += g; fgx[c] += g * d;
-                }
-            } else if (act == ACT_LEAKY) {
-                for (i64 c = Cb; c < C; c++) {
-                    F d = LD(xr + c) - mu[c];
-                    F g = LD(gr + c) * (d * s[c] + h[c] > 0 ? (F)1 : slope);
-                    fg[c] += g; fgx[c] += g * d;
-                }
-            }
-        }
-        for (i64 c = Cb; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
-    }
+/* grad_sums_rows for rows of at least SUMS_NOJAM_MIN_C features: see NOJAM in bn_cpu.c. */
+NOJAM static void FN(grad_sums_rows_wide)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu,
+                                          const F *s, const F *h, int act, F slope, double *sg, double *sgx,
+                                          F *restrict fg, F *restrict fgx) {
+    FN(grad_sums_rows)(x, dy, C, ks, r0, r1, mu, s, h, act, slope, sg, sgx, fg, fgx);
 }
 
 static void FN(grad_sums_planes)(const T *x, const T *dy, i64 C, i64 B, i64 p0, i64 p1, const F *mu,
@@ -651,11 +602,13 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         double *sg = thread_sums(ws, W, items, t, nt, &lo, &hi), *sgx = sg + W;
-        if (rows && C < SUMS_SEQ_MAX_C) /* super-rows of at least SUMS_MIN_VALUES values, no wider than the replicated arrays */
-            FN(grad_sums_rows)(x, dy, C, ks < rp.k ? ks : rp.k, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx,
-                               fs + 2 * W * t, fs + 2 * W * t + W);
+        const i64 ksr = ks < rp.k ? ks : rp.k; /* super-rows no wider than the replicated arrays */
+        if (rows && C >= SUMS_NOJAM_MIN_C)
+            FN(grad_sums_rows_wide)(x, dy, C, ksr, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
+                                    fs + 2 * W * t + W);
         else if (rows)
-            FN(grad_sums_blocks)(x, dy, W, lo, hi, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t, fs + 2 * W * t + W);
+            FN(grad_sums_rows)(x, dy, C, ksr, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
+                               fs + 2 * W * t + W);
         else FN(grad_sums_planes)(x, dy, C, B, lo, hi, muw, s, h, act, fslope, sg, sgx);
 #pragma omp barrier
 #pragma omp single
