@@ -212,6 +212,42 @@ def test_small_batch_path_without_moving_statistics(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_small_batch_path_takes_bfloat16_data_with_float32_statistics(estimator):
+    # bfloat16 (N, C) batches with a graph take PyTorch's mixed-type op (float32 parameters and
+    # statistics, computed in float32) like float32 ones: same node, same moving-statistics
+    # convention and non-finite guard, values within bfloat16 rounding of the float64 reference
+    layer = bnlab.BatchNorm(axis=-1, momentum=0.9, moving_variance_estimator=estimator)
+    x = (torch.randn(64, 5, dtype=torch.float64) * 2 + 1).to(torch.bfloat16)
+    x[3, 2] = float("nan")
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    assert type(y.grad_fn).__name__ == "NativeBatchNormBackward0" and y.dtype == torch.bfloat16
+    assert layer.moving_mean.dtype == torch.float32
+    xd = x.double()
+    keep = torch.tensor([True, True, False, True, True])
+    torch.testing.assert_close(layer.moving_mean[keep].double(), 0.1 * xd.mean(0)[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance[keep].double(),
+                               0.9 + 0.1 * xd.var(0, unbiased=estimator == "unbiased")[keep], rtol=1e-5, atol=1e-6)
+    assert layer.moving_mean[2].item() == 0.0 and layer.moving_variance[2].item() == 1.0  # untouched
+    # a clean batch: output and gradients against the float64 reference (gamma, beta non-trivial)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.rand(5) + 0.5)
+        layer.beta.copy_(torch.randn(5))
+    x2 = (torch.randn(64, 5, dtype=torch.float64) * 3 - 2).to(torch.bfloat16).requires_grad_()
+    y2 = layer(x2)
+    dy = torch.randn(64, 5, dtype=torch.float64).to(torch.bfloat16)
+    y2.backward(dy)
+    xd = x2.detach().double().requires_grad_()
+    var, mean = torch.var_mean(xd, 0, correction=0)
+    ref = (xd - mean) / torch.sqrt(var + 1e-3) * layer.gamma.detach().double() + layer.beta.detach().double()
+    ref.backward(dy.double())
+    torch.testing.assert_close(y2.detach().double(), ref.detach(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(x2.grad.double(), xd.grad, rtol=2e-2, atol=2e-2)
+    assert layer.gamma.grad.dtype == torch.float32 and torch.isfinite(layer.gamma.grad).all()
+
+
+@needs_kernels
 def test_results_are_deterministic_for_a_thread_count():
     x = torch.randn(256, 64, 9, 9)
     layer = bnlab.BatchNorm(axis=1)

@@ -507,37 +507,39 @@ def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, ep
     into the biased one). ``update_moving`` reads them and resets them to zero,
     so a caller may keep them for its next batch: ``scratch`` is a dict (a
     layer's own) holding them by dtype; without it they are allocated here.
+    bfloat16 data goes with float32 parameters and statistics (PyTorch's
+    mixed-type CPU kernel, which computes in float32 as the kernels do).
 
     Every call of a small layer pays for this function's checks, so they are
     written out here (the ones :func:`_kernels_for` makes, for the tensors that
     reach C) rather than shared.
     """
     n, c = x.shape
-    dt = x.dtype
-    if n < 2 or (dt is not torch.float32 and dt is not torch.float64) or not x.is_cpu \
+    pdt = _KERNEL_PARAM_DTYPE.get(x.dtype)  # parameters and statistics: float32 for bfloat16 data
+    if n < 2 or pdt is None or not x.is_cpu \
             or (type(x) is not Tensor and type(x) is not torch.nn.Parameter) or not _records_graph(x, gamma, beta):
         return None
     for t in (gamma, beta):
-        if t is not None and (t.dtype is not dt or t.numel() != c):
+        if t is not None and (t.dtype is not pdt or t.numel() != c):
             return None  # the general paths deal with (or explain) mixed dtypes and sizes
     if moving_mean is None:
         return torch.batch_norm(x, gamma, beta, None, None, True, 0.0, epsilon, False)
     for t in (moving_mean, moving_variance):
-        if t.dtype is not dt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
+        if t.dtype is not pdt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
             return None
     kernels = _loaded_kernels()
     if kernels is None:
         return None
-    pair = None if scratch is None else scratch.get(dt)
+    pair = None if scratch is None else scratch.get(pdt)
     if pair is None or pair[0].numel() != c:
-        pair = (torch.zeros(c, dtype=dt), torch.zeros(c, dtype=dt))
+        pair = (torch.zeros(c, dtype=pdt), torch.zeros(c, dtype=pdt))
         if scratch is not None:
-            scratch[dt] = pair
+            scratch[pdt] = pair
     mean, var = pair
     y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, epsilon, False)
     # the stored variance is the biased one times M/(M-1) when unbiased (M = n > 1 here)
     factor = (n - 1) / n if not unbiased else 1.0
-    kernels.update_moving[dt](
+    kernels.update_moving[pdt](
         moving_mean.data_ptr(), moving_variance.data_ptr(), mean.data_ptr(), var.data_ptr(), c, float(momentum), factor
     )
     return y
