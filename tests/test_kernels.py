@@ -403,6 +403,26 @@ def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_pat
         _kernels._reset()
 
 
+def test_a_failing_link_falls_back_with_its_error(monkeypatch, tmp_path):
+    # every part compiles, the link fails: its message comes back, nothing is left in the cache
+    fake = tmp_path / "fakecc"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "case \" $* \" in *\" -c \"*) while [ \"$1\" != -o ]; do shift; done; : > \"$2\"; exit 0;; esac\n"
+        "echo 'ld: error: this link fails on purpose' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    _kernels._reset()
+    try:
+        st = _kernels.status()
+        assert not st["available"] and "link fails on purpose" in st["reason"]
+        assert not list((tmp_path / "cache").glob("*"))
+    finally:
+        _kernels._reset()
+
+
 @pytest.mark.skipif(_kernels.get() is None, reason="no working C compiler here")
 def test_two_processes_building_at_once_leave_one_good_library(tmp_path):
     import os

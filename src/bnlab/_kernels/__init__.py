@@ -201,23 +201,24 @@ def _compile(cc: str, flags: list[str], out: Path) -> str | None:
     try:
         with tempfile.TemporaryDirectory(prefix="bnlab-build-") as work:
             objects = [os.path.join(work, f"unit{n}.o") for n in _UNITS]
-            procs = [
-                subprocess.Popen([cc, *_BASE_FLAGS, *flags, f"-DBNLAB_UNIT={n}", "-c", "-o", obj, src],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for n, obj in zip(_UNITS, objects)
-            ]
+            procs = []
             complaint = None
-            deadline = time.monotonic() + 120
-            for proc in procs:
-                try:
+            try:
+                for n, obj in zip(_UNITS, objects):
+                    procs.append(subprocess.Popen([cc, *_BASE_FLAGS, *flags, f"-DBNLAB_UNIT={n}", "-c", "-o", obj, src],
+                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                deadline = time.monotonic() + 120
+                for proc in procs:
                     stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    for other in procs:
-                        other.kill()
-                        other.communicate()
-                    return f"{cc} took more than 120 s"
-                if proc.returncode != 0 and complaint is None:
-                    complaint = _complaint(proc, stderr or stdout, cc)
+                    if proc.returncode != 0 and complaint is None:
+                        complaint = _complaint(proc, stderr or stdout, cc)
+            except subprocess.TimeoutExpired:
+                complaint = f"{cc} took more than 120 s"
+            finally:
+                for proc in procs:  # none left running (a timeout, or a part that could not start)
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.communicate()
             if complaint is not None:
                 return complaint
             link = subprocess.run([cc, "-shared", *flags, "-o", tmp, *objects, "-lm"],
