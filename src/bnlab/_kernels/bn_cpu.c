@@ -25,9 +25,9 @@
  *
  * Built in parts: the loader compiles this file once per storage type at the same time
  * (-DBNLAB_UNIT=1: float32 and the entry points that do not depend on the type, 2: float64,
- * 3: bfloat16) and links the three objects, so a 2-core machine builds it in about half the
- * time of one compilation (one took 6.8-8.1 s with gcc 12 here, mostly GCC's optimizer).
- * Without BNLAB_UNIT one compilation holds everything.
+ * 3: bfloat16) and links the three objects: on this 2-core machine 0.60-0.67 of the time of one
+ * compilation (5.3-5.8 s against 8.3-8.9 s with gcc 12, on a day it ran slow; almost all of it
+ * in GCC's optimizer). Without BNLAB_UNIT one compilation holds everything.
  */
 #include <math.h>
 #include <stdint.h>
