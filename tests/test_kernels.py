@@ -384,9 +384,19 @@ def test_transforms_and_inference_mode_take_a_safe_path():
     assert F._kernels_for(x, 3) is _kernels.get()
 
 
-def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_path):
+_BROKEN_COMPILE = "#!/bin/sh\necho 'bn_cpu.c:1:1: error: this compiler is broken on purpose' >&2\nexit 1\n"
+# every part compiles (an empty object file), the link fails
+_BROKEN_LINK = (
+    "#!/bin/sh\n"
+    "case \" $* \" in *\" -c \"*) while [ \"$1\" != -o ]; do shift; done; : > \"$2\"; exit 0;; esac\n"
+    "echo 'ld: error: this link fails on purpose' >&2\nexit 1\n"
+)
+
+
+@pytest.mark.parametrize("script,message", [(_BROKEN_COMPILE, "broken on purpose"), (_BROKEN_LINK, "link fails on purpose")])
+def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_path, script, message):
     fake = tmp_path / "fakecc"
-    fake.write_text("#!/bin/sh\necho 'bn_cpu.c:1:1: error: this compiler is broken on purpose' >&2\nexit 1\n")
+    fake.write_text(script)
     fake.chmod(0o755)
     monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(fake))
@@ -394,31 +404,11 @@ def test_a_failing_compiler_falls_back_with_its_first_error(monkeypatch, tmp_pat
     try:
         st = _kernels.status()
         assert not st["available"]
-        assert "could not build" in st["reason"] and "broken on purpose" in st["reason"]
+        assert "could not build" in st["reason"] and message in st["reason"]
         assert not list((tmp_path / "cache").glob("*"))  # nothing half-written left behind
         x = torch.randn(4, 3, 5)
         y = bnlab.BatchNorm(axis=1)(x)  # runs on the PyTorch paths
         torch.testing.assert_close(y, F.batch_norm_train(x, axis=1, impl="composite")[0])
-    finally:
-        _kernels._reset()
-
-
-def test_a_failing_link_falls_back_with_its_error(monkeypatch, tmp_path):
-    # every part compiles, the link fails: its message comes back, nothing is left in the cache
-    fake = tmp_path / "fakecc"
-    fake.write_text(
-        "#!/bin/sh\n"
-        "case \" $* \" in *\" -c \"*) while [ \"$1\" != -o ]; do shift; done; : > \"$2\"; exit 0;; esac\n"
-        "echo 'ld: error: this link fails on purpose' >&2\nexit 1\n"
-    )
-    fake.chmod(0o755)
-    monkeypatch.setenv("BNLAB_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", str(fake))
-    _kernels._reset()
-    try:
-        st = _kernels.status()
-        assert not st["available"] and "link fails on purpose" in st["reason"]
-        assert not list((tmp_path / "cache").glob("*"))
     finally:
         _kernels._reset()
 
