@@ -21,8 +21,6 @@ from _bench import in_turn, keep_freed_memory, seconds
 from bnlab.lab import models
 
 
-
-
 def _rows(variants: dict, rounds: int, reps: int):
     return in_turn(variants, rounds, lambda fn: seconds(fn, reps, warm=True))
 

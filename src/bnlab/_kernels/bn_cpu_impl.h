@@ -594,7 +594,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     }
     if (rows) { FN(replicate)(muw, muw, C, rp.k); FN(replicate)(s, s, C, rp.k); FN(replicate)(h, h, C, rp.k); }
     const F fslope = (F)slope;
-    const i64 ks = stream_rows(C, SUMS_MIN_VALUES);
+    const i64 ks0 = stream_rows(C, SUMS_MIN_VALUES);
+    const i64 ks = ks0 < rp.k ? ks0 : rp.k; /* sums' super-rows: no wider than the replicated arrays */
     const int stream = dx && use_stream(A * C * B * (i64)sizeof(T));
     int affine = 0; /* set by the single thread that finishes the sums */
 #pragma omp parallel num_threads(nthreads)
@@ -602,12 +603,11 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         double *sg = thread_sums(ws, W, items, t, nt, &lo, &hi), *sgx = sg + W;
-        const i64 ksr = ks < rp.k ? ks : rp.k; /* super-rows no wider than the replicated arrays */
         if (rows && C >= SUMS_NOJAM_MIN_C)
-            FN(grad_sums_rows_wide)(x, dy, C, ksr, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
+            FN(grad_sums_rows_wide)(x, dy, C, ks, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
                                     fs + 2 * W * t + W);
         else if (rows)
-            FN(grad_sums_rows)(x, dy, C, ksr, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
+            FN(grad_sums_rows)(x, dy, C, ks, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
                                fs + 2 * W * t + W);
         else FN(grad_sums_planes)(x, dy, C, B, lo, hi, muw, s, h, act, fslope, sg, sgx);
 #pragma omp barrier
