@@ -50,7 +50,7 @@ static inline void FN(affine_row)(const T *restrict x, T *restrict y, i64 C, con
 /* Whether y = x*s + (h - mean*s) matches (x - mean)*s + h to within a few units of rounding:
  * the folded shift carries an absolute error of about eps * |mean * s|, so that must stay
  * near the output's own scale. Otherwise (data far from zero) the exact form is used. */
-static int FN(affine_ok)(const F *mu, const F *s, i64 C) {
+static PER_FEATURE int FN(affine_ok)(const F *mu, const F *s, i64 C) {
     for (i64 c = 0; c < C; c++) {
         const double v = (double)mu[c] * (double)s[c];
         if (!(v <= 4.0 && v >= -4.0)) return 0;
@@ -82,14 +82,10 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
  * per-feature arrays hold ks*C values); affine selects the two-parameter form. */
 static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                                const F *s, const F *h, int act, F slope) {
-    i64 r = r0;
-    for (; r + ks <= r1; r += ks) {
-        if (affine) FN(affine_row)(x + r * C, y + r * C, ks * C, s, h, act, slope);
-        else FN(norm_row)(x + r * C, y + r * C, ks * C, mu, s, h, act, slope);
-    }
-    for (; r < r1; r++) {
-        if (affine) FN(affine_row)(x + r * C, y + r * C, C, s, h, act, slope);
-        else FN(norm_row)(x + r * C, y + r * C, C, mu, s, h, act, slope);
+    for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
+        n = r1 - r < ks ? r1 - r : ks;
+        if (affine) FN(affine_row)(x + r * C, y + r * C, n * C, s, h, act, slope);
+        else FN(norm_row)(x + r * C, y + r * C, n * C, mu, s, h, act, slope);
     }
 }
 
@@ -235,13 +231,57 @@ static inline void FN(update_one)(F *mm, F *mv, double mean, double var, double 
  * kernel, on the small-batch path). The batch statistics are consumed: reset to zero once
  * read, so their buffers can take the next batch (PyTorch's op with momentum 1 writes
  * 0 * buffer + new, which needs a finite buffer). Returns 0. */
-int FN(bnlab_update_moving)(F *mm, F *mv, F *mean, F *var, i64 C, double momentum, double var_factor) {
+PER_FEATURE int FN(bnlab_update_moving)(F *mm, F *mv, F *mean, F *var, i64 C, double momentum, double var_factor) {
     for (i64 c = 0; c < C; c++) {
         FN(update_one)(mm + c, mv + c, (double)mean[c], (double)var[c], momentum, var_factor);
         mean[c] = (F)0.0;
         var[c] = (F)0.0;
     }
     return 0;
+}
+
+/* K: the first sample of each feature (the shift of the one-pass sums). */
+static PER_FEATURE void FN(first_samples)(const T *x, i64 C, i64 B, F *K) {
+    for (i64 c = 0; c < C; c++) K[c] = LD(x + c * B);
+}
+
+/* The forward's statistics from the threads' sums (nt blocks of 2*W in ws, R1/R2 after them), the
+ * moving-statistics update, and the factors of the normalization: mu, scale, shift (and, for
+ * rows, muw, sw, hw replicated to super-rows). Returns whether the two-parameter form holds. */
+static PER_FEATURE int FN(fwd_finish)(const T *x, i64 A, i64 C, i64 B, rows_plan rp, int nt, double *ws, const F *Kw,
+                                      const F *gamma, const F *beta, double eps, F *mu, F *scale, F *shift, F *muw,
+                                      F *sw, F *hw, F *mean_out, F *var_out, F *invstd_out, F *mm, F *mv,
+                                      double momentum, double var_factor) {
+    const int rows = B == 1;
+    const i64 W = rows ? rp.W : C;
+    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
+    for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
+        for (i64 c = 0; c < C; c++) { double d = (double)LD(x + r * C + c) - (double)Kw[c]; R1[c] += d; R2[c] += d * d; }
+    for (i64 c = 0; c < C; c++) {
+        double s1 = R1[c], s2 = R2[c], m, var;
+        for (int u = 0; u < nt; u++)
+            for (i64 j = c; j < W; j += C) { s1 += ws[2 * W * u + j]; s2 += ws[2 * W * u + W + j]; }
+        FN(finish_stats)(x, A, C, B, c, (double)Kw[c], s1, s2, &m, &var);
+        const double inv = 1.0 / sqrt(var + eps);
+        mu[c] = (F)m;
+        scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
+        shift[c] = beta ? beta[c] : (F)0;
+        if (mean_out) mean_out[c] = (F)m;
+        if (var_out) var_out[c] = (F)var;
+        if (invstd_out) invstd_out[c] = (F)inv;
+        if (mm && mv) FN(update_one)(mm + c, mv + c, m, var, momentum, var_factor);
+    }
+    int affine = 0;
+    if (rows) {
+        affine = FN(affine_ok)(mu, scale, C);
+        if (affine) /* shift becomes beta - mean * scale: one parameter fewer per value */
+            for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
+        FN(replicate)(muw, mu, C, rp.k);
+        FN(replicate)(sw, scale, C, rp.k);
+        FN(replicate)(hw, shift, C, rp.k);
+    }
+    return affine;
 }
 
 /* Batch statistics, optional moving-statistics update, then y = act((x - mean) * invstd * gamma + beta).
@@ -260,10 +300,9 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 4) * (size_t)W + 3 * (size_t)C));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
-    double *R1 = ws + 2 * W * nthreads, *R2 = R1 + C;
     F *Kw = fs + 2 * W * nthreads, *muw = Kw + W, *sw = muw + W, *hw = sw + W;
     F *mu = hw + W, *scale = mu + C, *shift = scale + C;
-    for (i64 c = 0; c < C; c++) Kw[c] = LD(x + c * B); /* first sample of each feature */
+    FN(first_samples)(x, C, B, Kw);
     if (rows) FN(replicate)(Kw, Kw, C, rp.k);
     const F fslope = (F)slope;
     const int stream = rows && use_stream(A * C * B * (i64)sizeof(T)); /* rows only: see STREAM_PLANES */
@@ -277,33 +316,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
         else FN(sums_planes)(x, C, B, lo, hi, Kw, S1, S2);
 #pragma omp barrier
 #pragma omp single
-        {
-            for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
-            for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
-                for (i64 c = 0; c < C; c++) { double d = (double)LD(x + r * C + c) - (double)Kw[c]; R1[c] += d; R2[c] += d * d; }
-            for (i64 c = 0; c < C; c++) {
-                double s1 = R1[c], s2 = R2[c], m, var;
-                for (int u = 0; u < nt; u++)
-                    for (i64 j = c; j < W; j += C) { s1 += ws[2 * W * u + j]; s2 += ws[2 * W * u + W + j]; }
-                FN(finish_stats)(x, A, C, B, c, (double)Kw[c], s1, s2, &m, &var);
-                const double inv = 1.0 / sqrt(var + eps);
-                mu[c] = (F)m;
-                scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
-                shift[c] = beta ? beta[c] : (F)0;
-                if (mean_out) mean_out[c] = (F)m;
-                if (var_out) var_out[c] = (F)var;
-                if (invstd_out) invstd_out[c] = (F)inv;
-                if (mm && mv) FN(update_one)(mm + c, mv + c, m, var, momentum, var_factor);
-            }
-            if (rows) {
-                affine = FN(affine_ok)(mu, scale, C);
-                if (affine) /* shift becomes beta - mean * scale: one parameter fewer per value */
-                    for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
-                FN(replicate)(muw, mu, C, rp.k);
-                FN(replicate)(sw, scale, C, rp.k);
-                FN(replicate)(hw, shift, C, rp.k);
-            }
-        }
+        affine = FN(fwd_finish)(x, A, C, B, rp, nt, ws, Kw, gamma, beta, eps, mu, scale, shift, muw, sw, hw, mean_out,
+                                var_out, invstd_out, mm, mv, momentum, var_factor);
         if (stream) /* this thread's rows, plus the leftover ones for the last thread */
             FN(normalize_stream)(x, y, C, lo * rp.k * C, (t == nt - 1 ? A : hi * rp.k) * C, rp.W, affine, muw, sw, hw, act,
                                  fslope);
@@ -320,16 +334,12 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
 
 /* ------------------------------------------------------------------ inference */
 
-/* y = act((x - moving_mean) / sqrt(moving_var + eps) * gamma + beta). Returns 0 or -1. */
-int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, const F *mm,
-                    const F *mv, double eps, int act, double slope, int nthreads) {
-    const int rows = B == 1;
-    const i64 ks = rows ? stream_rows(C, NORM_MIN_VALUES) : 1, W = ks * C, items = rows ? A : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
-    if (!fs) return -1;
-    F *mu = fs, *scale = fs + W, *shift = scale + W;
+/* The inference factors mu, scale, shift (each replicated to ks rows); returns whether the
+ * two-parameter form holds (rows only). Vectorized, unlike the other per-feature code: on
+ * small batches its square roots are a visible part of the call (scalar, inference took
+ * 1.06-1.11x as long at (64, 64) and (256, 256)). */
+static int FN(infer_factors)(int rows, i64 C, i64 ks, const F *gamma, const F *beta, const F *mm,
+                                         const F *mv, double eps, F *mu, F *scale, F *shift) {
     for (i64 c = 0; c < C; c++) {
         const double inv = 1.0 / sqrt((double)mv[c] + eps);
         mu[c] = mm[c];
@@ -340,6 +350,20 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
     if (affine)
         for (i64 c = 0; c < C; c++) shift[c] = (F)((double)shift[c] - (double)mu[c] * (double)scale[c]);
     if (ks > 1) { FN(replicate)(mu, mu, C, ks); FN(replicate)(scale, scale, C, ks); FN(replicate)(shift, shift, C, ks); }
+    return affine;
+}
+
+/* y = act((x - moving_mean) / sqrt(moving_var + eps) * gamma + beta). Returns 0 or -1. */
+int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, const F *mm,
+                    const F *mv, double eps, int act, double slope, int nthreads) {
+    const int rows = B == 1;
+    const i64 ks = rows ? stream_rows(C, NORM_MIN_VALUES) : 1, W = ks * C, items = rows ? A : A * C;
+    if (nthreads < 1) nthreads = 1;
+    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
+    F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
+    if (!fs) return -1;
+    F *mu = fs, *scale = fs + W, *shift = scale + W;
+    const int affine = FN(infer_factors)(rows, C, ks, gamma, beta, mm, mv, eps, mu, scale, shift);
     const F fslope = (F)slope;
     /* rows of at least STREAM_INFER_MIN_ROW_BYTES only (and no planes): see STREAM_PLANES */
     const int stream = rows && C * (i64)sizeof(T) >= STREAM_INFER_MIN_ROW_BYTES && use_stream(A * C * B * (i64)sizeof(T));
@@ -394,8 +418,8 @@ static ALWAYS_INLINE void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 
 /* The same sums over rows [r0, r1) of C features, in memory order: ks rows (a super-row of
  * Ws = ks*C values) at a time into float32 accumulators one super-row wide, so each
  * accumulator takes one term per super-row; they are flushed into float64 (sg, sgx: Ws
- * values) every 1024 super-rows. Rows short of a whole super-row at the end go into the
- * first C accumulators. mu, s, h hold at least Ws values (replicated per feature).
+ * values) every 1024 super-rows. Rows short of a whole super-row at the end are one shorter
+ * super-row. mu, s, h hold at least Ws values (replicated per feature).
  * Measured (2 threads, float32; the sums alone, in copy-times): this order against column
  * blocks of 64 values walked down 1,024-value super-rows with their accumulators in registers
  * took 0.46 vs 1.01 on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 0.75 vs 1.39 on
@@ -409,16 +433,13 @@ static ALWAYS_INLINE void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 
 static ALWAYS_INLINE void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu,
                                              const F *s, const F *h, int act, F slope, double *sg, double *sgx,
                                              F *restrict fg, F *restrict fgx) {
-    const i64 Ws = ks * C;
-    i64 r = r0;
-    for (i64 n; (n = (r1 - r) / ks) > 0; r += n * ks) {
-        if (n > 1024) n = 1024;
-        FN(grad_sums_run)(x + r * C, dy + r * C, Ws, n, mu, s, h, act, slope, fg, fgx);
-        for (i64 j = 0; j < Ws; j++) { sg[j] += fg[j]; sgx[j] += fgx[j]; }
-    }
-    if (r < r1) {
-        FN(grad_sums_run)(x + r * C, dy + r * C, C, r1 - r, mu, s, h, act, slope, fg, fgx);
-        for (i64 c = 0; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
+    for (i64 r = r0; r < r1;) {
+        i64 n = (r1 - r) / ks, w = ks * C;
+        if (n == 0) { n = 1; w = (r1 - r) * C; } /* the last rows, fewer than ks: one shorter super-row */
+        else if (n > 1024) n = 1024;
+        FN(grad_sums_run)(x + r * C, dy + r * C, w, n, mu, s, h, act, slope, fg, fgx);
+        for (i64 j = 0; j < w; j++) { sg[j] += fg[j]; sgx[j] += fgx[j]; }
+        r += n * (w / C);
     }
 }
 
@@ -508,14 +529,10 @@ static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, 
 /* dx for rows [r0, r1), ks rows per inner loop (as normalize_rows). */
 static void FN(dx_rows)(const T *x, const T *dy, T *dx, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                         const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
-    i64 r = r0;
-    for (; r + ks <= r1; r += ks) {
-        if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, ks * C, s, h, k, al, c0, act, slope);
-        else FN(dx_row)(x + r * C, dy + r * C, dx + r * C, ks * C, mu, s, h, k, al, c0, act, slope);
-    }
-    for (; r < r1; r++) {
-        if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, C, s, h, k, al, c0, act, slope);
-        else FN(dx_row)(x + r * C, dy + r * C, dx + r * C, C, mu, s, h, k, al, c0, act, slope);
+    for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
+        n = r1 - r < ks ? r1 - r : ks;
+        if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, n * C, s, h, k, al, c0, act, slope);
+        else FN(dx_row)(x + r * C, dy + r * C, dx + r * C, n * C, mu, s, h, k, al, c0, act, slope);
     }
 }
 
@@ -567,6 +584,65 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
     stream_fence();
 }
 
+/* The backward's per-feature arrays before the sums: muw = mean, s = invstd * gamma, h = beta
+ * (each replicated to super-rows of k rows). */
+static PER_FEATURE void FN(bwd_setup)(i64 C, i64 k, const F *gamma, const F *beta, const F *mean, const F *invstd,
+                                      F *muw, F *s, F *h) {
+    for (i64 c = 0; c < C; c++) {
+        muw[c] = mean[c];
+        s[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
+        h[c] = beta ? beta[c] : (F)0;
+    }
+    if (k > 1) { FN(replicate)(muw, muw, C, k); FN(replicate)(s, s, C, k); FN(replicate)(h, h, C, k); }
+}
+
+/* The backward's sums merged from the threads' (nt blocks of 2*W in ws, R1/R2 after them): dgamma,
+ * dbeta and the factors of dx, k, al, c0 (for rows: h, k, al, c0 replicated to super-rows).
+ * Returns whether the two-parameter forms hold. */
+static PER_FEATURE int FN(bwd_finish)(const T *x, const T *dy, i64 A, i64 C, i64 B, rows_plan rp, int nt, double *ws,
+                                      const F *gamma, const F *invstd, const F *muw, const F *s, F *h, F *k, F *al,
+                                      F *c0, F *dgamma, F *dbeta, int act, F fslope) {
+    const int rows = B == 1;
+    const i64 W = rows ? rp.W : C;
+    const double M = (double)A * (double)B;
+    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
+    for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
+        for (i64 c = 0; c < C; c++) {
+            const F d = LD(x + r * C + c) - muw[c];
+            const F g = LD(dy + r * C + c) * (act == ACT_NONE ? (F)1 : FN(act_grad)(d * s[c] + h[c], act, fslope));
+            R1[c] += g;
+            R2[c] += (double)g * d;
+        }
+    for (i64 c = 0; c < C; c++) {
+        double S1 = R1[c], S2 = R2[c];
+        for (int u = 0; u < nt; u++)
+            for (i64 j = c; j < W; j += C) { S1 += ws[2 * W * u + j]; S2 += ws[2 * W * u + W + j]; }
+        const double inv = invstd[c], kk = gamma ? inv * (double)gamma[c] : inv;
+        if (dbeta) dbeta[c] = (F)S1;
+        if (dgamma) dgamma[c] = (F)(S2 * inv);
+        k[c] = (F)kk;
+        al[c] = (F)(-kk * inv * inv * S2 / M);
+        c0[c] = (F)(-kk * S1 / M);
+    }
+    int affine = 0;
+    if (rows) {
+        /* the two-parameter forms where they lose nothing (see affine_ok): z = x*s + t and
+           dx = k*g + al*x + (c0 - al*mean) */
+        affine = FN(affine_ok)(muw, invstd, C) && (act == ACT_NONE || FN(affine_ok)(muw, s, C));
+        if (affine)
+            for (i64 c = 0; c < C; c++) {
+                h[c] = (F)((double)h[c] - (double)muw[c] * (double)s[c]);
+                c0[c] = (F)((double)c0[c] - (double)al[c] * (double)muw[c]);
+            }
+        FN(replicate)(h, h, C, rp.k);
+        FN(replicate)(k, k, C, rp.k);
+        FN(replicate)(al, al, C, rp.k);
+        FN(replicate)(c0, c0, C, rp.k);
+    }
+    return affine;
+}
+
 /* Gradients of the training transform (statistics depend on x):
  *   g = dy * act'(z),  S1 = sum(g),  S2 = sum(g * (x - mean))
  *   dbeta = S1,  dgamma = S2 * invstd
@@ -579,20 +655,13 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
-    const double M = (double)A * (double)B;
     if (nthreads < 1) nthreads = 1;
     if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
     double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 6) * (size_t)W));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
-    double *R1 = ws + 2 * W * nthreads, *R2 = R1 + C;
     F *muw = fs + 2 * W * nthreads, *s = muw + W, *h = s + W, *k = h + W, *al = k + W, *c0 = al + W;
-    for (i64 c = 0; c < C; c++) {
-        muw[c] = mean[c];
-        s[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
-        h[c] = beta ? beta[c] : (F)0;
-    }
-    if (rows) { FN(replicate)(muw, muw, C, rp.k); FN(replicate)(s, s, C, rp.k); FN(replicate)(h, h, C, rp.k); }
+    FN(bwd_setup)(C, rows ? rp.k : 1, gamma, beta, mean, invstd, muw, s, h);
     const F fslope = (F)slope;
     const i64 ks0 = stream_rows(C, SUMS_MIN_VALUES);
     const i64 ks = ks0 < rp.k ? ks0 : rp.k; /* sums' super-rows: no wider than the replicated arrays */
@@ -612,41 +681,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         else FN(grad_sums_planes)(x, dy, C, B, lo, hi, muw, s, h, act, fslope, sg, sgx);
 #pragma omp barrier
 #pragma omp single
-        {
-            for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
-            for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
-                for (i64 c = 0; c < C; c++) {
-                    const F d = LD(x + r * C + c) - muw[c];
-                    const F g = LD(dy + r * C + c) * (act == ACT_NONE ? (F)1 : FN(act_grad)(d * s[c] + h[c], act, fslope));
-                    R1[c] += g;
-                    R2[c] += (double)g * d;
-                }
-            for (i64 c = 0; c < C; c++) {
-                double S1 = R1[c], S2 = R2[c];
-                for (int u = 0; u < nt; u++)
-                    for (i64 j = c; j < W; j += C) { S1 += ws[2 * W * u + j]; S2 += ws[2 * W * u + W + j]; }
-                const double inv = invstd[c], kk = gamma ? inv * (double)gamma[c] : inv;
-                if (dbeta) dbeta[c] = (F)S1;
-                if (dgamma) dgamma[c] = (F)(S2 * inv);
-                k[c] = (F)kk;
-                al[c] = (F)(-kk * inv * inv * S2 / M);
-                c0[c] = (F)(-kk * S1 / M);
-            }
-            if (rows) {
-                /* the two-parameter forms where they lose nothing (see affine_ok): z = x*s + t and
-                   dx = k*g + al*x + (c0 - al*mean) */
-                affine = FN(affine_ok)(muw, invstd, C) && (act == ACT_NONE || FN(affine_ok)(muw, s, C));
-                if (affine)
-                    for (i64 c = 0; c < C; c++) {
-                        h[c] = (F)((double)h[c] - (double)muw[c] * (double)s[c]);
-                        c0[c] = (F)((double)c0[c] - (double)al[c] * (double)muw[c]);
-                    }
-                FN(replicate)(h, h, C, rp.k);
-                FN(replicate)(k, k, C, rp.k);
-                FN(replicate)(al, al, C, rp.k);
-                FN(replicate)(c0, c0, C, rp.k);
-            }
-        }
+        affine = FN(bwd_finish)(x, dy, A, C, B, rp, nt, ws, gamma, invstd, muw, s, h, k, al, c0, dgamma, dbeta, act,
+                                fslope);
         if (stream) { /* stream implies dx */
             FN(dx_stream)(x, dy, dx, C, B, rows ? lo * rp.k * C : lo * B, rows ? (t == nt - 1 ? A : hi * rp.k) * C : hi * B,
                           rp.W, affine, muw, s, h, k, al, c0, act, fslope);
