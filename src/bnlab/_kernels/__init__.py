@@ -18,8 +18,9 @@ Why this technology (see also the README's "Speed" section):
   Work is split in fixed ranges by thread count: results are deterministic for
   a given number of threads.
 * Outputs of at least half the last-level cache (:func:`stream_min_bytes`;
-  ``BNLAB_STREAM_MIN_BYTES`` overrides, ``0`` turns it off) are written with
-  non-temporal stores on x86-64; the values are the same bits either way.
+  ``BNLAB_STREAM_MIN_BYTES`` overrides, ``0`` turns it off), and the backward's
+  ``dx`` from half that size, are written with non-temporal stores on x86-64;
+  the values are the same bits either way.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Kernels:
 
     @property
     def stream_min_bytes(self) -> int:
-        """Outputs of at least this many bytes are written with streaming stores (0: never)."""
+        """Outputs of at least this many bytes (the backward's ``dx``: half) are written with streaming stores (0: never)."""
         return int(self.lib.bnlab_get_stream_min_bytes())
 
 
@@ -127,7 +128,9 @@ def stream_min_bytes() -> int:
     """Smallest output the kernels write with streaming (non-temporal) stores; 0 means never.
 
     Half the last-level cache: an output that large cannot stay cached next to its
-    input (see ``stream_copy`` in ``bn_cpu.c`` for the measurements). 32 MB where the
+    input (see ``stream_copy`` in ``bn_cpu.c`` for the measurements). The backward,
+    with ``x``, ``dy`` and ``dx`` in play, streams ``dx`` from half this size
+    (``STREAM_DX`` there). 32 MB where the
     cache size is unknown. ``BNLAB_STREAM_MIN_BYTES`` overrides it (``0`` turns
     streaming off).
     """
