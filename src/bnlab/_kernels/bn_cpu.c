@@ -135,10 +135,10 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
  * every width slower.)
  * STREAM_DX: the backward has three tensors of dx's size in play (x and dy, each read twice,
  * and dx), so dx streams from half the threshold, a quarter of the cache (8 MB here). Layer
- * forward+backward, dx streaming from 8 MB against from 16 MB, paired, 31 rounds, four runs:
+ * forward+backward, dx streaming from 8 MB against from 16 MB, paired, 21-31 rounds, two runs:
  * 0.82-1.00x the time on the 8 MB rows ((32768, 64), (16384, 128), (128, 64, 16, 16) NCHW
  * and channels-last), 0.94-0.98x when a later op reads dx; 0.86-1.08x at 10-12 MB, where
- * runs disagree; unchanged below 8 MB, where it does not apply. Streaming the forward's y
+ * runs disagree; 1.00-1.04x on 5-6 MB rows, where nothing changes (controls). Streaming the forward's y
  * from 8 MB as well made that step faster still, but the forward alone 1.1-1.45x slower once
  * something reads y (as the next layer does), so y keeps the threshold. */
 #define STREAM_INFER_MIN_ROW_BYTES 256
