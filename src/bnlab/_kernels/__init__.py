@@ -130,9 +130,8 @@ def stream_min_bytes() -> int:
     Half the last-level cache: an output that large cannot stay cached next to its
     input (see ``stream_copy`` in ``bn_cpu.c`` for the measurements). The backward,
     with ``x``, ``dy`` and ``dx`` in play, streams ``dx`` from half this size
-    (``STREAM_DX`` there). 32 MB where the
-    cache size is unknown. ``BNLAB_STREAM_MIN_BYTES`` overrides it (``0`` turns
-    streaming off).
+    (``STREAM_DX`` there). 32 MB where the cache size is unknown.
+    ``BNLAB_STREAM_MIN_BYTES`` overrides it (``0`` turns streaming off).
     """
     env = os.environ.get("BNLAB_STREAM_MIN_BYTES", "").strip()
     if env:

@@ -138,9 +138,9 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
  * forward+backward, dx streaming from 8 MB against from 16 MB, paired, 21-31 rounds, two runs:
  * 0.82-1.00x the time on the 8 MB rows ((32768, 64), (16384, 128), (128, 64, 16, 16) NCHW
  * and channels-last), 0.94-0.98x when a later op reads dx; 0.86-1.08x at 10-12 MB, where
- * runs disagree; 1.00-1.04x on 5-6 MB rows, where nothing changes (controls). Streaming the forward's y
- * from 8 MB as well made that step faster still, but the forward alone 1.1-1.45x slower once
- * something reads y (as the next layer does), so y keeps the threshold. */
+ * runs disagree; 1.00-1.04x on 5-6 MB rows, where nothing changes (controls). Streaming the
+ * forward's y from 8 MB as well made that step faster still (0.80-0.86x), but the forward
+ * 1.36-1.46x slower once something reads y (as the next layer does), so y keeps the threshold. */
 #define STREAM_INFER_MIN_ROW_BYTES 256
 /* One threshold for the whole library (all units), set through its entry points in unit 1. */
 #if defined(__GNUC__)
