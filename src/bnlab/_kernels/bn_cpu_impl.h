@@ -339,7 +339,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
  * small batches its square roots are a visible part of the call (scalar, inference took
  * 1.06-1.11x as long at (64, 64) and (256, 256)). */
 static int FN(infer_factors)(int rows, i64 C, i64 ks, const F *gamma, const F *beta, const F *mm,
-                                         const F *mv, double eps, F *mu, F *scale, F *shift) {
+                             const F *mv, double eps, F *mu, F *scale, F *shift) {
     for (i64 c = 0; c < C; c++) {
         const double inv = 1.0 / sqrt((double)mv[c] + eps);
         mu[c] = mm[c];
