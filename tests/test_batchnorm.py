@@ -197,6 +197,39 @@ def test_non_finite_batch_never_reaches_moving_statistics():
     assert bn.moving_mean[0].item() != 0.0  # the healthy feature was updated
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["small-rows", "small-rows-no-grad", "kernel-rows", "planes", "masked", "cumulative", "float-counter"],
+)
+def test_num_batches_tracked_counts_each_training_batch_once(case):
+    # The small-batch path counts inside the kernels' moving-statistics call, the others with
+    # add_: every path must count each non-empty training batch exactly once, like PyTorch's.
+    shapes = {"kernel-rows": (300, 300), "planes": (4, 3, 5, 5)}
+    shape = shapes.get(case, (64, 8))
+    bn = bnlab.BatchNorm(axis=1, momentum=None if case == "cumulative" else 0.99)
+    if case == "float-counter":  # a counter the kernels do not take: counted by add_ instead
+        bn(torch.randn(shape))
+        bn.num_batches_tracked = torch.tensor(1.0)
+    ref = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else torch.nn.BatchNorm2d(shape[1])
+    done = 1 if case == "float-counter" else 0
+    for step in range(3):
+        x = torch.randn(shape, requires_grad=case != "small-rows-no-grad")
+        mask = torch.rand(shape[0]) < 0.7 if case == "masked" else None
+        with torch.set_grad_enabled(case != "small-rows-no-grad"):
+            y = bn(x, mask=mask)
+        ref(x.detach())
+        if x.requires_grad:
+            y.sum().backward()
+        bn(torch.randn((0,) + shape[1:]))  # empty: not counted
+        bn.eval()
+        bn(x.detach())  # inference: not counted
+        bn.train()
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() + done == 3 + done
+    assert bn.num_batches_tracked.dtype == (torch.float32 if case == "float-counter" else torch.int64)
+    if case == "cumulative":  # the cumulative average needs the count before the update
+        assert torch.isfinite(bn.moving_mean).all()
+
+
 def test_empty_batch_updates_nothing():
     bn = bnlab.BatchNorm(num_features=3)
     before = [w.copy() for w in bn.get_weights()]

@@ -44,7 +44,7 @@ __all__ = ["get", "status", "cache_dir", "threads_for", "stream_min_bytes", "ACT
 
 log = logging.getLogger("bnlab.kernels")
 
-ABI_VERSION = 4  # must match bnlab_abi_version() in bn_cpu.c
+ABI_VERSION = 5  # must match bnlab_abi_version() in bn_cpu.c
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
@@ -78,7 +78,7 @@ class Kernels:
             "bnlab_train_fwd": [p, p, i64, i64, i64, p, p, d, p, p, p, p, p, d, d, i, d, i],
             "bnlab_infer": [p, p, i64, i64, i64, p, p, p, p, d, i, d, i],
             "bnlab_train_bwd": [p, p, p, i64, i64, i64, p, p, p, p, p, p, i, d, i],
-            "bnlab_update_moving": [p, p, p, p, i64, d, d],
+            "bnlab_update_moving": [p, p, p, p, i64, d, d, p],
         }
         tables = {}
         for name, argtypes in sigs.items():

@@ -230,8 +230,12 @@ static inline void FN(update_one)(F *mm, F *mv, double mean, double var, double 
 /* The moving-statistics update alone, from batch statistics computed elsewhere (PyTorch's
  * kernel, on the small-batch path). The batch statistics are consumed: reset to zero once
  * read, so their buffers can take the next batch (PyTorch's op with momentum 1 writes
- * 0 * buffer + new, which needs a finite buffer). Returns 0. */
-PER_FEATURE int FN(bnlab_update_moving)(F *mm, F *mv, F *mean, F *var, i64 C, double momentum, double var_factor) {
+ * 0 * buffer + new, which needs a finite buffer). count, when not NULL, is the layer's batch
+ * counter (num_batches_tracked), incremented here: on small layers a separate PyTorch op for it
+ * costs more than the whole update. Returns 0. */
+PER_FEATURE int FN(bnlab_update_moving)(F *mm, F *mv, F *mean, F *var, i64 C, double momentum, double var_factor,
+                                        i64 *count) {
+    if (count) *count += 1;
     for (i64 c = 0; c < C; c++) {
         FN(update_one)(mm + c, mv + c, (double)mean[c], (double)var[c], momentum, var_factor);
         mean[c] = (F)0.0;

@@ -317,9 +317,13 @@ class _BatchNormBase(nn.Module):
             return F._activate(self._ghost_forward(x, feat, mask), self._act, self._slope)
         if self.synchronized and _distributed(self.process_group):
             return F._activate(self._sync_forward(x, feat, mask, training and running_mean is not None), self._act, self._slope)
-        momentum = 0.0
+        momentum, counter = 0.0, None
         if training and running_mean is not None:
-            momentum = self._count_batch(x.numel() > 0)
+            momentum = self._old_weight()
+            if momentum is None or x.numel() == 0:  # cumulative average (needs the new count) or nothing to count
+                momentum = self._count_batch(x.numel() > 0)
+            else:  # counted by the call below, in C on small batches
+                counter = buffers["num_batches_tracked"]
         else:
             running_mean = running_var = None
         params = self._parameters
@@ -338,6 +342,7 @@ class _BatchNormBase(nn.Module):
             self._act,
             self._slope,
             self._scratch,
+            counter,
         )
 
     def _count_batch(self, counted: bool = True):
