@@ -142,6 +142,19 @@ def test_views_do_not_copy_and_keep_layout(make, axis):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 1, 4), (1, 3, 4, 4), (2, 1, 3, 3), (2, 3, 1, 1), (2, 3, 4, 5, 6), (2, 3, 1, 5, 1)])
+def test_channels_last_dims_name_the_memory(shape):
+    # The kernels see x's memory as an (A, C, B) array: channels-last formats take a shortcut in
+    # _acb_dims (one C call); whatever the shortcut says must be what the memory holds.
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    a, c, b = F._acb_dims(x, (1,))
+    assert (a * c * b, c) == (x.numel(), shape[1])
+    memory = torch.as_strided(x, (a, c, b), (c * b, b, 1))
+    in_order = x.movedim(1, -1).reshape(a, c, b) if b == 1 else x.reshape(a, c, b)
+    torch.testing.assert_close(memory, in_order, rtol=0, atol=0)
+
+
 def test_strided_input_is_handled():
     base = torch.randn(8, 6, 10)
     x = base[:, ::2, 1:9]  # not dense in any order
