@@ -298,6 +298,50 @@ def test_rows_split_across_threads(monkeypatch, features, offset):
 
 
 @needs_kernels
+@pytest.mark.parametrize("features", [16, 32, 64, 48])  # 48: no loop of its own (the generic one, as a control)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("offset", [0.3, 50.0])  # two-parameter forms (fixed-width loops), then the exact ones
+def test_fixed_width_rows_match_float64(monkeypatch, features, dtype, act, offset):
+    """Rows of 16, 32 and 64 features have loops of their own for float32 and bfloat16 storage
+    (bn_cpu.c, FIXED_WIDTHS): forward, backward and inference on two threads, against the same
+    layer computed in float64 from the same (rounded) inputs."""
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = 2 * 2500 + 7  # several 1024-row chunks of the sums per thread, and rows left over
+        gen = torch.Generator().manual_seed(3)
+        pdtype = torch.float32  # parameters and statistics (also for bfloat16 data)
+        # every input drawn once and rounded to the storage type, so both runs see the same numbers
+        x64 = _make((rows, features), "contiguous", torch.float64, offset=offset).to(dtype).double()
+        dy64 = torch.randn(rows, features, generator=gen, dtype=torch.float64).to(dtype).double()
+        g64 = (torch.rand(features, generator=gen, dtype=torch.float64) + 0.5).to(pdtype).double()
+        b64 = torch.randn(features, generator=gen, dtype=torch.float64).to(pdtype).double()
+        out = {}
+        for dt, pdt in ((dtype, pdtype), (torch.float64, torch.float64)):
+            layer = bnlab.BatchNormAct(activation=act or "identity", negative_slope=0.2, num_features=features).to(pdt)
+            with torch.no_grad():
+                layer.weight.copy_(g64)
+                layer.bias.copy_(b64)
+            x = x64.to(dt).requires_grad_()
+            y = layer(x)
+            y.backward(dy64.to(dt))
+            layer.eval()
+            with torch.no_grad():
+                z = layer(x64.to(dt))
+            outs = (y.detach(), x.grad, layer.weight.grad, layer.bias.grad, z, layer.running_mean, layer.running_var)
+            out[dt] = [t.double() for t in outs]
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        names = ("y", "dx", "dgamma", "dbeta", "inference", "moving mean", "moving var")
+        for name, a, b in zip(names, out[dtype], out[torch.float64], strict=True):
+            scale = b.abs().max().clamp(min=1.0)
+            assert (a - b).abs().max() <= tol * scale, (name, (a - b).abs().max().item(), scale.item())
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernels
 def test_inference_with_gradients_uses_pytorch_and_agrees():
     layer = bnlab.BatchNorm(axis=1, num_features=3).eval()
     with torch.no_grad():
@@ -462,6 +506,9 @@ def _kernel_outputs(x, act, slope=0.2):
         ((6, 5, 7, 9), "contiguous"),  # planes of 63 values
         ((2, 3, 5000), "contiguous"),  # planes wider than the staging buffer
         ((6, 5, 7, 9), "channels_last"),
+        ((70, 16), "contiguous"),  # widths with loops of their own (bn_cpu.c, FIXED_WIDTHS)
+        ((3, 32, 5, 7), "channels_last"),
+        ((50, 64), "contiguous"),
     ],
 )
 @pytest.mark.parametrize("offset", [0.3, 50.0])  # rows: the two-parameter forms, then the exact ones

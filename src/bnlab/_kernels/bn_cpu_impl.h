@@ -78,10 +78,101 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 }
 
+/* ---- rows of a few features (FIXED_WIDTH in bn_cpu.c): a width known to the compiler ----
+ * Each function below takes n whole rows of exactly CC features, with the per-feature values
+ * (and the backward's accumulators) in registers; the *_fixed dispatchers return 0 for other
+ * widths, or where FIXED_ROWS is 0 (float64: its registers hold half as many values). */
+#if FIXED_ROWS
+/* y = act(x * s + t) */
+#define AFFINE_ROWS_FIXED(CC)                                                                                    \
+    static void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s, const F *t, int act, \
+                                      F slope) {                                                                 \
+        F sr[CC], tr[CC];                                                                                        \
+        for (int c = 0; c < CC; c++) { sr[c] = s[c]; tr[c] = t[c]; }                                             \
+        if (act == ACT_NONE) {                                                                                   \
+            for (i64 r = 0; r < n; r++, x += CC, y += CC)                                                        \
+                for (int c = 0; c < CC; c++) ST(y + c, LD(x + c) * sr[c] + tr[c]);                               \
+        } else if (act == ACT_RELU) {                                                                            \
+            for (i64 r = 0; r < n; r++, x += CC, y += CC)                                                        \
+                for (int c = 0; c < CC; c++) { F z = LD(x + c) * sr[c] + tr[c]; ST(y + c, z < 0 ? (F)0 : z); }  \
+        } else {                                                                                                 \
+            for (i64 r = 0; r < n; r++, x += CC, y += CC)                                                        \
+                for (int c = 0; c < CC; c++) { F z = LD(x + c) * sr[c] + tr[c]; ST(y + c, z < 0 ? z * slope : z); } \
+        }                                                                                                        \
+    }
+/* dx = k * dy + al * x + c0 (no activation) */
+#define DX_ROWS_FIXED(CC)                                                                                        \
+    static void FN(dx_rows_##CC)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, const F *k,     \
+                                  const F *al, const F *c0) {                                                    \
+        F kr[CC], ar[CC], cr[CC];                                                                                \
+        for (int c = 0; c < CC; c++) { kr[c] = k[c]; ar[c] = al[c]; cr[c] = c0[c]; }                             \
+        for (i64 r = 0; r < n; r++, x += CC, dy += CC, dx += CC)                                                 \
+            for (int c = 0; c < CC; c++) ST(dx + c, kr[c] * LD(dy + c) + ar[c] * LD(x + c) + cr[c]);            \
+    }
+/* sums of dy and dy * (x - mu) (no activation), float32 over at most 1024 rows, then into sg, sgx */
+#define GRAD_SUMS_FIXED(CC)                                                                                      \
+    static void FN(grad_sums_##CC)(const T *restrict x, const T *restrict dy, i64 n, const F *mu, double *sg,     \
+                                    double *sgx) {                                                               \
+        F mr[CC];                                                                                                \
+        for (int c = 0; c < CC; c++) mr[c] = mu[c];                                                              \
+        for (i64 r0 = 0; r0 < n; r0 += 1024) {                                                                   \
+            const i64 m = n - r0 < 1024 ? n - r0 : 1024;                                                         \
+            const T *restrict xr = x + r0 * CC, *restrict gr = dy + r0 * CC;                                     \
+            F a[CC], b[CC];                                                                                      \
+            for (int c = 0; c < CC; c++) a[c] = b[c] = 0;                                                        \
+            for (i64 i = 0; i < m; i++, xr += CC, gr += CC)                                                      \
+                for (int c = 0; c < CC; c++) { const F g = LD(gr + c); a[c] += g; b[c] += g * (LD(xr + c) - mr[c]); } \
+            for (int c = 0; c < CC; c++) { sg[c] += a[c]; sgx[c] += b[c]; }                                      \
+        }                                                                                                        \
+    }
+FIXED_WIDTHS(AFFINE_ROWS_FIXED)
+FIXED_WIDTHS(DX_ROWS_FIXED)
+FIXED_WIDTHS(GRAD_SUMS_FIXED)
+#define CASE_AFFINE(CC) case CC: FN(affine_rows_##CC)(x, y, n, s, t, act, slope); return 1;
+#define CASE_DX(CC) case CC: FN(dx_rows_##CC)(x, dy, dx, n, k, al, c0); return 1;
+#define CASE_SUMS(CC) case CC: FN(grad_sums_##CC)(x, dy, n, mu, sg, sgx); return 1;
+#endif
+
+static inline int FN(affine_rows_fixed)(const T *x, T *y, i64 C, i64 n, const F *s, const F *t, int act, F slope) {
+#if FIXED_ROWS
+    switch (C) { FIXED_WIDTHS(CASE_AFFINE) default: return 0; }
+#else
+    (void)x; (void)y; (void)C; (void)n; (void)s; (void)t; (void)act; (void)slope;
+    return 0;
+#endif
+}
+
+static inline int FN(dx_rows_fixed)(const T *x, const T *dy, T *dx, i64 C, i64 n, const F *k, const F *al, const F *c0) {
+#if FIXED_ROWS
+    switch (C) { FIXED_WIDTHS(CASE_DX) default: return 0; }
+#else
+    (void)x; (void)dy; (void)dx; (void)C; (void)n; (void)k; (void)al; (void)c0;
+    return 0;
+#endif
+}
+
+static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, const F *mu, double *sg, double *sgx) {
+#if FIXED_ROWS
+    switch (C) { FIXED_WIDTHS(CASE_SUMS) default: return 0; }
+#else
+    (void)x; (void)dy; (void)C; (void)n; (void)mu; (void)sg; (void)sgx;
+    return 0;
+#endif
+}
+#if FIXED_ROWS
+#undef AFFINE_ROWS_FIXED
+#undef DX_ROWS_FIXED
+#undef GRAD_SUMS_FIXED
+#undef CASE_AFFINE
+#undef CASE_DX
+#undef CASE_SUMS
+#endif
+
 /* Normalize rows [r0, r1) of C features, ks rows per inner loop (see stream_rows; the
  * per-feature arrays hold ks*C values); affine selects the two-parameter form. */
 static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                                const F *s, const F *h, int act, F slope) {
+    if (affine && FN(affine_rows_fixed)(x + r0 * C, y + r0 * C, C, r1 - r0, s, h, act, slope)) return;
     for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
         n = r1 - r < ks ? r1 - r : ks;
         if (affine) FN(affine_row)(x + r * C, y + r * C, n * C, s, h, act, slope);
@@ -101,7 +192,8 @@ static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd
         i64 filled = 0, n;
         while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, 1, Wd)) > 0) {
             const i64 j = pos % C;
-            if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
+            if (affine && j == 0 && n % C == 0 && FN(affine_rows_fixed)(x + pos, stage + filled, C, n / C, s, h, act, slope)) {
+            } else if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
             else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
             filled += n;
             pos += n;
@@ -533,6 +625,7 @@ static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, 
 /* dx for rows [r0, r1), ks rows per inner loop (as normalize_rows). */
 static void FN(dx_rows)(const T *x, const T *dy, T *dx, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                         const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
+    if (affine && act == ACT_NONE && FN(dx_rows_fixed)(x + r0 * C, dy + r0 * C, dx + r0 * C, C, r1 - r0, k, al, c0)) return;
     for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
         n = r1 - r < ks ? r1 - r : ks;
         if (affine) FN(dx_row_affine)(x + r * C, dy + r * C, dx + r * C, n * C, s, h, k, al, c0, act, slope);
@@ -572,7 +665,9 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
         while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, B, Wd)) > 0) {
             if (B == 1) {
                 const i64 j = pos % C;
-                if (affine)
+                if (affine && act == ACT_NONE && j == 0 && n % C == 0 &&
+                    FN(dx_rows_fixed)(x + pos, dy + pos, stage + filled, C, n / C, k, al, c0)) {
+                } else if (affine)
                     FN(dx_row_affine)(x + pos, dy + pos, stage + filled, n, s + j, h + j, k + j, al + j, c0 + j, act, slope);
                 else
                     FN(dx_row)(x + pos, dy + pos, stage + filled, n, mu + j, s + j, h + j, k + j, al + j, c0 + j, act, slope);
@@ -676,7 +771,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         double *sg = thread_sums(ws, W, items, t, nt, &lo, &hi), *sgx = sg + W;
-        if (rows && C >= SUMS_NOJAM_MIN_C)
+        if (rows && act == ACT_NONE && FN(grad_sums_fixed)(x + lo * rp.k * C, dy + lo * rp.k * C, C, (hi - lo) * rp.k, muw, sg, sgx)) {
+        } else if (rows && C >= SUMS_NOJAM_MIN_C)
             FN(grad_sums_rows_wide)(x, dy, C, ks, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
                                     fs + 2 * W * t + W);
         else if (rows)
@@ -712,3 +808,4 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
 #undef F
 #undef LD
 #undef ST
+#undef FIXED_ROWS
