@@ -125,9 +125,26 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
             for (int c = 0; c < CC; c++) { sg[c] += a[c]; sgx[c] += b[c]; }                                      \
         }                                                                                                        \
     }
+/* the forward's shifted sums of (x - K) and (x - K)^2, in the same pattern */
+#define SUMS_FIXED(CC)                                                                                           \
+    static void FN(sums_##CC)(const T *restrict x, i64 n, const F *K, double *S1, double *S2) {                  \
+        F kr[CC];                                                                                                \
+        for (int c = 0; c < CC; c++) kr[c] = K[c];                                                               \
+        for (i64 r0 = 0; r0 < n; r0 += 1024) {                                                                   \
+            const i64 m = n - r0 < 1024 ? n - r0 : 1024;                                                         \
+            const T *restrict xr = x + r0 * CC;                                                                  \
+            F a[CC], b[CC];                                                                                      \
+            for (int c = 0; c < CC; c++) a[c] = b[c] = 0;                                                        \
+            for (i64 i = 0; i < m; i++, xr += CC)                                                                \
+                for (int c = 0; c < CC; c++) { const F d = LD(xr + c) - kr[c]; a[c] += d; b[c] += d * d; }      \
+            for (int c = 0; c < CC; c++) { S1[c] += a[c]; S2[c] += b[c]; }                                       \
+        }                                                                                                        \
+    }
 FIXED_WIDTHS(AFFINE_ROWS_FIXED)
 FIXED_WIDTHS(DX_ROWS_FIXED)
 FIXED_WIDTHS(GRAD_SUMS_FIXED)
+FIXED_WIDTHS(SUMS_FIXED)
+#define CASE_STATS(CC) case CC: FN(sums_##CC)(x, n, K, S1, S2); return 1;
 #define CASE_AFFINE(CC) case CC: FN(affine_rows_##CC)(x, y, n, s, t, act, slope); return 1;
 #define CASE_DX(CC) case CC: FN(dx_rows_##CC)(x, dy, dx, n, k, al, c0); return 1;
 #define CASE_SUMS(CC) case CC: FN(grad_sums_##CC)(x, dy, n, mu, sg, sgx); return 1;
@@ -151,6 +168,15 @@ static inline int FN(dx_rows_fixed)(const T *x, const T *dy, T *dx, i64 C, i64 n
 #endif
 }
 
+static inline int FN(sums_fixed)(const T *x, i64 C, i64 n, const F *K, double *S1, double *S2) {
+#if FIXED_ROWS
+    switch (C) { FIXED_WIDTHS(CASE_STATS) default: return 0; }
+#else
+    (void)x; (void)C; (void)n; (void)K; (void)S1; (void)S2;
+    return 0;
+#endif
+}
+
 static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, const F *mu, double *sg, double *sgx) {
 #if FIXED_ROWS
     switch (C) { FIXED_WIDTHS(CASE_SUMS) default: return 0; }
@@ -163,6 +189,8 @@ static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, con
 #undef AFFINE_ROWS_FIXED
 #undef DX_ROWS_FIXED
 #undef GRAD_SUMS_FIXED
+#undef SUMS_FIXED
+#undef CASE_STATS
 #undef CASE_AFFINE
 #undef CASE_DX
 #undef CASE_SUMS
@@ -408,7 +436,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         double *S1 = thread_sums(ws, W, items, t, nt, &lo, &hi), *S2 = S1 + W;
-        if (rows) FN(sums_rows)(x, W, lo, hi, Kw, S1, S2, fs + 2 * W * t, fs + 2 * W * t + W);
+        if (rows && FN(sums_fixed)(x + lo * rp.k * C, C, (hi - lo) * rp.k, Kw, S1, S2)) {
+        } else if (rows) FN(sums_rows)(x, W, lo, hi, Kw, S1, S2, fs + 2 * W * t, fs + 2 * W * t + W);
         else FN(sums_planes)(x, C, B, lo, hi, Kw, S1, S2);
 #pragma omp barrier
 #pragma omp single
