@@ -190,6 +190,65 @@ def test_moving_statistics_update_and_non_finite_guard(estimator, rows, path):
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "shape,layout,node",
+    [
+        ((4, 6, 5, 5), "contiguous", "NativeBatchNormBackward0"),  # small NCHW: PyTorch's op
+        ((4, 6, 5, 5), "channels_last", "NativeBatchNormBackward0"),
+        ((3, 6, 7), "contiguous", "NativeBatchNormBackward0"),  # (N, C, L)
+        ((2, 6, 3, 4, 5), "channels_last_3d", "NativeBatchNormBackward0"),
+        ((30, 6, 10, 10), "contiguous", "_KernelTrainBackward"),  # above F.SMALL_PLANES_NUMEL
+        ((60, 6, 10, 10), "channels_last", "_KernelTrainBackward"),  # above twice that
+        ((4, 5, 5, 6), "nhwc", "_KernelTrainBackward"),  # features on the last axis: the kernels
+    ],
+)
+def test_small_planes_take_pytorchs_op_with_bnlabs_conventions(shape, layout, node):
+    # A small training batch with the features on axis 1, in a layout PyTorch's op takes as it is,
+    # goes through that op (its C++ autograd node), the moving statistics through the kernels'
+    # update (Keras momentum, biased variance, non-finite guard): all against the float64 reference.
+    axis = -1 if layout == "nhwc" else 1
+    ax = axis % len(shape)
+    layer = bnlab.BatchNorm(axis=axis, momentum=0.9)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    where = [1] * len(shape)
+    where[ax] = 2
+    x[tuple(where)] = float("nan")  # feature 2 gets a NaN: its moving values must not move
+    if layout in ("channels_last", "channels_last_3d"):
+        x = x.contiguous(memory_format=getattr(torch, layout))
+    xr = x.float().requires_grad_()
+    y = layer(xr)
+    assert type(y.grad_fn).__name__ == node
+    assert y.stride() == xr.stride()
+    red = tuple(d for d in range(x.dim()) if d != ax)
+    keep = torch.tensor([c != 2 for c in range(6)])
+    torch.testing.assert_close(layer.moving_mean[keep].double(), (0.1 * x.mean(red))[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance[keep].double(), (0.9 + 0.1 * x.var(red, unbiased=False))[keep],
+                               rtol=1e-5, atol=1e-6)
+    assert layer.moving_mean[2].item() == 0.0 and layer.moving_variance[2].item() == 1.0
+    # a clean batch: output and gradients against the float64 reference
+    x2 = (torch.randn(shape, dtype=torch.float64) * 3 - 1)
+    if layout in ("channels_last", "channels_last_3d"):
+        x2 = x2.contiguous(memory_format=getattr(torch, layout))
+    with torch.no_grad():
+        layer.gamma.copy_(torch.rand(6) + 0.5)
+        layer.beta.copy_(torch.randn(6))
+    x2r = x2.float().requires_grad_()
+    y2 = layer(x2r)
+    dy = torch.randn(shape, dtype=torch.float64)
+    y2.backward(dy.float())
+    xd = x2.clone().requires_grad_()
+    fshape = [1] * x.dim()
+    fshape[axis] = 6
+    g, b = layer.gamma.detach().double().view(fshape), layer.beta.detach().double().view(fshape)
+    var, mean = torch.var_mean(xd, red, correction=0, keepdim=True)
+    ref = (xd - mean) / torch.sqrt(var + 1e-3) * g + b
+    ref.backward(dy)
+    torch.testing.assert_close(y2.detach().double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2r.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+    assert layer.num_batches_tracked.item() == 2
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_batch_path_without_moving_statistics(dtype):
     # F.batch_norm with no moving statistics on a small (N, C) batch that records a graph: PyTorch's
