@@ -357,7 +357,7 @@ def test_rows_split_across_threads(monkeypatch, features, offset):
 
 
 @needs_kernels
-@pytest.mark.parametrize("features", [16, 32, 64, 48])  # 48: no loop of its own (the generic one, as a control)
+@pytest.mark.parametrize("features", [16, 32, 64, 128, 48])  # 48: no loop of its own (the generic one, as a control)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
 @pytest.mark.parametrize("offset", [0.3, 50.0])  # two-parameter forms (fixed-width loops), then the exact ones
@@ -572,6 +572,7 @@ def _kernel_outputs(x, act, slope=0.2):
         ((70, 16), "contiguous"),  # widths with loops of their own (bn_cpu.c, FIXED_WIDTHS)
         ((3, 32, 5, 7), "channels_last"),
         ((50, 64), "contiguous"),
+        ((40, 128), "contiguous"),  # 128: with AVX-512 only
     ],
 )
 @pytest.mark.parametrize("offset", [0.3, 50.0])  # rows: the two-parameter forms, then the exact ones

@@ -85,7 +85,7 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
 #if FIXED_ROWS
 /* y = act(x * s + t) */
 #define AFFINE_ROWS_FIXED(CC)                                                                                    \
-    static void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s, const F *t, int act, \
+    static FIXED_ATTR_##CC void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s, const F *t, int act, \
                                       F slope) {                                                                 \
         F sr[CC], tr[CC];                                                                                        \
         for (int c = 0; c < CC; c++) { sr[c] = s[c]; tr[c] = t[c]; }                                             \
@@ -102,7 +102,7 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* dx = k * dy + al * x + c0 (no activation) */
 #define DX_ROWS_FIXED(CC)                                                                                        \
-    static void FN(dx_rows_##CC)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, const F *k,     \
+    static FIXED_ATTR_##CC void FN(dx_rows_##CC)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, const F *k,     \
                                   const F *al, const F *c0) {                                                    \
         F kr[CC], ar[CC], cr[CC];                                                                                \
         for (int c = 0; c < CC; c++) { kr[c] = k[c]; ar[c] = al[c]; cr[c] = c0[c]; }                             \
@@ -111,7 +111,7 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* sums of dy and dy * (x - mu) (no activation), float32 over at most 1024 rows, then into sg, sgx */
 #define GRAD_SUMS_FIXED(CC)                                                                                      \
-    static void FN(grad_sums_##CC)(const T *restrict x, const T *restrict dy, i64 n, const F *mu, double *sg,     \
+    static FIXED_ATTR_##CC void FN(grad_sums_##CC)(const T *restrict x, const T *restrict dy, i64 n, const F *mu, double *sg,     \
                                     double *sgx) {                                                               \
         F mr[CC];                                                                                                \
         for (int c = 0; c < CC; c++) mr[c] = mu[c];                                                              \
@@ -127,7 +127,7 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* the forward's shifted sums of (x - K) and (x - K)^2, in the same pattern */
 #define SUMS_FIXED(CC)                                                                                           \
-    static void FN(sums_##CC)(const T *restrict x, i64 n, const F *K, double *S1, double *S2) {                  \
+    static FIXED_ATTR_##CC void FN(sums_##CC)(const T *restrict x, i64 n, const F *K, double *S1, double *S2) {                  \
         F kr[CC];                                                                                                \
         for (int c = 0; c < CC; c++) kr[c] = K[c];                                                               \
         for (i64 r0 = 0; r0 < n; r0 += 1024) {                                                                   \
