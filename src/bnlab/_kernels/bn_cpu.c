@@ -273,8 +273,9 @@ static inline uint16_t bf16_from_float(float f) {
  * 0.72-0.87x the time on 4-8 MB rows of 32 and 64 features.
  * 128 features only with AVX-512, whose 32 registers of 16 floats hold three rows' worth of
  * per-feature values (prefer-vector-width=512 for those loops alone: GCC keeps 256-bit vectors by
- * default): layer forward 0.84-0.88x the time on (60000, 128) and (16384, 128), forward+backward
- * 0.62-0.95x, inference 0.80-0.94x (15 paired rounds, both orders). */
+ * default): layer forward 0.84-0.88x the time on (60000, 128) and (16384, 128), inference
+ * 0.80-0.94x (15 paired rounds, both orders); the backward kernel alone, on (16384, 128) 0.88x,
+ * on (60000, 128) 0.99x (FIXED_WIDTHS_GS). */
 #define FIXED_ATTR_16
 #define FIXED_ATTR_32
 #define FIXED_ATTR_64
@@ -284,6 +285,11 @@ static inline uint16_t bf16_from_float(float f) {
 #else
 #define FIXED_WIDTHS(X) X(16) X(32) X(64)
 #endif
+/* The backward's sums (FIXED_WIDTHS_GS) stop at 64 features: at 128, the sums alone took 1.22-1.45
+ * copy-times on (60000, 128) against 1.00-1.12 for the generic memory-order loop (kernel alone,
+ * 2 threads, 20 rounds, two runs), while dx (FIXED_WIDTHS_DX) gained at 8 MB and held at 30 MB. */
+#define FIXED_WIDTHS_GS(X) X(16) X(32) X(64)
+#define FIXED_WIDTHS_DX FIXED_WIDTHS
 
 #if IN_UNIT(1)
 /* ---- float32 storage, float32 compute ---- */

@@ -141,8 +141,8 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
         }                                                                                                        \
     }
 FIXED_WIDTHS(AFFINE_ROWS_FIXED)
-FIXED_WIDTHS(DX_ROWS_FIXED)
-FIXED_WIDTHS(GRAD_SUMS_FIXED)
+FIXED_WIDTHS_DX(DX_ROWS_FIXED)
+FIXED_WIDTHS_GS(GRAD_SUMS_FIXED)
 FIXED_WIDTHS(SUMS_FIXED)
 #define CASE_STATS(CC) case CC: FN(sums_##CC)(x, n, K, S1, S2); return 1;
 #define CASE_AFFINE(CC) case CC: FN(affine_rows_##CC)(x, y, n, s, t, act, slope); return 1;
@@ -161,7 +161,7 @@ static inline int FN(affine_rows_fixed)(const T *x, T *y, i64 C, i64 n, const F 
 
 static inline int FN(dx_rows_fixed)(const T *x, const T *dy, T *dx, i64 C, i64 n, const F *k, const F *al, const F *c0) {
 #if FIXED_ROWS
-    switch (C) { FIXED_WIDTHS(CASE_DX) default: return 0; }
+    switch (C) { FIXED_WIDTHS_DX(CASE_DX) default: return 0; }
 #else
     (void)x; (void)dy; (void)dx; (void)C; (void)n; (void)k; (void)al; (void)c0;
     return 0;
@@ -179,7 +179,7 @@ static inline int FN(sums_fixed)(const T *x, i64 C, i64 n, const F *K, double *S
 
 static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, const F *mu, double *sg, double *sgx) {
 #if FIXED_ROWS
-    switch (C) { FIXED_WIDTHS(CASE_SUMS) default: return 0; }
+    switch (C) { FIXED_WIDTHS_GS(CASE_SUMS) default: return 0; }
 #else
     (void)x; (void)dy; (void)C; (void)n; (void)mu; (void)sg; (void)sgx;
     return 0;
