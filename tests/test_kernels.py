@@ -600,11 +600,12 @@ def test_streaming_stores_give_the_same_bits(monkeypatch, shape, layout, act, dt
 
 @needs_kernels
 @pytest.mark.parametrize("shift", [1, 3, 16])
-def test_streaming_stores_into_unaligned_outputs(shift):
+@pytest.mark.parametrize("c", [67, 64])  # 64: float32 rows of whole vectors, stored from registers (bn_cpu.c)
+def test_streaming_stores_into_unaligned_outputs(shift, c):
     """The partial cache lines at either end of an output that does not start on a 64-byte
     line are written too, and nothing around it is touched (called through ctypes)."""
     kernels = _kernels.get()
-    a, c = 257, 67  # rows of 268 bytes: inference streams rows of at least 256 bytes
+    a = 257  # rows of 268 or 256 bytes: inference streams rows of at least 256 bytes
     x = torch.randn(a, c) * 2 + 1
     g, b = torch.rand(c) + 0.5, torch.randn(c)
     mm, mv = torch.randn(c), torch.rand(c) + 0.5
@@ -626,6 +627,44 @@ def test_streaming_stores_into_unaligned_outputs(shift):
     assert (streamed[:shift] == -7).all() and (streamed[-shift:] == -7).all()
     expect = (x - mm) / torch.sqrt(mv + 1e-3) * g + b
     torch.testing.assert_close(streamed[shift:-shift].view(a, c), expect, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shift", [0, 1, 4, 16])
+@pytest.mark.parametrize("c", [32, 48, 67])
+def test_streamed_dx_into_unaligned_outputs(shift, c):
+    """The backward's dx, streamed (threshold one byte) or not, into an output at any offset: the
+    same bits either way (float32 rows of whole vectors take the register path when aligned and
+    the staged one otherwise), nothing around it touched, and the formula's values."""
+    kernels = _kernels.get()
+    a = 300
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(a, c, generator=gen) * 2 + 0.5
+    dy = torch.randn(a, c, generator=gen)
+    g, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    var, mean = torch.var_mean(x, 0, correction=0)
+    invstd = 1 / torch.sqrt(var + 1e-3)
+    saved = torch.cat([mean, invstd])
+    outs = []
+    try:
+        for threshold in (0, 1):
+            kernels.lib.bnlab_set_stream_min_bytes(threshold)
+            buf = torch.full((a * c + 2 * shift + 16,), -7.0)
+            dg, db = torch.empty(c), torch.empty(c)
+            rc = kernels.train_bwd[torch.float32](
+                x.data_ptr(), dy.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(),
+                saved.data_ptr(), saved.data_ptr() + 4 * c, dg.data_ptr(), db.data_ptr(), 0, 0.0, 2,
+            )
+            assert rc == 0
+            outs.append(buf)
+    finally:
+        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
+    plain, streamed = outs
+    assert torch.equal(plain, streamed)
+    assert (streamed[:shift] == -7).all() and (streamed[shift + a * c:] == -7).all()
+    xh = (x - mean) * invstd
+    expect = g * invstd / a * (a * dy - dy.sum(0) - xh * (dy * xh).sum(0))
+    torch.testing.assert_close(streamed[shift:shift + a * c].view(a, c), expect, rtol=1e-4, atol=1e-5)
 
 
 def test_stream_threshold_follows_the_cache_size_and_the_environment(monkeypatch, tmp_path):

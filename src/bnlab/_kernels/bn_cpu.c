@@ -33,8 +33,10 @@
  * groups of rows and for the rows left over). Build, as the loader runs it, five builds each,
  * alternating: 2.6-3.0 s against 3.9-5.5 s before (0.54-0.68), with the kernels' speed unchanged
  * (paired rounds over float32/float64/bfloat16, rows and planes, 15 shapes, both orders).
- * The fixed-width row loops (FIXED_WIDTHS) added about half a second: 2.8-3.4 s against 2.3-2.8 s
- * without them (the loader's build, five builds each, two alternating runs).
+ * The fixed-width row loops (FIXED_WIDTHS) and the float32 vector-register rows (VEC_F32) added
+ * about a second: 3.3-3.9 s against 2.5-2.9 s without them (the loader's build, five builds each,
+ * two alternating runs); the float32 unit is now the longest (2.7 s alone, against 1.4 s for
+ * float64 and 2.1 s for bfloat16), and parsing immintrin.h takes about a second of each unit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -211,6 +213,63 @@ static inline void stream_fence(void) {
 #endif
 }
 
+/* ---- float32 rows written from vector registers ----
+ * The streaming passes stage their output in L1 and copy it out (stream_copy); for float32 rows
+ * whose width is a whole number of vectors, vec_rows_* compute each vector with intrinsics and
+ * store it straight from the register, with non-temporal stores (nt = 1, destination aligned to a
+ * vector) or ordinary ones (nt = 0: the non-streamed passes and the staged ones use the same
+ * arithmetic, so every path gives the same bits). Measured in a stand-alone test (2 threads,
+ * float32, dx = k*dy + al*x + c0 over rows of 64): 8 MB 0.40-0.49 ms stored from registers with
+ * streaming stores, 0.93-1.04 ms staged and copied out, 0.66-0.87 ms with ordinary stores; 30 MB
+ * 2.06-2.70, 3.43-3.92 and 3.22-4.32 ms. Return 0 where they do not apply (the caller's loops
+ * then run). */
+#if defined(BNLAB_STREAM) && defined(__AVX512F__)
+#define VEC_F32 1
+#define VW 16
+typedef __m512 vecf;
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_RELU(v) _mm512_max_ps(_mm512_setzero_ps(), v) /* NaN stays NaN, -0 stays -0, as z < 0 ? 0 : z */
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_STREAM(p, v) _mm512_stream_ps(p, v)
+#elif defined(BNLAB_STREAM) && defined(__AVX2__) && defined(__FMA__)
+#define VEC_F32 1
+#define VW 8
+typedef __m256 vecf;
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_RELU(v) _mm256_max_ps(_mm256_setzero_ps(), v)
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_STREAM(p, v) _mm256_stream_ps(p, v)
+#else
+#define VEC_F32 0
+#endif
+
+#if VEC_F32 && IN_UNIT(1)
+/* y = act(x * s + t) over a run of n values (a multiple of VW), act none or ReLU; s and t hold the
+ * run's per-feature values. nt: streaming stores (y aligned to a vector). */
+static inline void vec_affine_run(const float *x, float *y, i64 n, const float *s, const float *t, int relu, int nt) {
+    for (i64 i = 0; i < n; i += VW) {
+        vecf z = V_FMA(V_LOAD(x + i), V_LOAD(s + i), V_LOAD(t + i));
+        if (relu) z = V_RELU(z);
+        if (nt) V_STREAM(y + i, z);
+        else V_STORE(y + i, z);
+    }
+}
+
+/* dx = k * dy + (al * x + c0) over a run of n values (a multiple of VW). */
+static inline void vec_dx_run(const float *x, const float *dy, float *dx, i64 n, const float *k, const float *al,
+                              const float *c0, int nt) {
+    for (i64 i = 0; i < n; i += VW) {
+        const vecf v = V_FMA(V_LOAD(k + i), V_LOAD(dy + i), V_FMA(V_LOAD(al + i), V_LOAD(x + i), V_LOAD(c0 + i)));
+        if (nt) V_STREAM(dx + i, v);
+        else V_STORE(dx + i, v);
+    }
+}
+
+static inline int vec_aligned(const float *p) { return ((uintptr_t)p & (VW * sizeof(float) - 1)) == 0; }
+#endif
+
 /* Rows layout (B == 1): the sums take k consecutive rows as one "super-row" of W = k*C
  * values (at least 1024, or all A rows when fewer), so that rows with few features still give
  * long register-blocked inner loops; the A - A2*k rows left over are summed one by one. */
@@ -291,9 +350,60 @@ static inline uint16_t bf16_from_float(float f) {
 #define FIXED_WIDTHS_GS(X) X(16) X(32) X(64)
 #define FIXED_WIDTHS_DX FIXED_WIDTHS
 
+#if VEC_F32 && IN_UNIT(1)
+/* vec_affine_run / vec_dx_run over n whole rows of a width in FIXED_WIDTHS, the per-feature vectors
+ * loaded once (same arithmetic, so the same bits): in cache, per-feature loads on every row cost
+ * 1.05-1.07x the time at (32768, 32). */
+#define VEC_ROWS_FIXED(CC)                                                                                       \
+    static FIXED_ATTR_##CC void vec_affine_rows_##CC(const float *x, float *y, i64 n, const float *s,            \
+                                                     const float *t, int relu, int nt) {                         \
+        vecf sv[CC / VW], tv[CC / VW];                                                                           \
+        for (int v = 0; v < CC / VW; v++) { sv[v] = V_LOAD(s + v * VW); tv[v] = V_LOAD(t + v * VW); }           \
+        for (i64 r = 0; r < n; r++, x += CC, y += CC)                                                            \
+            for (int v = 0; v < CC / VW; v++) {                                                                  \
+                vecf z = V_FMA(V_LOAD(x + v * VW), sv[v], tv[v]);                                                \
+                if (relu) z = V_RELU(z);                                                                         \
+                if (nt) V_STREAM(y + v * VW, z);                                                                 \
+                else V_STORE(y + v * VW, z);                                                                     \
+            }                                                                                                    \
+    }                                                                                                            \
+    static FIXED_ATTR_##CC void vec_dx_rows_##CC(const float *x, const float *dy, float *dx, i64 n,              \
+                                                 const float *k, const float *al, const float *c0, int nt) {     \
+        vecf kv[CC / VW], av[CC / VW], cv[CC / VW];                                                              \
+        for (int v = 0; v < CC / VW; v++) {                                                                      \
+            kv[v] = V_LOAD(k + v * VW); av[v] = V_LOAD(al + v * VW); cv[v] = V_LOAD(c0 + v * VW);               \
+        }                                                                                                        \
+        for (i64 r = 0; r < n; r++, x += CC, dy += CC, dx += CC)                                                 \
+            for (int v = 0; v < CC / VW; v++) {                                                                  \
+                const vecf o = V_FMA(kv[v], V_LOAD(dy + v * VW), V_FMA(av[v], V_LOAD(x + v * VW), cv[v]));       \
+                if (nt) V_STREAM(dx + v * VW, o);                                                                \
+                else V_STORE(dx + v * VW, o);                                                                    \
+            }                                                                                                    \
+    }
+FIXED_WIDTHS(VEC_ROWS_FIXED)
+#undef VEC_ROWS_FIXED
+
+/* n whole rows of C features from x to y (vec_affine_run's arithmetic), fixed widths first. */
+static void vec_affine_rows(const float *x, float *y, i64 C, i64 n, const float *s, const float *t, int relu, int nt) {
+#define CASE_VA(CC) case CC: vec_affine_rows_##CC(x, y, n, s, t, relu, nt); return;
+    switch (C) { FIXED_WIDTHS(CASE_VA) default: break; }
+#undef CASE_VA
+    for (i64 r = 0; r < n; r++) vec_affine_run(x + r * C, y + r * C, C, s, t, relu, nt);
+}
+
+static void vec_dx_rows(const float *x, const float *dy, float *dx, i64 C, i64 n, const float *k, const float *al,
+                        const float *c0, int nt) {
+#define CASE_VD(CC) case CC: vec_dx_rows_##CC(x, dy, dx, n, k, al, c0, nt); return;
+    switch (C) { FIXED_WIDTHS_DX(CASE_VD) default: break; }
+#undef CASE_VD
+    for (i64 r = 0; r < n; r++) vec_dx_run(x + r * C, dy + r * C, dx + r * C, C, k, al, c0, nt);
+}
+#endif
+
 #if IN_UNIT(1)
 /* ---- float32 storage, float32 compute ---- */
 #define FIXED_ROWS 1
+#define VEC_ROWS VEC_F32
 #define SFX f32
 #define T float
 #define F float
@@ -305,6 +415,7 @@ static inline uint16_t bf16_from_float(float f) {
 #if IN_UNIT(2)
 /* ---- float64 storage, float64 compute ---- */
 #define FIXED_ROWS 0
+#define VEC_ROWS 0
 #define SFX f64
 #define T double
 #define F double
@@ -316,6 +427,7 @@ static inline uint16_t bf16_from_float(float f) {
 #if IN_UNIT(3)
 /* ---- bfloat16 storage, float32 compute ---- */
 #define FIXED_ROWS 1
+#define VEC_ROWS 0
 #define SFX bf16
 #define T uint16_t
 #define F float

@@ -140,8 +140,10 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
             for (int c = 0; c < CC; c++) { S1[c] += a[c]; S2[c] += b[c]; }                                       \
         }                                                                                                        \
     }
+#if !VEC_ROWS /* float32 with vector intrinsics has its own (bn_cpu.c, vec_affine_rows, vec_dx_rows) */
 FIXED_WIDTHS(AFFINE_ROWS_FIXED)
 FIXED_WIDTHS_DX(DX_ROWS_FIXED)
+#endif
 FIXED_WIDTHS_GS(GRAD_SUMS_FIXED)
 FIXED_WIDTHS(SUMS_FIXED)
 #define CASE_STATS(CC) case CC: FN(sums_##CC)(x, n, K, S1, S2); return 1;
@@ -151,7 +153,7 @@ FIXED_WIDTHS(SUMS_FIXED)
 #endif
 
 static inline int FN(affine_rows_fixed)(const T *x, T *y, i64 C, i64 n, const F *s, const F *t, int act, F slope) {
-#if FIXED_ROWS
+#if FIXED_ROWS && !VEC_ROWS
     switch (C) { FIXED_WIDTHS(CASE_AFFINE) default: return 0; }
 #else
     (void)x; (void)y; (void)C; (void)n; (void)s; (void)t; (void)act; (void)slope;
@@ -160,7 +162,7 @@ static inline int FN(affine_rows_fixed)(const T *x, T *y, i64 C, i64 n, const F 
 }
 
 static inline int FN(dx_rows_fixed)(const T *x, const T *dy, T *dx, i64 C, i64 n, const F *k, const F *al, const F *c0) {
-#if FIXED_ROWS
+#if FIXED_ROWS && !VEC_ROWS
     switch (C) { FIXED_WIDTHS_DX(CASE_DX) default: return 0; }
 #else
     (void)x; (void)dy; (void)dx; (void)C; (void)n; (void)k; (void)al; (void)c0;
@@ -200,6 +202,12 @@ static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, con
  * per-feature arrays hold ks*C values); affine selects the two-parameter form. */
 static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                                const F *s, const F *h, int act, F slope) {
+#if VEC_ROWS
+    if (affine && act != ACT_LEAKY && C % VW == 0) { /* float32: the arithmetic of the streamed passes (bn_cpu.c) */
+        vec_affine_rows(x + r0 * C, y + r0 * C, C, r1 - r0, s, h, act == ACT_RELU, 0);
+        return;
+    }
+#endif
     if (affine && FN(affine_rows_fixed)(x + r0 * C, y + r0 * C, C, r1 - r0, s, h, act, slope)) return;
     for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
         n = r1 - r < ks ? r1 - r : ks;
@@ -215,11 +223,23 @@ static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd
                                  const F *s, const F *h, int act, F slope) {
     T stage[STAGE_BYTES / sizeof(T)];
     const i64 cap = STAGE_BYTES / (i64)sizeof(T);
+#if VEC_ROWS
+    const int vec = affine && act != ACT_LEAKY && C % VW == 0; /* float32 rows of whole vectors: see bn_cpu.c */
+    if (vec && vec_aligned(y + v0)) { /* straight from the registers */
+        vec_affine_rows(x + v0, y + v0, C, (v1 - v0) / C, s, h, act == ACT_RELU, 1);
+        stream_fence();
+        return;
+    }
+#endif
     for (i64 pos = v0; pos < v1;) {
         T *dst = y + pos;
         i64 filled = 0, n;
         while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, 1, Wd)) > 0) {
             const i64 j = pos % C;
+#if VEC_ROWS
+            if (vec) vec_affine_run(x + pos, stage + filled, n, s + j, h + j, act == ACT_RELU, 0); /* n, j: whole vectors */
+            else
+#endif
             if (affine && j == 0 && n % C == 0 && FN(affine_rows_fixed)(x + pos, stage + filled, C, n / C, s, h, act, slope)) {
             } else if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
             else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
@@ -654,6 +674,12 @@ static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, 
 /* dx for rows [r0, r1), ks rows per inner loop (as normalize_rows). */
 static void FN(dx_rows)(const T *x, const T *dy, T *dx, i64 C, i64 r0, i64 r1, i64 ks, int affine, const F *mu,
                         const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
+#if VEC_ROWS
+    if (affine && act == ACT_NONE && C % VW == 0) { /* float32: the arithmetic of the streamed passes (bn_cpu.c) */
+        vec_dx_rows(x + r0 * C, dy + r0 * C, dx + r0 * C, C, r1 - r0, k, al, c0, 0);
+        return;
+    }
+#endif
     if (affine && act == ACT_NONE && FN(dx_rows_fixed)(x + r0 * C, dy + r0 * C, dx + r0 * C, C, r1 - r0, k, al, c0)) return;
     for (i64 r = r0, n; r < r1; r += n) { /* the last group may have fewer rows */
         n = r1 - r < ks ? r1 - r : ks;
@@ -688,12 +714,24 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
                           const F *mu, const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
     T stage[STAGE_BYTES / sizeof(T)];
     const i64 cap = STAGE_BYTES / (i64)sizeof(T);
+#if VEC_ROWS
+    const int vec = B == 1 && affine && act == ACT_NONE && C % VW == 0; /* float32 rows of whole vectors: see bn_cpu.c */
+    if (vec && vec_aligned(dx + v0)) { /* straight from the registers */
+        vec_dx_rows(x + v0, dy + v0, dx + v0, C, (v1 - v0) / C, k, al, c0, 1);
+        stream_fence();
+        return;
+    }
+#endif
     for (i64 pos = v0; pos < v1;) {
         T *dst = dx + pos;
         i64 filled = 0, n;
         while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, B, Wd)) > 0) {
             if (B == 1) {
                 const i64 j = pos % C;
+#if VEC_ROWS
+                if (vec) vec_dx_run(x + pos, dy + pos, stage + filled, n, k + j, al + j, c0 + j, 0); /* whole vectors */
+                else
+#endif
                 if (affine && act == ACT_NONE && j == 0 && n % C == 0 &&
                     FN(dx_rows_fixed)(x + pos, dy + pos, stage + filled, C, n / C, k, al, c0)) {
                 } else if (affine)
@@ -838,3 +876,4 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
 #undef LD
 #undef ST
 #undef FIXED_ROWS
+#undef VEC_ROWS
