@@ -598,31 +598,36 @@ def test_streaming_stores_give_the_same_bits(monkeypatch, shape, layout, act, dt
     assert torch.isfinite(plain[0].float()).all()
 
 
+def _plain_and_streamed(size, run):
+    """Two buffers of ``size`` floats (filled with -7) written by ``run(kernels, buf)``, which
+    returns the kernel's status: first with streaming off, then with every output streamed."""
+    kernels = _kernels.get()
+    outs = []
+    try:
+        for threshold in (0, 1):
+            kernels.lib.bnlab_set_stream_min_bytes(threshold)
+            buf = torch.full((size,), -7.0)
+            assert run(kernels, buf) == 0
+            outs.append(buf)
+    finally:
+        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
+    return outs
+
+
 @needs_kernels
 @pytest.mark.parametrize("shift", [1, 3, 16])
 @pytest.mark.parametrize("c", [67, 64])  # 64: float32 rows of whole vectors, stored from registers (bn_cpu.c)
 def test_streaming_stores_into_unaligned_outputs(shift, c):
     """The partial cache lines at either end of an output that does not start on a 64-byte
     line are written too, and nothing around it is touched (called through ctypes)."""
-    kernels = _kernels.get()
     a = 257  # rows of 268 or 256 bytes: inference streams rows of at least 256 bytes
     x = torch.randn(a, c) * 2 + 1
     g, b = torch.rand(c) + 0.5, torch.randn(c)
     mm, mv = torch.randn(c), torch.rand(c) + 0.5
-    outs = []
-    try:
-        for threshold in (0, 1):
-            kernels.lib.bnlab_set_stream_min_bytes(threshold)
-            buf = torch.full((a * c + 2 * shift,), -7.0)
-            rc = kernels.infer[torch.float32](
-                x.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(), mm.data_ptr(),
-                mv.data_ptr(), 1e-3, 0, 0.0, 2,
-            )
-            assert rc == 0
-            outs.append(buf)
-    finally:
-        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
-    plain, streamed = outs
+    plain, streamed = _plain_and_streamed(a * c + 2 * shift, lambda kernels, buf: kernels.infer[torch.float32](
+        x.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(), mm.data_ptr(),
+        mv.data_ptr(), 1e-3, 0, 0.0, 2,
+    ))
     assert torch.equal(plain, streamed)
     assert (streamed[:shift] == -7).all() and (streamed[-shift:] == -7).all()
     expect = (x - mm) / torch.sqrt(mv + 1e-3) * g + b
@@ -636,7 +641,6 @@ def test_streamed_dx_into_unaligned_outputs(shift, c):
     """The backward's dx, streamed (threshold one byte) or not, into an output at any offset: the
     same bits either way (float32 rows of whole vectors take the register path when aligned and
     the staged one otherwise), nothing around it touched, and the formula's values."""
-    kernels = _kernels.get()
     a = 300
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(a, c, generator=gen) * 2 + 0.5
@@ -645,21 +649,11 @@ def test_streamed_dx_into_unaligned_outputs(shift, c):
     var, mean = torch.var_mean(x, 0, correction=0)
     invstd = 1 / torch.sqrt(var + 1e-3)
     saved = torch.cat([mean, invstd])
-    outs = []
-    try:
-        for threshold in (0, 1):
-            kernels.lib.bnlab_set_stream_min_bytes(threshold)
-            buf = torch.full((a * c + 2 * shift + 16,), -7.0)
-            dg, db = torch.empty(c), torch.empty(c)
-            rc = kernels.train_bwd[torch.float32](
-                x.data_ptr(), dy.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(),
-                saved.data_ptr(), saved.data_ptr() + 4 * c, dg.data_ptr(), db.data_ptr(), 0, 0.0, 2,
-            )
-            assert rc == 0
-            outs.append(buf)
-    finally:
-        kernels.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
-    plain, streamed = outs
+    dg, db = torch.empty(c), torch.empty(c)
+    plain, streamed = _plain_and_streamed(a * c + 2 * shift + 16, lambda kernels, buf: kernels.train_bwd[torch.float32](
+        x.data_ptr(), dy.data_ptr(), buf.data_ptr() + shift * 4, a, c, 1, g.data_ptr(), b.data_ptr(),
+        saved.data_ptr(), saved.data_ptr() + 4 * c, dg.data_ptr(), db.data_ptr(), 0, 0.0, 2,
+    ))
     assert torch.equal(plain, streamed)
     assert (streamed[:shift] == -7).all() and (streamed[shift + a * c:] == -7).all()
     xh = (x - mean) * invstd
