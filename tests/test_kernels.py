@@ -5,6 +5,9 @@ not be built, e.g. on a machine without a C compiler; the fallback itself is
 tested in-process by switching the kernels off.
 """
 
+import os
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -402,6 +405,42 @@ def test_fixed_width_rows_match_float64(monkeypatch, features, dtype, act, offse
             assert (a - b).abs().max() <= tol * scale, (name, (a - b).abs().max().item(), scale.item())
     finally:
         torch.set_num_threads(old)
+
+
+@needs_kernels
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 without AVX-512; SSE2 only
+def test_a_build_for_an_older_x86_agrees(tmp_path, monkeypatch, march):
+    """The paths that depend on the instruction set (128-feature loops and 16-float vectors with
+    AVX-512, 8-float vectors with AVX2, neither with SSE2) built for an older CPU give this
+    machine's results: forward, backward, inference and moving statistics, rows of the fixed
+    widths and one other, float32 and bfloat16, ordinary and streamed outputs, two threads."""
+    cc = os.environ.get("CC") or "cc"
+    err = _kernels._compile(cc, [f"-march={march}", "-fopenmp"], tmp_path / "older.so")
+    if err is not None:
+        pytest.skip(f"{cc} cannot build for -march={march}: {err}")
+    libs = (_kernels.get(), _kernels._open(tmp_path / "older.so"))
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN_NUMEL", 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threshold in (None, 1):  # the machine's streaming threshold, then every output streamed
+            for lib in libs:
+                lib.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes() if threshold is None else threshold)
+            for features in (16, 32, 64, 128, 48):
+                for dtype in (torch.float32, torch.bfloat16):
+                    x = _make((1100, features), "contiguous", dtype, offset=0.3)
+                    outs = []
+                    for lib in libs:
+                        monkeypatch.setitem(_kernels._state, "kernels", lib)
+                        outs.append([t.double() for t in _kernel_outputs(x, None)])
+                    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+                    for a, b in zip(*outs, strict=True):
+                        assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1.0), (features, dtype, threshold)
+    finally:
+        torch.set_num_threads(old_threads)
+        for lib in libs:
+            lib.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
 
 
 @needs_kernels
