@@ -78,15 +78,15 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 }
 
-/* ---- rows of a few features (FIXED_WIDTH in bn_cpu.c): a width known to the compiler ----
+/* ---- rows of a few features (FIXED_WIDTHS in bn_cpu.c): a width known to the compiler ----
  * Each function below takes n whole rows of exactly CC features, with the per-feature values
  * (and the backward's accumulators) in registers; the *_fixed dispatchers return 0 for other
  * widths, or where FIXED_ROWS is 0 (float64: its registers hold half as many values). */
 #if FIXED_ROWS
 /* y = act(x * s + t) */
 #define AFFINE_ROWS_FIXED(CC)                                                                                    \
-    static FIXED_ATTR_##CC void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s, const F *t, int act, \
-                                      F slope) {                                                                 \
+    static FIXED_ATTR_##CC void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s,      \
+                                                     const F *t, int act, F slope) {                             \
         F sr[CC], tr[CC];                                                                                        \
         for (int c = 0; c < CC; c++) { sr[c] = s[c]; tr[c] = t[c]; }                                             \
         if (act == ACT_NONE) {                                                                                   \
@@ -102,8 +102,8 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* dx = k * dy + al * x + c0 (no activation) */
 #define DX_ROWS_FIXED(CC)                                                                                        \
-    static FIXED_ATTR_##CC void FN(dx_rows_##CC)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, const F *k,     \
-                                  const F *al, const F *c0) {                                                    \
+    static FIXED_ATTR_##CC void FN(dx_rows_##CC)(const T *restrict x, const T *restrict dy, T *restrict dx,     \
+                                                 i64 n, const F *k, const F *al, const F *c0) {                  \
         F kr[CC], ar[CC], cr[CC];                                                                                \
         for (int c = 0; c < CC; c++) { kr[c] = k[c]; ar[c] = al[c]; cr[c] = c0[c]; }                             \
         for (i64 r = 0; r < n; r++, x += CC, dy += CC, dx += CC)                                                 \
@@ -111,8 +111,8 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* sums of dy and dy * (x - mu) (no activation), float32 over at most 1024 rows, then into sg, sgx */
 #define GRAD_SUMS_FIXED(CC)                                                                                      \
-    static FIXED_ATTR_##CC void FN(grad_sums_##CC)(const T *restrict x, const T *restrict dy, i64 n, const F *mu, double *sg,     \
-                                    double *sgx) {                                                               \
+    static FIXED_ATTR_##CC void FN(grad_sums_##CC)(const T *restrict x, const T *restrict dy, i64 n,           \
+                                                   const F *mu, double *sg, double *sgx) {                       \
         F mr[CC];                                                                                                \
         for (int c = 0; c < CC; c++) mr[c] = mu[c];                                                              \
         for (i64 r0 = 0; r0 < n; r0 += 1024) {                                                                   \
@@ -127,7 +127,8 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
     }
 /* the forward's shifted sums of (x - K) and (x - K)^2, in the same pattern */
 #define SUMS_FIXED(CC)                                                                                           \
-    static FIXED_ATTR_##CC void FN(sums_##CC)(const T *restrict x, i64 n, const F *K, double *S1, double *S2) {                  \
+    static FIXED_ATTR_##CC void FN(sums_##CC)(const T *restrict x, i64 n, const F *K, double *S1,              \
+                                              double *S2) {                                                      \
         F kr[CC];                                                                                                \
         for (int c = 0; c < CC; c++) kr[c] = K[c];                                                               \
         for (i64 r0 = 0; r0 < n; r0 += 1024) {                                                                   \
@@ -240,7 +241,8 @@ static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd
             if (vec) vec_affine_run(x + pos, stage + filled, n, s + j, h + j, act == ACT_RELU, 0); /* n, j: whole vectors */
             else
 #endif
-            if (affine && j == 0 && n % C == 0 && FN(affine_rows_fixed)(x + pos, stage + filled, C, n / C, s, h, act, slope)) {
+            if (affine && j == 0 && n % C == 0 &&
+                FN(affine_rows_fixed)(x + pos, stage + filled, C, n / C, s, h, act, slope)) {
             } else if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
             else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
             filled += n;
@@ -838,7 +840,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         i64 lo, hi;
         double *sg = thread_sums(ws, W, items, t, nt, &lo, &hi), *sgx = sg + W;
-        if (rows && act == ACT_NONE && FN(grad_sums_fixed)(x + lo * rp.k * C, dy + lo * rp.k * C, C, (hi - lo) * rp.k, muw, sg, sgx)) {
+        if (rows && act == ACT_NONE &&
+            FN(grad_sums_fixed)(x + lo * rp.k * C, dy + lo * rp.k * C, C, (hi - lo) * rp.k, muw, sg, sgx)) {
         } else if (rows && C >= SUMS_NOJAM_MIN_C)
             FN(grad_sums_rows_wide)(x, dy, C, ks, lo * rp.k, hi * rp.k, muw, s, h, act, fslope, sg, sgx, fs + 2 * W * t,
                                     fs + 2 * W * t + W);
