@@ -19,7 +19,7 @@ Why this technology (see also the README's "Speed" section):
   a given number of threads.
 * Outputs of at least half the last-level cache (:func:`stream_min_bytes`;
   ``BNLAB_STREAM_MIN_BYTES`` overrides, ``0`` turns it off), and the backward's
-  ``dx`` from half that size, are written with non-temporal stores on x86-64;
+  ``dx`` from a quarter of that size, are written with non-temporal stores on x86-64;
   the values are the same bits either way.
 """
 
@@ -129,7 +129,7 @@ def stream_min_bytes() -> int:
 
     Half the last-level cache: an output that large cannot stay cached next to its
     input (see ``stream_copy`` in ``bn_cpu.c`` for the measurements). The backward,
-    with ``x``, ``dy`` and ``dx`` in play, streams ``dx`` from half this size
+    with ``x``, ``dy`` and ``dx`` in play, streams ``dx`` from a quarter of this size
     (``STREAM_DX`` there). 32 MB where the cache size is unknown.
     ``BNLAB_STREAM_MIN_BYTES`` overrides it (``0`` turns streaming off).
     """

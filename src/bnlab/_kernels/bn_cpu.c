@@ -138,8 +138,12 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
  * streams rows of at least 256 bytes. (Staging narrow rows in 4 KB super-rows instead made
  * every width slower.)
  * STREAM_DX: the backward has three tensors of dx's size in play (x and dy, each read twice,
- * and dx), so dx streams from half the threshold, a quarter of the cache (8 MB here). Layer
- * forward+backward, dx streaming from 8 MB against from 16 MB, paired, 21-31 rounds, two runs:
+ * and dx), so dx streams from a quarter of the threshold, an eighth of the cache (4 MB here).
+ * From 4 MB against from 8 MB (dx stored straight from the registers; layer forward+backward,
+ * paired, 15-21 rounds, both orders, 4-6 MB rows of 32 and 64 features and NCHW): 0.84-0.98x the
+ * time, and 0.90-1.06x (median 0.99) when a later op reads dx, as the layer below does in a
+ * network. Not streaming dx at 8 MB took 1.11-1.25x the time (1.02-1.20x with dx read after).
+ * Earlier, staged: dx streaming from 8 MB against from 16 MB, paired, 21-31 rounds, two runs:
  * 0.82-1.00x the time on the 8 MB rows ((32768, 64), (16384, 128), (128, 64, 16, 16) NCHW
  * and channels-last), 0.94-0.98x when a later op reads dx; 0.86-1.08x at 10-12 MB, where
  * runs disagree; 1.00-1.04x on 5-6 MB rows, where nothing changes (controls). Streaming the

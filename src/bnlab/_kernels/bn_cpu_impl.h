@@ -833,7 +833,7 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     const F fslope = (F)slope;
     const i64 ks0 = stream_rows(C, SUMS_MIN_VALUES);
     const i64 ks = ks0 < rp.k ? ks0 : rp.k; /* sums' super-rows: no wider than the replicated arrays */
-    const int stream = dx && use_stream(2 * A * C * B * (i64)sizeof(T)); /* at half the size: see STREAM_DX */
+    const int stream = dx && use_stream(4 * A * C * B * (i64)sizeof(T)); /* at a quarter of the size: see STREAM_DX */
     int affine = 0; /* set by the single thread that finishes the sums */
 #pragma omp parallel num_threads(nthreads)
     {
