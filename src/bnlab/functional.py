@@ -164,6 +164,11 @@ def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is dense in PyTorch's channels-last format for its rank (one C call)."""
+    return x.ndim in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim])
+
+
 def _acb_dims(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[int, int, int] | None:
     """``(A, C, B)`` when ``x``'s memory already is a dense ``(A, C, B)`` array (no view or copy needed).
 
@@ -175,8 +180,7 @@ def _acb_dims(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[int, int, int] 
     lo, hi = feature_axes[0], feature_axes[-1]
     if hi - lo + 1 == len(feature_axes) and x.is_contiguous():
         return _prod(shape[:lo]), _prod(shape[lo : hi + 1]), _prod(shape[hi + 1 :])
-    if lo == hi == 1 and x.ndim in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim]):
-        # PyTorch's channels-last formats, in one C call: the general test below (a permuted view) costs 5 us
+    if lo == hi == 1 and _channels_last(x):  # the general test below (a permuted view) costs 5 us
         return shape[0] * _prod(shape[2:]), shape[1], 1
     perm = _memory_perm(x, feature_axes)
     if not x.permute(perm).is_contiguous():
@@ -515,7 +519,7 @@ def _small_layout(x: Tensor) -> bool:
     n = x.numel()
     if n <= SMALL_PLANES_NUMEL and x.is_contiguous():
         return True
-    return n <= 2 * SMALL_PLANES_NUMEL and x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    return n <= 2 * SMALL_PLANES_NUMEL and _channels_last(x)
 
 
 def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, unbiased, scratch, counter=None):

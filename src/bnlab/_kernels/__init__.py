@@ -100,7 +100,7 @@ class Kernels:
 
     @property
     def stream_min_bytes(self) -> int:
-        """Outputs of at least this many bytes (the backward's ``dx``: half) are written with streaming stores (0: never)."""
+        """Outputs of at least this many bytes (the backward's ``dx``: a quarter) are written with streaming stores (0: never)."""
         return int(self.lib.bnlab_get_stream_min_bytes())
 
 

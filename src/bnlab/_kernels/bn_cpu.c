@@ -219,14 +219,14 @@ static inline void stream_fence(void) {
 
 /* ---- float32 rows written from vector registers ----
  * The streaming passes stage their output in L1 and copy it out (stream_copy); for float32 rows
- * whose width is a whole number of vectors, vec_rows_* compute each vector with intrinsics and
- * store it straight from the register, with non-temporal stores (nt = 1, destination aligned to a
+ * whose width is a whole number of vectors, vec_affine_* and vec_dx_* compute each vector with
+ * intrinsics and store it straight from the register, with non-temporal stores (nt = 1, destination aligned to a
  * vector) or ordinary ones (nt = 0: the non-streamed passes and the staged ones use the same
  * arithmetic, so every path gives the same bits). Measured in a stand-alone test (2 threads,
  * float32, dx = k*dy + al*x + c0 over rows of 64): 8 MB 0.40-0.49 ms stored from registers with
  * streaming stores, 0.93-1.04 ms staged and copied out, 0.66-0.87 ms with ordinary stores; 30 MB
- * 2.06-2.70, 3.43-3.92 and 3.22-4.32 ms. Return 0 where they do not apply (the caller's loops
- * then run). */
+ * 2.06-2.70, 3.43-3.92 and 3.22-4.32 ms. The callers (bn_cpu_impl.h, VEC_ROWS) take this path for
+ * float32 rows of whole vectors in the two-parameter form without leaky ReLU. */
 #if defined(BNLAB_STREAM) && defined(__AVX512F__)
 #define VEC_F32 1
 #define VW 16
@@ -336,8 +336,8 @@ static inline uint16_t bf16_from_float(float f) {
  * 0.72-0.87x the time on 4-8 MB rows of 32 and 64 features.
  * 128 features only with AVX-512, whose 32 registers of 16 floats hold three rows' worth of
  * per-feature values (prefer-vector-width=512 for those loops alone: GCC keeps 256-bit vectors by
- * default): layer forward 0.84-0.88x the time on (60000, 128) and (16384, 128), inference
- * 0.80-0.94x (15 paired rounds, both orders); the backward kernel alone, on (16384, 128) 0.88x,
+ * default): layer forward 0.78-0.88x the time on (60000, 128) and (16384, 128), inference
+ * 0.80-1.06x (15 paired rounds, both orders); the backward kernel alone, on (16384, 128) 0.88x,
  * on (60000, 128) 0.99x (FIXED_WIDTHS_GS). */
 #define FIXED_ATTR_16
 #define FIXED_ATTR_32

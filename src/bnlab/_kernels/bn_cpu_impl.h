@@ -81,8 +81,23 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
 /* ---- rows of a few features (FIXED_WIDTHS in bn_cpu.c): a width known to the compiler ----
  * Each function below takes n whole rows of exactly CC features, with the per-feature values
  * (and the backward's accumulators) in registers; the *_fixed dispatchers return 0 for other
- * widths, or where FIXED_ROWS is 0 (float64: its registers hold half as many values). */
+ * widths. The FW_* lists name the widths instantiated here: none where FIXED_ROWS is 0 (float64:
+ * its registers hold half as many values), and for float32 with vector intrinsics (VEC_ROWS) no
+ * normalize or dx loops, which bn_cpu.c's vec_affine_rows / vec_dx_rows replace. */
 #if FIXED_ROWS
+#define FW_SUMS FIXED_WIDTHS
+#define FW_GS FIXED_WIDTHS_GS
+#else
+#define FW_SUMS(X)
+#define FW_GS(X)
+#endif
+#if FIXED_ROWS && !VEC_ROWS
+#define FW_AFFINE FIXED_WIDTHS
+#define FW_DX FIXED_WIDTHS_DX
+#else
+#define FW_AFFINE(X)
+#define FW_DX(X)
+#endif
 /* y = act(x * s + t) */
 #define AFFINE_ROWS_FIXED(CC)                                                                                    \
     static FIXED_ATTR_##CC void FN(affine_rows_##CC)(const T *restrict x, T *restrict y, i64 n, const F *s,      \
@@ -141,54 +156,30 @@ static void FN(normalize_planes)(const T *x, T *y, i64 C, i64 B, i64 lo, i64 hi,
             for (int c = 0; c < CC; c++) { S1[c] += a[c]; S2[c] += b[c]; }                                       \
         }                                                                                                        \
     }
-#if !VEC_ROWS /* float32 with vector intrinsics has its own (bn_cpu.c, vec_affine_rows, vec_dx_rows) */
-FIXED_WIDTHS(AFFINE_ROWS_FIXED)
-FIXED_WIDTHS_DX(DX_ROWS_FIXED)
-#endif
-FIXED_WIDTHS_GS(GRAD_SUMS_FIXED)
-FIXED_WIDTHS(SUMS_FIXED)
+FW_AFFINE(AFFINE_ROWS_FIXED)
+FW_DX(DX_ROWS_FIXED)
+FW_GS(GRAD_SUMS_FIXED)
+FW_SUMS(SUMS_FIXED)
 #define CASE_STATS(CC) case CC: FN(sums_##CC)(x, n, K, S1, S2); return 1;
 #define CASE_AFFINE(CC) case CC: FN(affine_rows_##CC)(x, y, n, s, t, act, slope); return 1;
 #define CASE_DX(CC) case CC: FN(dx_rows_##CC)(x, dy, dx, n, k, al, c0); return 1;
 #define CASE_SUMS(CC) case CC: FN(grad_sums_##CC)(x, dy, n, mu, sg, sgx); return 1;
-#endif
 
 static inline int FN(affine_rows_fixed)(const T *x, T *y, i64 C, i64 n, const F *s, const F *t, int act, F slope) {
-#if FIXED_ROWS && !VEC_ROWS
-    switch (C) { FIXED_WIDTHS(CASE_AFFINE) default: return 0; }
-#else
-    (void)x; (void)y; (void)C; (void)n; (void)s; (void)t; (void)act; (void)slope;
-    return 0;
-#endif
+    switch (C) { FW_AFFINE(CASE_AFFINE) default: return 0; }
 }
 
 static inline int FN(dx_rows_fixed)(const T *x, const T *dy, T *dx, i64 C, i64 n, const F *k, const F *al, const F *c0) {
-#if FIXED_ROWS && !VEC_ROWS
-    switch (C) { FIXED_WIDTHS_DX(CASE_DX) default: return 0; }
-#else
-    (void)x; (void)dy; (void)dx; (void)C; (void)n; (void)k; (void)al; (void)c0;
-    return 0;
-#endif
+    switch (C) { FW_DX(CASE_DX) default: return 0; }
 }
 
 static inline int FN(sums_fixed)(const T *x, i64 C, i64 n, const F *K, double *S1, double *S2) {
-#if FIXED_ROWS
-    switch (C) { FIXED_WIDTHS(CASE_STATS) default: return 0; }
-#else
-    (void)x; (void)C; (void)n; (void)K; (void)S1; (void)S2;
-    return 0;
-#endif
+    switch (C) { FW_SUMS(CASE_STATS) default: return 0; }
 }
 
 static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, const F *mu, double *sg, double *sgx) {
-#if FIXED_ROWS
-    switch (C) { FIXED_WIDTHS_GS(CASE_SUMS) default: return 0; }
-#else
-    (void)x; (void)dy; (void)C; (void)n; (void)mu; (void)sg; (void)sgx;
-    return 0;
-#endif
+    switch (C) { FW_GS(CASE_SUMS) default: return 0; }
 }
-#if FIXED_ROWS
 #undef AFFINE_ROWS_FIXED
 #undef DX_ROWS_FIXED
 #undef GRAD_SUMS_FIXED
@@ -197,7 +188,10 @@ static inline int FN(grad_sums_fixed)(const T *x, const T *dy, i64 C, i64 n, con
 #undef CASE_AFFINE
 #undef CASE_DX
 #undef CASE_SUMS
-#endif
+#undef FW_SUMS
+#undef FW_GS
+#undef FW_AFFINE
+#undef FW_DX
 
 /* Normalize rows [r0, r1) of C features, ks rows per inner loop (see stream_rows; the
  * per-feature arrays hold ks*C values); affine selects the two-parameter form. */
