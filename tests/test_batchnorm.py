@@ -199,12 +199,14 @@ def test_non_finite_batch_never_reaches_moving_statistics():
 
 @pytest.mark.parametrize(
     "case",
-    ["small-rows", "small-rows-no-grad", "kernel-rows", "planes", "masked", "cumulative", "float-counter"],
+    ["small-rows", "small-rows-no-grad", "kernel-rows", "kernel-rows-no-grad", "planes", "masked", "cumulative",
+     "float-counter"],
 )
 def test_num_batches_tracked_counts_each_training_batch_once(case):
-    # The small-batch path counts inside the kernels' moving-statistics call, the others with
+    # The kernels count inside the call that updates the moving statistics (small batches: the
+    # update alone; others: the training forward, with or without a graph), the other paths with
     # add_: every path must count each non-empty training batch exactly once, like PyTorch's.
-    shapes = {"kernel-rows": (300, 300), "planes": (4, 3, 5, 5)}
+    shapes = {"kernel-rows": (300, 300), "kernel-rows-no-grad": (300, 300), "planes": (4, 3, 5, 5)}
     shape = shapes.get(case, (64, 8))
     bn = bnlab.BatchNorm(axis=1, momentum=None if case == "cumulative" else 0.99)
     if case == "float-counter":  # a counter the kernels do not take: counted by add_ instead
@@ -213,9 +215,9 @@ def test_num_batches_tracked_counts_each_training_batch_once(case):
     ref = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else torch.nn.BatchNorm2d(shape[1])
     done = 1 if case == "float-counter" else 0
     for step in range(3):
-        x = torch.randn(shape, requires_grad=case != "small-rows-no-grad")
+        x = torch.randn(shape, requires_grad=not case.endswith("no-grad"))
         mask = torch.rand(shape[0]) < 0.7 if case == "masked" else None
-        with torch.set_grad_enabled(case != "small-rows-no-grad"):
+        with torch.set_grad_enabled(not case.endswith("no-grad")):
             y = bn(x, mask=mask)
         ref(x.detach())
         if x.requires_grad:

@@ -483,12 +483,13 @@ def _kernel_train_forward(x, gamma, beta, plan):
     saved = torch.empty(2 * c, dtype=pdtype)
     p_mean = saved.data_ptr()
     var = torch.empty(c, dtype=pdtype) if stats else None
-    mm, mv, momentum, var_factor = (None, None, 0.0, 1.0) if moving is None else moving
+    mm, mv, momentum, var_factor, counter = (None, None, 0.0, 1.0, None) if moving is None else moving
     code = _ACT_CODES[act]
     threads = _kernels.threads_for(a * c * b)
     rc = kernels.train_fwd[x.dtype](
         x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var),
         p_mean + c * saved.element_size(), _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
+        _ptr(counter),
     )
     if rc:
         raise MemoryError("bnlab kernel could not allocate its scratch memory")
@@ -594,9 +595,9 @@ class _KernelTrain(torch.autograd.Function):
     time on small layers). ``x`` is dense and its memory is the ``(A, C, B)``
     array ``dims`` (see :func:`_acb_dims`); ``y`` and ``dx`` get ``x``'s shape
     and strides, so no view enters the autograd graph. ``moving`` is ``None``
-    or ``(moving_mean, moving_var, momentum, var_factor)``, updated in place
-    inside the forward call (features with non-finite statistics keep their
-    values). With ``stats=True`` the batch mean and biased variance are
+    or ``(moving_mean, moving_var, momentum, var_factor, counter)``, updated in
+    place inside the forward call (features with non-finite statistics keep
+    their values; ``counter``, an int64 scalar or ``None``, counts the batch). With ``stats=True`` the batch mean and biased variance are
     returned too (non-differentiable).
     """
 
@@ -812,13 +813,13 @@ def batch_norm_inference(
 
 
 def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
-    dtype = _compute_dtype(x)
     route = None if _records_graph(x, gamma, beta) else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
-    if route is not None:
+    if route is not None:  # (the kernels take floating-point inputs only)
         xd, dims, kernels = route
         fused = act if act in _ACT_CODES else None
         y = _kernel_inference(kernels, xd, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
         return y if fused == act else _activate(y, act, slope)
+    dtype = _compute_dtype(x)  # raises for integer inputs
     return _activate(_inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype), act, slope)
 
 
@@ -984,25 +985,31 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
 
     ``scratch``: a dict the caller keeps between calls (see :func:`_small_rows_train`).
     ``counter``: a batch counter (the layer's ``num_batches_tracked``) that this call
-    increments once, or ``None``. Small batches count in C with the moving update
-    (PyTorch's ``add_`` is a visible part of a ``(64, 64)`` layer's step); the other
-    paths count with ``add_`` before the transform.
+    increments once, or ``None``. The kernels count in C in the call that updates
+    the moving statistics (PyTorch's ``add_`` is a visible part of a ``(64, 64)``
+    layer's step, and costs a few us after a multi-MB kernel has swept the caches);
+    the other paths count with ``add_``.
     """
     if impl == "auto" and feat == (1,) and mask is None and 0 < x.numel() <= SMALL_ROWS_NUMEL and _small_layout(x):
         y = _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon,
                               unbiased_moving_variance, scratch, counter)
         if y is not None:
             return _activate(y, act, slope)
-    if counter is not None:
-        counter.add_(1)
     if x.numel() == 0 and moving_mean is not None:
+        if counter is not None:
+            counter.add_(1)
         # An empty batch has no statistics: normalize (nothing) with the moving ones.
         return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
     if impl in ("auto", "kernel"):
         route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
         if route is not None:
             xd, dims, kernels = route
-            moving = _moving_plan(moving_mean, moving_variance, momentum, dims[0] * dims[2], unbiased_moving_variance)
+            if counter is not None and (counter.dtype is not torch.int64 or not counter.is_cpu or counter.numel() != 1):
+                counter.add_(1)  # not a counter C can increment: counted here
+                counter = None
+            # the kernel call increments counter (when there is one)
+            moving = _moving_plan(moving_mean, moving_variance, momentum, dims[0] * dims[2], unbiased_moving_variance,
+                                  counter)
             fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
             plan = (feat, dims, epsilon, moving, fused, slope, False, kernels)
             if _records_graph(xd, gamma, beta):
@@ -1012,6 +1019,8 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
             return y if fused == act else _activate(y, act, slope)
         if impl == "kernel":
             _kernels_refused(x, mask)
+    if counter is not None:
+        counter.add_(1)
     return _activate(
         _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
                             unbiased_moving_variance, impl),
@@ -1019,16 +1028,17 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
     )
 
 
-def _moving_plan(moving_mean, moving_variance, momentum, count: int, unbiased: bool):
-    """``(moving_mean, moving_var, momentum, var_factor)`` for the kernels, or ``None`` without moving statistics.
+def _moving_plan(moving_mean, moving_variance, momentum, count: int, unbiased: bool, counter=None):
+    """``(moving_mean, moving_var, momentum, var_factor, counter)`` for the kernels, or ``None`` without moving statistics.
 
     The stored variance is the biased batch variance times ``var_factor``; one value
     per feature has no unbiased variance (factor NaN: the kernels skip the update).
+    ``counter``: a CPU int64 scalar the kernel call increments, or ``None``.
     """
     if moving_mean is None:
         return None
     factor = (count / (count - 1) if count > 1 else math.nan) if unbiased else 1.0
-    return moving_mean, moving_variance, float(momentum), factor
+    return moving_mean, moving_variance, float(momentum), factor, counter
 
 
 def _kernels_refused(x: Tensor, mask) -> None:

@@ -44,7 +44,7 @@ __all__ = ["get", "status", "cache_dir", "threads_for", "stream_min_bytes", "ACT
 
 log = logging.getLogger("bnlab.kernels")
 
-ABI_VERSION = 5  # must match bnlab_abi_version() in bn_cpu.c
+ABI_VERSION = 6  # must match bnlab_abi_version() in bn_cpu.c
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("bn_cpu.c", "bn_cpu_impl.h")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
@@ -75,7 +75,7 @@ class Kernels:
         self.openmp = bool(lib.bnlab_has_openmp())
         p, i64, d, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         sigs = {
-            "bnlab_train_fwd": [p, p, i64, i64, i64, p, p, d, p, p, p, p, p, d, d, i, d, i],
+            "bnlab_train_fwd": [p, p, i64, i64, i64, p, p, d, p, p, p, p, p, d, d, i, d, i, p],
             "bnlab_infer": [p, p, i64, i64, i64, p, p, p, p, d, i, d, i],
             "bnlab_train_bwd": [p, p, p, i64, i64, i64, p, p, p, p, p, p, i, d, i],
             "bnlab_update_moving": [p, p, p, p, i64, d, d, p],

@@ -90,7 +90,7 @@ enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
 #if IN_UNIT(1)
 /* ABI version checked by the loader: bump when a signature changes. */
-int bnlab_abi_version(void) { return 5; }
+int bnlab_abi_version(void) { return 6; }
 
 int bnlab_has_openmp(void) {
 #ifdef _OPENMP

@@ -427,11 +427,12 @@ static PER_FEATURE int FN(fwd_finish)(const T *x, i64 A, i64 C, i64 B, rows_plan
 /* Batch statistics, optional moving-statistics update, then y = act((x - mean) * invstd * gamma + beta).
  * Outputs (any may be NULL): mean_out, var_out (biased), invstd_out. Moving statistics, when
  * given, become momentum * old + (1 - momentum) * new (new variance = var * var_factor) for
- * each feature whose two new values are both finite; others keep their values.
+ * each feature whose two new values are both finite; others keep their values. count, when not
+ * NULL, is the layer's batch counter, incremented once (see bnlab_update_moving).
  * Returns 0, or -1 when scratch memory could not be allocated (nothing written then). */
 int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const F *beta, double eps,
                         F *mean_out, F *var_out, F *invstd_out, F *mm, F *mv, double momentum,
-                        double var_factor, int act, double slope, int nthreads) {
+                        double var_factor, int act, double slope, int nthreads, i64 *count) {
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
@@ -440,6 +441,7 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 4) * (size_t)W + 3 * (size_t)C));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
+    if (count) *count += 1;
     F *Kw = fs + 2 * W * nthreads, *muw = Kw + W, *sw = muw + W, *hw = sw + W;
     F *mu = hw + W, *scale = mu + C, *shift = scale + C;
     FN(first_samples)(x, C, B, Kw);

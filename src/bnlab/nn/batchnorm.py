@@ -309,8 +309,10 @@ class _BatchNormBase(nn.Module):
         if mask is not None and not batch_stats:
             F._mask_as_acb(mask, x, feat, torch.float32)  # validate only: inference ignores the mask
             mask = None
+        params = self._parameters
         if not batch_stats:
-            return F._inference(x, feat, running_mean, running_var, self.weight, self.bias, self._epsilon(), self._act, self._slope)
+            return F._inference(x, feat, running_mean, running_var, params["weight"], params["bias"], self._epsilon(),
+                                self._act, self._slope)
         if self.renorm and training and running_mean is not None:
             return F._activate(self._renorm_forward(x, feat, mask), self._act, self._slope)
         if self.virtual_batch_size and training and running_mean is not None:
@@ -326,7 +328,6 @@ class _BatchNormBase(nn.Module):
                 counter = buffers["num_batches_tracked"]
         else:
             running_mean = running_var = None
-        params = self._parameters
         return F._batch_norm_train_update(
             x,
             feat,
