@@ -459,6 +459,55 @@ def test_inference_with_gradients_uses_pytorch_and_agrees():
     assert xg.grad is not None
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "case",
+    ["2d", "nchw", "channels-last", "nhwc", "permuted-view", "float64", "bfloat16", "relu", "frozen-in-train",
+     "no-affine"],
+)
+def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
+    # A built layer's inference goes straight to _inference_one_axis; every case it takes must give
+    # the general route's result bit for bit, and every case it declines must still be handled.
+    torch.manual_seed(1)
+    shape, axis = {"2d": ((37, 24), -1), "nhwc": ((3, 5, 4, 24), -1), "permuted-view": ((3, 24, 5, 4), 1)}.get(
+        case, ((3, 24, 5, 4), 1))
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    kwargs = {"center": False, "scale": False} if case == "no-affine" else {}
+    layer = (bnlab.BatchNormAct(axis=axis, activation="relu") if case == "relu" else bnlab.BatchNorm(axis=axis, **kwargs))
+    layer = layer.to(dtype if dtype is not torch.bfloat16 else torch.float32)
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    if case == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if case == "permuted-view":  # (N, C, H, W) seen through a permutation: not a layout the shortcut takes
+        x = x.permute(0, 1, 3, 2)
+    for _ in range(3):
+        layer(x)  # moving statistics away from their initial values
+    if case == "frozen-in-train":
+        layer.trainable = False  # Keras: a frozen layer runs inference even in training mode
+    else:
+        layer.eval()
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setattr(F, "_inference_one_axis", lambda *args: None)  # the general route
+        general = layer(x)
+    monkeypatch.undo()
+    assert fast.dtype == x.dtype and fast.stride() == general.stride()
+    assert torch.equal(fast, general)
+    c = shape[axis]
+    ref = R.forward_inference(
+        x.double().numpy(), np.ones(c) if layer.gamma is None else layer.gamma.detach().double().numpy(),
+        np.zeros(c) if layer.beta is None else layer.beta.detach().double().numpy(),
+        layer.moving_mean.double().numpy(), layer.moving_variance.double().numpy(), layer.epsilon, axis=axis)
+    if case == "relu":
+        ref = np.maximum(ref, 0)
+    tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+    np.testing.assert_allclose(fast.double().numpy(), ref, rtol=tol, atol=tol)
+    # with gradients wanted the transform must record a graph (PyTorch's ops), not run the kernel
+    if case != "frozen-in-train":
+        y = layer(x.detach().float().requires_grad_() if dtype is torch.bfloat16 else x.detach().requires_grad_())
+        assert y.requires_grad
+
+
 def test_impl_kernel_refuses_what_it_cannot_do():
     x = torch.randn(8, 3)
     with pytest.raises(ValueError, match="impl='kernel' cannot run here"):

@@ -289,6 +289,17 @@ class _BatchNormBase(nn.Module):
         ``mask``: bool, ``x.shape`` without the feature axes; only True
         positions enter the training statistics, every position is normalized.
         """
+        if training is None and mask is None and type(self) is BatchNorm and not (self.training and self._trainable) \
+                and isinstance(x, Tensor):
+            # Inference of a built layer on the input rank it has seen, the features matching: straight
+            # to the transform (what the rest of this method would do, minus its checks for other cases).
+            feat, built, buffers = self._feat_cache.get(x.ndim), self.feature_shape, self._buffers
+            running_mean = buffers["running_mean"]
+            if feat is not None and built is not None and running_mean is not None and len(feat) == 1 \
+                    and x.shape[feat[0]] == built[0]:
+                params = self._parameters
+                return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"], params["bias"],
+                                    self._epsilon(), self._act, self._slope)
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         feat = self._feat_cache.get(x.ndim)
