@@ -508,6 +508,55 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
         assert y.requires_grad
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "case",
+    ["2d", "2d-axis1", "2d-axis0", "nchw", "channels-last", "float64", "bfloat16", "unbiased", "cumulative",
+     "renorm", "no-grad"],
+)
+def test_training_shortcut_gives_the_general_paths_bits(case):
+    # A built layer's small training batch goes straight to _small_rows_train from the top of forward;
+    # an explicit training=True takes the general path: outputs, moving statistics, counters and
+    # gradients must be the same bits.
+    shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0)}.get(case, ((6, 24, 5, 4), 1))
+    kwargs = {"unbiased": {"moving_variance_estimator": "unbiased"}, "cumulative": {"momentum": None},
+              "renorm": {"renorm": True}}.get(case, {})
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        layer = bnlab.BatchNorm(axis=axis, **kwargs)
+        layer(torch.randn(shape).to(dtype))  # built, statistics moved once
+        if dtype is torch.float64:
+            layer = layer.double()
+        layers.append(layer)
+    torch.manual_seed(4)
+    xs = [(torch.randn(shape) * 2 + 0.5).to(dtype) for _ in range(3)]
+    if case == "channels-last":
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    outs, grads = [], []
+    for layer, explicit in zip(layers, (None, True), strict=True):
+        ys, gs = [], []
+        for x in xs:
+            xr = x.clone().requires_grad_(case != "no-grad")
+            with torch.set_grad_enabled(case != "no-grad"):
+                y = layer(xr) if explicit is None else layer(xr, training=True)
+            if case != "no-grad":
+                y.float().pow(2).sum().backward()
+                gs.append((xr.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()))
+            ys.append(y.detach())
+        outs.append(ys)
+        grads.append(gs)
+    for a, b in zip(*outs, strict=True):
+        assert a.stride() == b.stride() and torch.equal(a, b)
+    for ga, gb in zip(*grads, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            assert torch.equal(a, b)
+    for (name, a), (_, b) in zip(layers[0].state_dict().items(), layers[1].state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert layers[0].num_batches_tracked.item() == 4
+
+
 def test_impl_kernel_refuses_what_it_cannot_do():
     x = torch.randn(8, 3)
     with pytest.raises(ValueError, match="impl='kernel' cannot run here"):

@@ -289,17 +289,30 @@ class _BatchNormBase(nn.Module):
         ``mask``: bool, ``x.shape`` without the feature axes; only True
         positions enter the training statistics, every position is normalized.
         """
-        if training is None and mask is None and type(self) is BatchNorm and not (self.training and self._trainable) \
-                and isinstance(x, Tensor):
-            # Inference of a built layer on the input rank it has seen, the features matching: straight
-            # to the transform (what the rest of this method would do, minus its checks for other cases).
-            feat, built, buffers = self._feat_cache.get(x.ndim), self.feature_shape, self._buffers
+        if training is None and mask is None and type(self) is BatchNorm and isinstance(x, Tensor):
+            # The two commonest calls of a built layer go straight to their transform: what the rest
+            # of this method would do, minus its checks for the other cases. On small layers those
+            # checks are a visible share of a step (a network's step leaves them to run from cold
+            # caches); the transforms check what they need themselves and return None to decline.
+            feat, buffers = self._feat_cache.get(x.ndim), self._buffers
             running_mean = buffers["running_mean"]
-            if feat is not None and built is not None and running_mean is not None and len(feat) == 1 \
-                    and x.shape[feat[0]] == built[0]:
+            if feat is not None and running_mean is not None:
                 params = self._parameters
-                return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"], params["bias"],
-                                    self._epsilon(), self._act, self._slope)
+                if not (self.training and self._trainable):  # inference, one feature axis of the built size
+                    built = self.feature_shape
+                    if len(feat) == 1 and built is not None and x.shape[feat[0]] == built[0]:
+                        return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"],
+                                            params["bias"], self.epsilon, None, 0.01)
+                elif feat == (1,) and self.momentum is not None and not (self.renorm or self.virtual_batch_size
+                                                                         or self.synchronized):
+                    # a small training batch, features on axis 1: PyTorch's op + the kernels' update
+                    if 0 < x.numel() <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
+                        y = F._small_rows_train(x, params["weight"], params["bias"], running_mean,
+                                                buffers["running_var"], self.momentum, self.epsilon,
+                                                self.moving_variance_estimator == "unbiased", self._scratch,
+                                                buffers["num_batches_tracked"])
+                        if y is not None:
+                            return y
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         feat = self._feat_cache.get(x.ndim)
