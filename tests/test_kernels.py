@@ -512,13 +512,15 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
 @pytest.mark.parametrize(
     "case",
     ["2d", "2d-axis1", "2d-axis0", "nchw", "channels-last", "float64", "bfloat16", "unbiased", "cumulative",
-     "renorm", "no-grad"],
+     "renorm", "no-grad", "kernel-rows", "kernel-planes", "kernel-no-grad"],
 )
 def test_training_shortcut_gives_the_general_paths_bits(case):
-    # A built layer's small training batch goes straight to _small_rows_train from the top of forward;
-    # an explicit training=True takes the general path: outputs, moving statistics, counters and
-    # gradients must be the same bits.
-    shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0)}.get(case, ((6, 24, 5, 4), 1))
+    # A built layer's training batch goes from the top of forward straight to _small_rows_train
+    # (small) or _batch_norm_train_update (kernels); an explicit training=True takes the general
+    # path: outputs, moving statistics, counters and gradients must be the same bits.
+    shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0),
+                   "kernel-rows": ((300, 300), -1), "kernel-no-grad": ((300, 300), -1),
+                   "kernel-planes": ((4, 24, 30, 30), 1)}.get(case, ((6, 24, 5, 4), 1))
     kwargs = {"unbiased": {"moving_variance_estimator": "unbiased"}, "cumulative": {"momentum": None},
               "renorm": {"renorm": True}}.get(case, {})
     dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
@@ -538,10 +540,11 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
     for layer, explicit in zip(layers, (None, True), strict=True):
         ys, gs = [], []
         for x in xs:
-            xr = x.clone().requires_grad_(case != "no-grad")
-            with torch.set_grad_enabled(case != "no-grad"):
+            grad = not case.endswith("no-grad")
+            xr = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
                 y = layer(xr) if explicit is None else layer(xr, training=True)
-            if case != "no-grad":
+            if grad:
                 y.float().pow(2).sum().backward()
                 gs.append((xr.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()))
             ys.append(y.detach())

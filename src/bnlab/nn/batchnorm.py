@@ -305,14 +305,19 @@ class _BatchNormBase(nn.Module):
                                             params["bias"], self.epsilon, None, 0.01)
                 elif feat == (1,) and self.momentum is not None and not (self.renorm or self.virtual_batch_size
                                                                          or self.synchronized):
-                    # a small training batch, features on axis 1: PyTorch's op + the kernels' update
-                    if 0 < x.numel() <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
+                    n, unbiased = x.numel(), self.moving_variance_estimator == "unbiased"
+                    if 0 < n <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
+                        # a small batch: PyTorch's op + the kernels' update
                         y = F._small_rows_train(x, params["weight"], params["bias"], running_mean,
-                                                buffers["running_var"], self.momentum, self.epsilon,
-                                                self.moving_variance_estimator == "unbiased", self._scratch,
-                                                buffers["num_batches_tracked"])
+                                                buffers["running_var"], self.momentum, self.epsilon, unbiased,
+                                                self._scratch, buffers["num_batches_tracked"])
                         if y is not None:
                             return y
+                    elif n and x.shape[1] == self.feature_shape[0]:  # the kernels, or the general transforms
+                        return F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
+                                                          params["weight"], params["bias"], self.momentum,
+                                                          self.epsilon, None, unbiased, "auto", None, 0.01,
+                                                          self._scratch, buffers["num_batches_tracked"])
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         feat = self._feat_cache.get(x.ndim)
