@@ -512,7 +512,8 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
 @pytest.mark.parametrize(
     "case",
     ["2d", "2d-axis1", "2d-axis0", "nchw", "channels-last", "float64", "bfloat16", "unbiased", "cumulative",
-     "renorm", "no-grad", "kernel-rows", "kernel-planes", "kernel-no-grad"],
+     "renorm", "no-grad", "kernel-rows", "kernel-planes", "kernel-no-grad", "dropin-1d", "dropin-1d-3d",
+     "dropin-2d", "dropin-2d-kernel", "dropin-cumulative", "dropin-eval"],
 )
 def test_training_shortcut_gives_the_general_paths_bits(case):
     # A built layer's training batch goes from the top of forward straight to _small_rows_train
@@ -520,15 +521,22 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
     # path: outputs, moving statistics, counters and gradients must be the same bits.
     shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0),
                    "kernel-rows": ((300, 300), -1), "kernel-no-grad": ((300, 300), -1),
-                   "kernel-planes": ((4, 24, 30, 30), 1)}.get(case, ((6, 24, 5, 4), 1))
+                   "kernel-planes": ((4, 24, 30, 30), 1), "dropin-1d": ((32, 24), 1), "dropin-1d-3d": ((8, 24, 10), 1),
+                   "dropin-2d-kernel": ((8, 24, 30, 30), 1)}.get(case, ((6, 24, 5, 4), 1))
     kwargs = {"unbiased": {"moving_variance_estimator": "unbiased"}, "cumulative": {"momentum": None},
               "renorm": {"renorm": True}}.get(case, {})
     dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     layers = []
     for _ in range(2):
         torch.manual_seed(3)
-        layer = bnlab.BatchNorm(axis=axis, **kwargs)
+        if case.startswith("dropin"):  # PyTorch's faces: momentum the weight of the new value, unbiased variance
+            face = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d}[len(shape)]
+            layer = face(shape[1], momentum=None if case == "dropin-cumulative" else 0.1)
+        else:
+            layer = bnlab.BatchNorm(axis=axis, **kwargs)
         layer(torch.randn(shape).to(dtype))  # built, statistics moved once
+        if case == "dropin-eval":
+            layer.eval()
         if dtype is torch.float64:
             layer = layer.double()
         layers.append(layer)
@@ -543,7 +551,7 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
             grad = not case.endswith("no-grad")
             xr = x.clone().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
-                y = layer(xr) if explicit is None else layer(xr, training=True)
+                y = layer(xr) if explicit is None else layer(xr, training=layer.training)
             if grad:
                 y.float().pow(2).sum().backward()
                 gs.append((xr.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()))
@@ -557,7 +565,30 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
             assert torch.equal(a, b)
     for (name, a), (_, b) in zip(layers[0].state_dict().items(), layers[1].state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert layers[0].num_batches_tracked.item() == 4
+    assert layers[0].num_batches_tracked.item() == (1 if case == "dropin-eval" else 4)
+
+
+def test_shortcut_keeps_the_full_paths_errors():
+    # After a valid call the shortcut serves that rank; inputs the full path refuses still raise.
+    bn1 = bnlab.nn.BatchNorm1d(4)
+    bn1(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn1(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn1(torch.randn(1, 4, 1))
+    for _ in range(2):  # the rank is cached after the first refusal: still refused
+        with pytest.raises(ValueError, match="expected 2D or 3D input"):
+            bn1(torch.randn(2, 4, 3, 3))
+    bn = bnlab.BatchNorm(axis=-1)
+    bn(torch.randn(8, 4))
+    for training in (True, False):
+        bn.train(training)
+        with pytest.raises(ValueError, match="built for 4 features, got 5"):
+            bn(torch.randn(8, 5))
+    big = bnlab.nn.BatchNorm1d(70000)
+    big(torch.randn(2, 70000))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        big(torch.randn(1, 70000))  # too large for the small path: the kernels' branch must not take it
 
 
 def test_impl_kernel_refuses_what_it_cannot_do():

@@ -289,34 +289,36 @@ class _BatchNormBase(nn.Module):
         ``mask``: bool, ``x.shape`` without the feature axes; only True
         positions enter the training statistics, every position is normalized.
         """
-        if training is None and mask is None and type(self) is BatchNorm and isinstance(x, Tensor):
+        ranks = _SHORTCUT_RANKS.get(type(self))
+        if ranks is not None and training is None and mask is None and isinstance(x, Tensor) and x.ndim in ranks:
             # The two commonest calls of a built layer go straight to their transform: what the rest
             # of this method would do, minus its checks for the other cases. On small layers those
             # checks are a visible share of a step (a network's step leaves them to run from cold
-            # caches); the transforms check what they need themselves and return None to decline.
+            # caches); the transforms check what they need themselves and return None to decline,
+            # and anything unusual (other ranks or sizes, masks, renorm, ...) takes the full path.
             feat, buffers = self._feat_cache.get(x.ndim), self._buffers
             running_mean = buffers["running_mean"]
-            if feat is not None and running_mean is not None:
+            built = self.feature_shape
+            if feat is not None and running_mean is not None and len(feat) == 1 and x.shape[feat[0]] == built[0]:
                 params = self._parameters
-                if not (self.training and self._trainable):  # inference, one feature axis of the built size
-                    built = self.feature_shape
-                    if len(feat) == 1 and built is not None and x.shape[feat[0]] == built[0]:
-                        return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"],
-                                            params["bias"], self.epsilon, None, 0.01)
-                elif feat == (1,) and self.momentum is not None and not (self.renorm or self.virtual_batch_size
-                                                                         or self.synchronized):
+                if not (self.training and self._trainable):  # inference
+                    return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"],
+                                        params["bias"], self._epsilon(), None, 0.01)
+                momentum = self._old_weight()
+                if feat == (1,) and momentum is not None and not (self.renorm or self.virtual_batch_size
+                                                                  or self.synchronized):
                     n, unbiased = x.numel(), self.moving_variance_estimator == "unbiased"
                     if 0 < n <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
                         # a small batch: PyTorch's op + the kernels' update
                         y = F._small_rows_train(x, params["weight"], params["bias"], running_mean,
-                                                buffers["running_var"], self.momentum, self.epsilon, unbiased,
+                                                buffers["running_var"], momentum, self._epsilon(), unbiased,
                                                 self._scratch, buffers["num_batches_tracked"])
                         if y is not None:
                             return y
-                    elif n and x.shape[1] == self.feature_shape[0]:  # the kernels, or the general transforms
+                    elif n // built[0] > 1:  # the kernels, or the general transforms
                         return F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
-                                                          params["weight"], params["bias"], self.momentum,
-                                                          self.epsilon, None, unbiased, "auto", None, 0.01,
+                                                          params["weight"], params["bias"], momentum,
+                                                          self._epsilon(), None, unbiased, "auto", None, 0.01,
                                                           self._scratch, buffers["num_batches_tracked"])
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
@@ -769,3 +771,14 @@ class BatchNorm3d(_TorchBatchNorm):
     """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``."""
 
     _expected_dims = (5,)
+
+
+#: Classes whose built layers take the shortcut at the top of ``forward``, with the input ranks it
+#: takes for each (exact classes: a subclass may change what the full path does).
+_SHORTCUT_RANKS = {
+    BatchNorm: range(1, 1 << 16),
+    BatchNormNd: BatchNormNd._expected_dims,
+    BatchNorm1d: BatchNorm1d._expected_dims,
+    BatchNorm2d: BatchNorm2d._expected_dims,
+    BatchNorm3d: BatchNorm3d._expected_dims,
+}
