@@ -597,8 +597,9 @@ class _KernelTrain(torch.autograd.Function):
     and strides, so no view enters the autograd graph. ``moving`` is ``None``
     or ``(moving_mean, moving_var, momentum, var_factor, counter)``, updated in
     place inside the forward call (features with non-finite statistics keep
-    their values; ``counter``, an int64 scalar or ``None``, counts the batch). With ``stats=True`` the batch mean and biased variance are
-    returned too (non-differentiable).
+    their values; ``counter``, an int64 scalar or ``None``, counts the batch).
+    With ``stats=True`` the batch mean and biased variance are returned too
+    (non-differentiable).
     """
 
     @staticmethod
@@ -819,8 +820,9 @@ def _inference_one_axis(x, axis, moving_mean, moving_var, gamma, beta, epsilon, 
     for the layouts the kernels take without any view: contiguous, or
     channels-last with the features on axis 1. Inference of a 4 MB batch takes
     about 1.05 copy-times in the kernel, and the layer's Python around it adds
-    as much as a fifth again, which this path roughly halves. ``None`` means
-    "use the general route" (any other case, including the ones that raise).
+    up to a fifth again; this path takes 1.5-4 us off the 11-19 us of a small
+    layer's call and about 2 us at 4-8 MB. ``None`` means "use the general
+    route" (any other case, including the ones that raise).
     """
     pdt = _KERNEL_PARAM_DTYPE.get(x.dtype)
     if pdt is None or not x.is_cpu or (type(x) is not Tensor and type(x) is not torch.nn.Parameter):
