@@ -414,7 +414,8 @@ def test_a_build_for_an_older_x86_agrees(tmp_path, monkeypatch, march):
     """The paths that depend on the instruction set (128-feature loops and 16-float vectors with
     AVX-512, 8-float vectors with AVX2, neither with SSE2) built for an older CPU give this
     machine's results: forward, backward, inference and moving statistics, rows of the fixed
-    widths and one other, float32 and bfloat16, ordinary and streamed outputs, two threads."""
+    widths and one other and NCHW planes (dx from vector registers), float32 and bfloat16,
+    ordinary and streamed outputs, two threads."""
     cc = os.environ.get("CC") or "cc"
     err = _kernels._compile(cc, [f"-march={march}", "-fopenmp"], tmp_path / "older.so")
     if err is not None:
@@ -427,20 +428,25 @@ def test_a_build_for_an_older_x86_agrees(tmp_path, monkeypatch, march):
         for threshold in (None, 1):  # the machine's streaming threshold, then every output streamed
             for lib in libs:
                 lib.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes() if threshold is None else threshold)
-            for features in (16, 32, 64, 128, 48):
+            for features in (16, 32, 64, 128, 48, "planes"):  # planes: NCHW of 63 and 64 values
                 for dtype in (torch.float32, torch.bfloat16):
-                    x = _make((1100, features), "contiguous", dtype, offset=0.3)
-                    outs = []
-                    for lib in libs:
-                        monkeypatch.setitem(_kernels._state, "kernels", lib)
-                        outs.append([t.double() for t in _kernel_outputs(x, None)])
-                    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-                    for a, b in zip(*outs, strict=True):
-                        assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1.0), (features, dtype, threshold)
+                    shapes = [(6, 5, 7, 9), (4, 3, 8, 8)] if features == "planes" else [(1100, features)]
+                    for x in (_make(shape, "contiguous", dtype, offset=0.3) for shape in shapes):
+                        _agree(libs, x, dtype, monkeypatch, (features, dtype, threshold))
     finally:
         torch.set_num_threads(old_threads)
         for lib in libs:
             lib.lib.bnlab_set_stream_min_bytes(_kernels.stream_min_bytes())
+
+
+def _agree(libs, x, dtype, monkeypatch, where):
+    outs = []
+    for lib in libs:
+        monkeypatch.setitem(_kernels._state, "kernels", lib)
+        outs.append([t.double() for t in _kernel_outputs(x, None)])
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(*outs, strict=True):
+        assert (a - b).abs().max() <= tol * b.abs().max().clamp(min=1.0), where
 
 
 @needs_kernels

@@ -236,6 +236,8 @@ typedef __m512 vecf;
 #define V_RELU(v) _mm512_max_ps(_mm512_setzero_ps(), v) /* NaN stays NaN, -0 stays -0, as z < 0 ? 0 : z */
 #define V_STORE(p, v) _mm512_storeu_ps(p, v)
 #define V_STREAM(p, v) _mm512_stream_ps(p, v)
+#define V_SET1(a) _mm512_set1_ps(a)
+#define V_SUB(a, b) _mm512_sub_ps(a, b)
 #elif defined(BNLAB_STREAM) && defined(__AVX2__) && defined(__FMA__)
 #define VEC_F32 1
 #define VW 8
@@ -245,6 +247,8 @@ typedef __m256 vecf;
 #define V_RELU(v) _mm256_max_ps(_mm256_setzero_ps(), v)
 #define V_STORE(p, v) _mm256_storeu_ps(p, v)
 #define V_STREAM(p, v) _mm256_stream_ps(p, v)
+#define V_SET1(a) _mm256_set1_ps(a)
+#define V_SUB(a, b) _mm256_sub_ps(a, b)
 #else
 #define VEC_F32 0
 #endif
@@ -272,6 +276,25 @@ static inline void vec_dx_run(const float *x, const float *dy, float *dx, i64 n,
 }
 
 static inline int vec_aligned(const float *p) { return ((uintptr_t)p & (VW * sizeof(float) - 1)) == 0; }
+
+/* dx = k * dy + (al * (x - m) + c0) over one NCHW plane of n values (any n), the plane's feature
+ * values as scalars: what dx_plane computes without an activation, in fused operations, the
+ * values outside whole vectors one at a time with the same ones (so every path gives the same
+ * bits). nt: streaming stores, the vectors from the first aligned value on (planes of, say,
+ * 26 x 26 values start anywhere). */
+static inline void vec_dx_plane(const float *x, const float *dy, float *dx, i64 n, float m, float k, float al,
+                                float c0, int nt) {
+    const vecf vm = V_SET1(m), vk = V_SET1(k), va = V_SET1(al), vc = V_SET1(c0);
+    i64 i = 0;
+    if (nt)
+        for (; i < n && !vec_aligned(dx + i); i++) dx[i] = fmaf(k, dy[i], fmaf(al, x[i] - m, c0));
+    for (; i + VW <= n; i += VW) {
+        const vecf v = V_FMA(vk, V_LOAD(dy + i), V_FMA(va, V_SUB(V_LOAD(x + i), vm), vc));
+        if (nt) V_STREAM(dx + i, v);
+        else V_STORE(dx + i, v);
+    }
+    for (; i < n; i++) dx[i] = fmaf(k, dy[i], fmaf(al, x[i] - m, c0));
+}
 #endif
 
 /* Rows layout (B == 1): the sums take k consecutive rows as one "super-row" of W = k*C

@@ -688,6 +688,12 @@ static void FN(dx_rows)(const T *x, const T *dy, T *dx, i64 C, i64 r0, i64 r1, i
 
 static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *restrict dx, i64 n, F m, F sc,
                                 F sh, F k, F al, F c0, int act, F slope) {
+#if VEC_ROWS
+    if (act == ACT_NONE) { /* float32: the arithmetic of the streamed planes (dx_stream, bn_cpu.c) */
+        vec_dx_plane(x, dy, dx, n, m, k, al, c0, 0);
+        return;
+    }
+#endif
     if (act == ACT_NONE) {
         for (i64 i = 0; i < n; i++) ST(dx + i, k * LD(dy + i) + al * (LD(x + i) - m) + c0);
     } else if (act == ACT_RELU) {
@@ -716,6 +722,14 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
     const int vec = B == 1 && affine && act == ACT_NONE && C % VW == 0; /* float32 rows of whole vectors: see bn_cpu.c */
     if (vec && vec_aligned(dx + v0)) { /* straight from the registers */
         vec_dx_rows(x + v0, dy + v0, dx + v0, C, (v1 - v0) / C, k, al, c0, 1);
+        stream_fence();
+        return;
+    }
+    if (B > 1 && act == ACT_NONE) { /* float32 planes (whole ones: v0, v1 are plane boundaries), the same way */
+        for (i64 p = v0 / B; p < v1 / B; p++) {
+            const i64 c = p % C;
+            vec_dx_plane(x + p * B, dy + p * B, dx + p * B, B, mu[c], k[c], al[c], c0[c], 1);
+        }
         stream_fence();
         return;
     }
