@@ -543,6 +543,14 @@ def test_torch_compile_captures_the_layer_without_graph_breaks():
     torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
     dynamo.reset()
     assert dynamo.explain(model)(x).graph_break_count == 0
+    # inference, and a PyTorch drop-in, through the forward's shortcut: captured whole too
+    model.eval()
+    dynamo.reset()
+    assert dynamo.explain(model)(x).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnlab.nn.BatchNorm2d(8))
+    dynamo.reset()
+    assert dynamo.explain(conv)(torch.randn(4, 3, 10, 10)).graph_break_count == 0
 
 
 def test_ghost_batch_norm_with_cumulative_momentum():
