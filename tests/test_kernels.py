@@ -574,6 +574,94 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
     assert layers[0].num_batches_tracked.item() == (1 if case == "dropin-eval" else 4)
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "change",
+    ["none", "load_state_dict", "data-swap", "swap-mean", "swap-var", "swap-counter", "replace-mean",
+     "replace-var", "replace-counter", "to-float64", "momentum-none", "unbiased", "no-graph", "frozen", "eval",
+     "rank", "features", "deepcopy"],
+)
+def test_small_batch_plan_follows_changes_to_the_layer(change):
+    # After one small training batch the layer keeps what its checks found (BatchNorm._small_plan);
+    # whatever is changed afterwards, the next batches must give what a fresh layer in the same
+    # state gives through the full path (explicit training=True), bit for bit, moving statistics and
+    # counter included, and the kernels must never write through an address the layer gave up.
+    import copy
+
+    torch.manual_seed(5)
+    layer = bnlab.BatchNorm(axis=-1)
+    x0 = torch.randn(16, 8)
+    layer(x0.clone().requires_grad_())  # builds the layer (the full path)
+    layer(x0.clone().requires_grad_())  # the shortcut, which keeps its plan
+    assert layer._small_plan is not None
+    if change == "load_state_dict":
+        layer.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+    elif change.startswith(("data-swap", "swap-")):  # same tensor objects, new storage: the old addresses are freed
+        if change in ("data-swap", "swap-mean"):
+            layer.running_mean.data = torch.full((8,), 0.25)
+        if change in ("data-swap", "swap-var"):
+            layer.running_var.data = torch.full((8,), 2.0)
+        if change in ("data-swap", "swap-counter"):
+            layer.num_batches_tracked.data = torch.tensor(7)
+    elif change == "replace-mean":  # new tensors in the buffers' places
+        layer.running_mean = torch.full((8,), 0.25)
+    elif change == "replace-var":
+        layer.running_var = torch.full((8,), 2.0)
+    elif change == "replace-counter":
+        layer.num_batches_tracked = torch.tensor(7)
+    elif change == "to-float64":
+        layer = layer.double()
+    elif change == "momentum-none":
+        layer.momentum = None
+    elif change == "unbiased":
+        layer.moving_variance_estimator = "unbiased"
+    elif change == "frozen":
+        layer.trainable = False
+    elif change == "eval":
+        layer.eval()
+    elif change == "deepcopy":
+        layer = copy.deepcopy(layer)
+    reference = copy.deepcopy(layer)
+    assert "_small_plan" not in reference.__dict__ or reference._small_plan is None or change == "deepcopy"
+    dtype = torch.float64 if change == "to-float64" else torch.float32
+    # rank: (N, L, C) after (N, C) batches, L = C so that only the rank tells the feature axis apart
+    shape = {"rank": (4, 8, 8), "features": (16, 6)}.get(change, (16, 8))
+    for step in range(3):
+        x = (torch.randn(shape) * 3 + step).to(dtype)
+        grad = change != "no-graph"
+        if change == "no-graph":
+            for bn in (layer, reference):
+                bn.gamma.requires_grad_(False)
+                bn.beta.requires_grad_(False)
+        if change == "features":
+            with pytest.raises(ValueError, match="built for 8 features, got 6"):
+                layer(x)
+            return
+        ys = []
+        for bn, explicit in ((layer, None), (reference, bn_mode(reference))):
+            xr = x.clone().requires_grad_(grad)
+            ys.append(bn(xr) if explicit is None else bn(xr, training=explicit))
+        assert torch.equal(ys[0], ys[1])
+    for (name, a), (_, b) in zip(layer.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert pickle_roundtrip_ok(layer)
+
+
+def bn_mode(layer):
+    """The training flag the full path takes for a layer in its current mode (frozen: inference)."""
+    return layer.training and layer.trainable
+
+
+def pickle_roundtrip_ok(layer):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(layer, buf)  # the whole module, pickled: the plan (addresses) must not travel
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
+    return loaded._small_plan is None
+
+
 def test_shortcut_keeps_the_full_paths_errors():
     # After a valid call the shortcut serves that rank; inputs the full path refuses still raise.
     bn1 = bnlab.nn.BatchNorm1d(4)

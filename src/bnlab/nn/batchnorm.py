@@ -66,6 +66,10 @@ class _BatchNormBase(nn.Module):
     # An activation fused after the normalization (BatchNormAct sets these); None: none.
     _act: str | None = None
     _slope: float = 0.01
+    # What the last small training batch that took the shortcut checked once (see forward):
+    # (rank, x dtype, features, moving mean, moving variance, counter, their three addresses,
+    # the two scratch buffers and their addresses, the parameters' dtype). Not pickled.
+    _small_plan: tuple | None = None
 
     def __init__(
         self,
@@ -289,6 +293,32 @@ class _BatchNormBase(nn.Module):
         ``mask``: bool, ``x.shape`` without the feature axes; only True
         positions enter the training statistics, every position is normalized.
         """
+        plan = self._small_plan
+        if plan is not None and training is None and mask is None and self.training and type(x) is Tensor:
+            # A small training batch like the last one that took the shortcut below: that call checked
+            # the layer's buffers, and they are still the same tensors at the same addresses, so only
+            # what may differ between calls is checked again. From cold caches (a network's step) the
+            # full checks cost about as much as the arithmetic of a (32, 128) layer.
+            ndim, xdtype, c, mm, mv, counter, p_mm, p_mv, p_counter, mean, var, p_mean, p_var, pdt = plan
+            buffers = self._buffers
+            momentum = self._old_weight()
+            if (x.dtype is xdtype and x.ndim == ndim and x.shape[1] == c and self._trainable and momentum is not None
+                    and buffers["running_mean"] is mm and buffers["running_var"] is mv
+                    and buffers["num_batches_tracked"] is counter and mm.data_ptr() == p_mm
+                    and mv.data_ptr() == p_mv and counter.data_ptr() == p_counter and x.is_cpu
+                    and not (self.renorm or self.virtual_batch_size or self.synchronized)):
+                n = x.numel() // c  # values per feature
+                params = self._parameters
+                gamma, beta = params["weight"], params["bias"]
+                if 1 < n and n * c <= F.SMALL_ROWS_NUMEL and (ndim == 2 or F._small_layout(x)) \
+                        and torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
+                                                         or (beta is not None and beta.requires_grad)) \
+                        and F._loaded_kernels() is not None:  # (as _small_rows_train: a graph to record)
+                    y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, self._epsilon(), False)
+                    factor = 1.0 if self.moving_variance_estimator == "unbiased" else (n - 1) / n
+                    F._kernels._state["kernels"].update_moving[pdt](p_mm, p_mv, p_mean, p_var, c, float(momentum),
+                                                                    factor, p_counter)
+                    return y
         ranks = _SHORTCUT_RANKS.get(type(self))
         if ranks is not None and training is None and mask is None and isinstance(x, Tensor) and x.ndim in ranks:
             # The two commonest calls of a built layer go straight to their transform: what the rest
@@ -310,10 +340,13 @@ class _BatchNormBase(nn.Module):
                     n, unbiased = x.numel(), self.moving_variance_estimator == "unbiased"
                     if 0 < n <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
                         # a small batch: PyTorch's op + the kernels' update
+                        counter = buffers["num_batches_tracked"]
                         y = F._small_rows_train(x, params["weight"], params["bias"], running_mean,
                                                 buffers["running_var"], momentum, self._epsilon(), unbiased,
-                                                self._scratch, buffers["num_batches_tracked"])
+                                                self._scratch, counter)
                         if y is not None:
+                            if counter is not None and type(x) is Tensor:  # checked: keep for the next batch
+                                self._keep_small_plan(x, running_mean, buffers["running_var"], counter)
                             return y
                     elif n // built[0] > 1:  # the kernels, or the general transforms
                         return F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
@@ -376,6 +409,22 @@ class _BatchNormBase(nn.Module):
             self._scratch,
             counter,
         )
+
+    def _keep_small_plan(self, x: Tensor, running_mean: Tensor, running_var: Tensor, counter: Tensor) -> None:
+        """Remember what a small training batch's full checks found (see the top of :meth:`forward`)."""
+        pdt = running_mean.dtype
+        mean, var = self._scratch[pdt]
+        self.__dict__["_small_plan"] = (
+            x.ndim, x.dtype, x.shape[1], running_mean, running_var, counter, running_mean.data_ptr(),
+            running_var.data_ptr(), counter.data_ptr(), mean, var, mean.data_ptr(), var.data_ptr(), pdt,
+        )
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_small_plan" in state:  # addresses mean nothing in another process or copy
+            state = dict(state)
+            del state["_small_plan"]
+        return state
 
     def _count_batch(self, counted: bool = True):
         """Count a training batch in ``num_batches_tracked``; return the weight of the old moving value.
