@@ -551,6 +551,18 @@ def test_torch_compile_captures_the_layer_without_graph_breaks():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnlab.nn.BatchNorm2d(8))
     dynamo.reset()
     assert dynamo.explain(conv)(torch.randn(4, 3, 10, 10)).graph_break_count == 0
+    # trained eagerly first (the small batches' plan is kept), then compiled: still whole, still right
+    model.train()
+    ref.load_state_dict(model.state_dict())  # (explain above ran a training step on model only)
+    for _ in range(2):
+        model(x)
+        ref(x)
+    assert model[1]._small_plan is not None
+    dynamo.reset()
+    assert dynamo.explain(model)(x).graph_break_count == 0
+    ref(x)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), ref(x))
+    torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
 
 
 def test_ghost_batch_norm_with_cumulative_momentum():
