@@ -523,6 +523,11 @@ def _small_layout(x: Tensor) -> bool:
     return n <= 2 * SMALL_PLANES_NUMEL and _channels_last(x)
 
 
+def _c_counter(counter: Tensor) -> bool:
+    """Whether the kernels can increment ``counter`` (a batch counter) through its address: a CPU int64 scalar."""
+    return counter.dtype is torch.int64 and counter.is_cpu and counter.numel() == 1
+
+
 def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, unbiased, scratch, counter=None):
     """Training forward of a small batch that records a graph, or ``None`` when this path does not apply.
 
@@ -550,7 +555,8 @@ def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, ep
 
     Every call of a small layer pays for this function's checks, so they are
     written out here (the ones :func:`_kernels_for` makes, for the tensors that
-    reach C) rather than shared.
+    reach C) rather than shared; a layer keeps what they found for its next
+    batch (``BatchNorm._small_plan``).
     """
     c = x.shape[1]
     n = x.numel() // c  # values per feature
@@ -566,7 +572,7 @@ def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, ep
     for t in (moving_mean, moving_variance):
         if t.dtype is not pdt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
             return None
-    if counter is not None and (counter.dtype is not torch.int64 or not counter.is_cpu or counter.numel() != 1):
+    if counter is not None and not _c_counter(counter):
         return None
     kernels = _loaded_kernels()
     if kernels is None:
@@ -813,7 +819,7 @@ def batch_norm_inference(
     return _inference(x, normalize_axes(axis, x.ndim), moving_mean, moving_variance, gamma, beta, epsilon)
 
 
-def _inference_one_axis(x, axis, moving_mean, moving_var, gamma, beta, epsilon, code, slope):
+def _inference_one_axis(x, axis, moving_mean, moving_var, gamma, beta, epsilon, act, slope):
     """The kernels' inference of ``x`` with one feature axis and no graph to record, or ``None``.
 
     The checks of :func:`_kernel_route` and :func:`_records_graph` written out
@@ -847,20 +853,13 @@ def _inference_one_axis(x, axis, moving_mean, moving_var, gamma, beta, epsilon, 
     kernels = _loaded_kernels()
     if kernels is None:
         return None
-    y = torch.empty_like(x)
-    rc = kernels.infer[x.dtype](
-        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), moving_mean.data_ptr(), moving_var.data_ptr(),
-        epsilon, code, slope, 1 if n < _kernels.PARALLEL_MIN_NUMEL else torch.get_num_threads(),
-    )
-    if rc:
-        raise MemoryError("bnlab kernel could not allocate its scratch memory")
-    return y
+    return _kernel_inference(kernels, x, (a, c, b), gamma, beta, moving_mean, moving_var, epsilon, act, slope)
 
 
 def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
     fused = act if act in _ACT_CODES else None
     if len(feat) == 1 and moving_mean is not None:
-        y = _inference_one_axis(x, feat[0], moving_mean, moving_variance, gamma, beta, epsilon, _ACT_CODES[fused], slope)
+        y = _inference_one_axis(x, feat[0], moving_mean, moving_variance, gamma, beta, epsilon, fused, slope)
         if y is not None:
             return y if fused == act else _activate(y, act, slope)
     route = None if _records_graph(x, gamma, beta) else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
@@ -1053,7 +1052,7 @@ def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta,
         route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
         if route is not None:
             xd, dims, kernels = route
-            if counter is not None and (counter.dtype is not torch.int64 or not counter.is_cpu or counter.numel() != 1):
+            if counter is not None and not _c_counter(counter):
                 counter.add_(1)  # not a counter C can increment: counted here
                 counter = None
             # the kernel call increments counter (when there is one)
