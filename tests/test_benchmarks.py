@@ -63,3 +63,48 @@ def test_streaming_benchmark_quick_run(monkeypatch):
     lines = [ln.split() for ln in text.splitlines() if ln.startswith(("infer", "fwdbwd"))]
     assert [ln[:2] for ln in lines] == [["infer", "300x70"], ["fwdbwd", "300x70"]]
     assert all(float(v) > 0 for ln in lines for v in ln[3:])
+
+
+def test_floor_benchmark_quick_run_writes_json(tmp_path):
+    from bnlab import _kernels
+
+    if _kernels.get() is None:
+        pytest.skip(f"kernels unavailable: {_kernels.status()['reason']}")
+    out = tmp_path / "floor.json"
+    text = _run("bench_floor.py", "--shapes", "64x64,32x32x32x32", "--layouts", "2D,NHWC", "--rounds", "1",
+                "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("train", "fwdbwd", "infer")
+                                                       for lay in ("2D", "NHWC")]
+    for r in rows:
+        assert set(r["copies"]) == {"copy", "kernels", "bare", "bnlab", "native"} and r["bnlab_over_bare"] > 0
+    assert "against the targets" in text and not list(tmp_path.glob("*.tmp"))
+
+
+def test_floor_benchmark_checks_its_bare_variants_against_the_layer(monkeypatch):
+    # the bare variants are only a floor if they compute what the layer does: a wrong call must stop the row
+    from bnlab import _kernels
+
+    if _kernels.get() is None:
+        pytest.skip(f"kernels unavailable: {_kernels.status()['reason']}")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_floor
+
+    for layout, shape in (("NCHW", (8, 4, 5, 5)), ("NHWC", (8, 4, 5, 5)), ("2D", (64, 16))):
+        for mode in ("train", "fwdbwd", "infer"):
+            bench_floor.check_row(layout, shape, mode)
+    calls_init = bench_floor._KernelCalls.__init__
+
+    def wrong(field, value):
+        def init(self, *args):
+            calls_init(self, *args)
+            setattr(self, field, value)
+        return init
+
+    import torch
+
+    for field, value, mode in (("var_factor", 1.01, "train"), ("momentum", 0.6, "fwdbwd"),
+                               ("gamma", torch.ones(4), "infer")):
+        monkeypatch.setattr(bench_floor._KernelCalls, "__init__", wrong(field, value))
+        with pytest.raises(AssertionError):
+            bench_floor.check_row("NCHW", (8, 4, 5, 5), mode)
