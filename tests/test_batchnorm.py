@@ -563,6 +563,17 @@ def test_torch_compile_captures_the_layer_without_graph_breaks():
     ref(x)
     torch.testing.assert_close(torch.compile(model, backend="eager")(x), ref(x))
     torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
+    # the same after batches for the kernels (their plan kept): the kernels never run inside the capture
+    big = torch.randn(5000, 8)  # 80,000 values in the BN layer: past the small-batch path
+    for _ in range(2):
+        model(big)
+        ref(big)
+    assert model[1]._kernel_plan is not None
+    dynamo.reset()
+    assert dynamo.explain(model)(big).graph_break_count == 0
+    ref(big)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(big), ref(big))
+    torch.testing.assert_close(model[1].moving_mean, ref[1].moving_mean)
 
 
 def test_ghost_batch_norm_with_cumulative_momentum():

@@ -518,20 +518,24 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
 @pytest.mark.parametrize(
     "case",
     ["2d", "2d-axis1", "2d-axis0", "nchw", "channels-last", "float64", "bfloat16", "unbiased", "cumulative",
-     "renorm", "no-grad", "kernel-rows", "kernel-planes", "kernel-no-grad", "dropin-1d", "dropin-1d-3d",
-     "dropin-2d", "dropin-2d-kernel", "dropin-cumulative", "dropin-eval"],
+     "renorm", "no-grad", "kernel-rows", "kernel-planes", "kernel-no-grad", "kernel-channels-last", "kernel-nhwc",
+     "kernel-unbiased", "kernel-float64", "dropin-1d", "dropin-1d-3d", "dropin-2d", "dropin-2d-kernel",
+     "dropin-cumulative", "dropin-eval"],
 )
-def test_training_shortcut_gives_the_general_paths_bits(case):
+def test_training_shortcut_gives_the_general_paths_bits(case, monkeypatch):
     # A built layer's training batch goes from the top of forward straight to _small_rows_train
-    # (small) or _batch_norm_train_update (kernels); an explicit training=True takes the general
-    # path: outputs, moving statistics, counters and gradients must be the same bits.
+    # (small) or _batch_norm_train_update (kernels), or, shaped like the previous batch, to the
+    # kernels' Function (the kernels' plan); an explicit training=True takes the general path:
+    # outputs, moving statistics, counters and gradients must be the same bits.
     shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0),
                    "kernel-rows": ((300, 300), -1), "kernel-no-grad": ((300, 300), -1),
                    "kernel-planes": ((4, 24, 30, 30), 1), "dropin-1d": ((32, 24), 1), "dropin-1d-3d": ((8, 24, 10), 1),
-                   "dropin-2d-kernel": ((8, 24, 30, 30), 1)}.get(case, ((6, 24, 5, 4), 1))
+                   "dropin-2d-kernel": ((8, 24, 30, 30), 1), "kernel-channels-last": ((8, 24, 30, 30), 1),
+                   "kernel-nhwc": ((8, 30, 30, 24), -1), "kernel-unbiased": ((300, 300), -1),
+                   "kernel-float64": ((300, 300), -1)}.get(case, ((6, 24, 5, 4), 1))
     kwargs = {"unbiased": {"moving_variance_estimator": "unbiased"}, "cumulative": {"momentum": None},
-              "renorm": {"renorm": True}}.get(case, {})
-    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+              "renorm": {"renorm": True}, "kernel-unbiased": {"moving_variance_estimator": "unbiased"}}.get(case, {})
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "kernel-float64": torch.float64}.get(case, torch.float32)
     layers = []
     for _ in range(2):
         torch.manual_seed(3)
@@ -548,10 +552,16 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
         layers.append(layer)
     torch.manual_seed(4)
     xs = [(torch.randn(shape) * 2 + 0.5).to(dtype) for _ in range(3)]
-    if case == "channels-last":
+    if case in ("channels-last", "kernel-channels-last"):
         xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     outs, grads = [], []
+    routed = []  # batches of the first layer that went through the general kernels' route
+    general = F._batch_norm_train_update
     for layer, explicit in zip(layers, (None, True), strict=True):
+        if explicit is None:
+            monkeypatch.setattr(F, "_batch_norm_train_update", lambda *a, **k: routed.append(1) or general(*a, **k))
+        else:
+            monkeypatch.setattr(F, "_batch_norm_train_update", general)
         ys, gs = [], []
         for x in xs:
             grad = not case.endswith("no-grad")
@@ -572,28 +582,51 @@ def test_training_shortcut_gives_the_general_paths_bits(case):
     for (name, a), (_, b) in zip(layers[0].state_dict().items(), layers[1].state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert layers[0].num_batches_tracked.item() == (1 if case == "dropin-eval" else 4)
+    if "kernel" in case:  # the batches came through the kernels' plan, made by the building call, or by the
+        # first batch when that one differs: float64 (.double() came after it), channels-last (new strides)
+        assert layers[0]._kernel_plan is not None
+        assert len(routed) == (1 if case in ("kernel-float64", "kernel-channels-last") else 0)
+
+
+PLAN_CHANGES = ["none", "load_state_dict", "data-swap", "swap-mean", "swap-var", "swap-counter", "replace-mean",
+                "replace-var", "replace-counter", "float-counter", "to-float64", "momentum-none", "unbiased",
+                "no-graph", "frozen", "eval", "rank", "features", "deepcopy", "epsilon", "momentum", "input-float64",
+                "input-meta", "virtual-batch", "mean-int32-in-place", "var-int32-in-place", "counter-float64-in-place"]
+# the kernels' plan also holds the parameters (their addresses go to C) and the input's strides
+KERNEL_PLAN_CHANGES = ["swap-gamma", "swap-beta", "replace-gamma", "replace-beta", "gamma-bfloat16-in-place",
+                       "beta-bfloat16-in-place", "strides", "strided-view", "batch-size", "no-grad-mode"]
+
+
+def _outcome(fn):
+    """``(result, None)``, or ``(None, exception type)`` when ``fn`` raises."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - compared with what the other path raises
+        return None, type(e)
 
 
 @needs_kernels
 @pytest.mark.parametrize(
-    "change",
-    ["none", "load_state_dict", "data-swap", "swap-mean", "swap-var", "swap-counter", "replace-mean",
-     "replace-var", "replace-counter", "to-float64", "momentum-none", "unbiased", "no-graph", "frozen", "eval",
-     "rank", "features", "deepcopy"],
+    "kind, change",
+    [("small", c) for c in PLAN_CHANGES] + [("kernel", c) for c in PLAN_CHANGES + KERNEL_PLAN_CHANGES],
 )
-def test_small_batch_plan_follows_changes_to_the_layer(change):
-    # After one small training batch the layer keeps what its checks found (BatchNorm._small_plan);
-    # whatever is changed afterwards, the next batches must give what a fresh layer in the same
-    # state gives through the full path (explicit training=True), bit for bit, moving statistics and
-    # counter included, and the kernels must never write through an address the layer gave up.
+def test_batch_plans_follow_changes_to_the_layer(kind, change):
+    # After a training batch the layer keeps what its checks found (BatchNorm._small_plan for small
+    # batches, _kernel_plan for the kernels' ones); whatever is changed afterwards, the next batches
+    # must give what a fresh layer in the same state gives through the full path (explicit
+    # training=True), bit for bit, moving statistics and counter included, and the kernels must never
+    # write through (or read from) an address the layer gave up.
     import copy
 
     torch.manual_seed(5)
+    rows = 16 if kind == "small" else 10000  # (10000, 8): 80,000 values, past the small-batch path
     layer = bnlab.BatchNorm(axis=-1)
-    x0 = torch.randn(16, 8)
+    x0 = torch.randn(rows, 8)
     layer(x0.clone().requires_grad_())  # builds the layer (the full path)
     layer(x0.clone().requires_grad_())  # the shortcut, which keeps its plan
-    assert layer._small_plan is not None
+    plan = "_small_plan" if kind == "small" else "_kernel_plan"
+    other = "_kernel_plan" if kind == "small" else "_small_plan"
+    assert getattr(layer, plan) is not None and getattr(layer, other) is None
     if change == "load_state_dict":
         layer.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
     elif change.startswith(("data-swap", "swap-")):  # same tensor objects, new storage: the old addresses are freed
@@ -603,16 +636,37 @@ def test_small_batch_plan_follows_changes_to_the_layer(change):
             layer.running_var.data = torch.full((8,), 2.0)
         if change in ("data-swap", "swap-counter"):
             layer.num_batches_tracked.data = torch.tensor(7)
+        if change == "swap-gamma":
+            layer.weight.data = torch.full((8,), 1.5)
+        if change == "swap-beta":
+            layer.bias.data = torch.full((8,), -0.5)
     elif change == "replace-mean":  # new tensors in the buffers' places
         layer.running_mean = torch.full((8,), 0.25)
     elif change == "replace-var":
         layer.running_var = torch.full((8,), 2.0)
     elif change == "replace-counter":
         layer.num_batches_tracked = torch.tensor(7)
+    elif change == "replace-gamma":
+        layer.weight = torch.nn.Parameter(torch.full((8,), 1.5))
+    elif change == "replace-beta":
+        layer.bias = torch.nn.Parameter(torch.full((8,), -0.5))
+    elif change.endswith("-in-place"):  # the same memory (the same address) seen as another dtype
+        name, dt = change.split("-")[:2]
+        t = {"gamma": layer.weight, "beta": layer.bias, "mean": layer.running_mean, "var": layer.running_var,
+             "counter": layer.num_batches_tracked}[name]
+        t.data = t.data.view(getattr(torch, dt))
+    elif change == "float-counter":  # a counter C cannot increment: PyTorch counts it
+        layer.num_batches_tracked = torch.tensor(7.0)
+    elif change == "virtual-batch":
+        layer.virtual_batch_size = rows // 4
     elif change == "to-float64":
         layer = layer.double()
     elif change == "momentum-none":
         layer.momentum = None
+    elif change == "momentum":
+        layer.momentum = 0.5
+    elif change == "epsilon":
+        layer.epsilon = 0.25
     elif change == "unbiased":
         layer.moving_variance_estimator = "unbiased"
     elif change == "frozen":
@@ -622,13 +676,22 @@ def test_small_batch_plan_follows_changes_to_the_layer(change):
     elif change == "deepcopy":
         layer = copy.deepcopy(layer)
     reference = copy.deepcopy(layer)
-    assert "_small_plan" not in reference.__dict__ or reference._small_plan is None or change == "deepcopy"
+    assert reference.__dict__.get(plan) is None
     dtype = torch.float64 if change == "to-float64" else torch.float32
     # rank: (N, L, C) after (N, C) batches, L = C so that only the rank tells the feature axis apart
-    shape = {"rank": (4, 8, 8), "features": (16, 6)}.get(change, (16, 8))
+    shape = {"rank": (rows // 8, 8, 8), "features": (rows, 6), "batch-size": (rows + 8, 8)}.get(change, (rows, 8))
+    if change == "input-float64":
+        dtype = torch.float64
+    raised = set()
     for step in range(3):
         x = (torch.randn(shape) * 3 + step).to(dtype)
-        grad = change != "no-graph"
+        if change == "strides" and step != 1:  # the same values laid out feature by feature: strides (1, N)
+            x = x.t().contiguous().t()
+        if change == "strided-view":  # every other row of a larger batch: a copy for the kernels, each time
+            x = torch.randn(2 * shape[0], 8)[::2] * 3 + step
+        if change == "input-meta":
+            x = torch.empty(shape, device="meta")
+        grad = change not in ("no-graph", "no-grad-mode", "input-meta")
         if change == "no-graph":
             for bn in (layer, reference):
                 bn.gamma.requires_grad_(False)
@@ -637,14 +700,57 @@ def test_small_batch_plan_follows_changes_to_the_layer(change):
             with pytest.raises(ValueError, match="built for 8 features, got 6"):
                 layer(x)
             return
-        ys = []
+        outcomes = []
         for bn, explicit in ((layer, None), (reference, bn_mode(reference))):
-            xr = x.clone().requires_grad_(grad)
-            ys.append(bn(xr) if explicit is None else bn(xr, training=explicit))
-        assert torch.equal(ys[0], ys[1])
+            xr = x.clone().requires_grad_(grad) if x.is_contiguous() else x.detach().requires_grad_(grad)
+            with torch.set_grad_enabled(change != "no-grad-mode"):
+                outcomes.append(_outcome(lambda: bn(xr) if explicit is None else bn(xr, training=explicit)))
+        (y, err), (y_ref, err_ref) = outcomes
+        assert err is err_ref, (err, err_ref)  # what the full path refuses, the plan refuses too
+        if err is not None:
+            raised.add(err)
+            continue
+        assert torch.equal(y, y_ref)
+        if grad:
+            for t in (y, y_ref):
+                t.float().pow(2).sum().backward()
+            ga, gb = layer.gamma.grad, reference.gamma.grad
+            assert (ga is None and gb is None) or torch.equal(ga, gb)
+    if "int32" not in change and "counter" not in change:  # (whatever the full path makes of those, the plan does too)
+        assert bool(raised) == (change in ("input-meta", "gamma-bfloat16-in-place", "beta-bfloat16-in-place"))
     for (name, a), (_, b) in zip(layer.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert pickle_roundtrip_ok(layer)
+
+
+@needs_kernels
+def test_kernel_plan_is_kept_only_for_the_plain_layers():
+    # A fused activation, a subclass (which may check more per call), a mask or a copied input keep no
+    # plan; their batches still give the general path's results.
+    class Sub(bnlab.BatchNorm):
+        pass
+
+    x = torch.randn(10000, 8)
+    for make, expect in ((lambda: bnlab.BatchNorm(axis=-1), True), (lambda: bnlab.nn.BatchNorm2d(8), None),
+                         (lambda: bnlab.BatchNormAct(axis=-1, activation="relu"), False),
+                         (lambda: Sub(axis=-1), False)):
+        layer = make()
+        if expect is None:  # the drop-in: NCHW batches
+            xs = torch.randn(20, 8, 25, 25)
+            expect = True
+        else:
+            xs = x
+        ref = make()
+        for _ in range(2):
+            y = layer(xs)
+            torch.testing.assert_close(y, ref(xs, training=True), rtol=0, atol=0)
+        assert (layer._kernel_plan is not None) == expect, type(layer).__name__
+    layer = bnlab.BatchNorm(axis=-1)
+    layer(x, mask=torch.ones(10000, dtype=torch.bool))
+    layer(x[::2].repeat(2, 1)[:, :8].t().contiguous().t()[:, :8])  # fine: dense, strides (1, N)
+    assert layer._kernel_plan is not None
+    layer(torch.randn(20000, 8)[::2])  # a strided view: the kernels take a copy, so no plan
+    assert layer._kernel_plan is None
 
 
 def bn_mode(layer):
@@ -659,7 +765,7 @@ def pickle_roundtrip_ok(layer):
     torch.save(layer, buf)  # the whole module, pickled: the plan (addresses) must not travel
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
-    return loaded._small_plan is None
+    return loaded._small_plan is None and loaded._kernel_plan is None
 
 
 def test_shortcut_keeps_the_full_paths_errors():

@@ -70,6 +70,10 @@ class _BatchNormBase(nn.Module):
     # (rank, x dtype, features, moving mean, moving variance, counter, their three addresses,
     # the two scratch buffers and their addresses, the parameters' dtype). Not pickled.
     _small_plan: tuple | None = None
+    # The same for the last plain training batch that went to the kernels (see
+    # _keep_kernel_plan): its shape, strides and dtype, the (A, C, B) dims, the moving statistics,
+    # counter and parameters with their addresses. Not pickled.
+    _kernel_plan: tuple | None = None
 
     def __init__(
         self,
@@ -306,6 +310,7 @@ class _BatchNormBase(nn.Module):
                     and buffers["running_mean"] is mm and buffers["running_var"] is mv
                     and buffers["num_batches_tracked"] is counter and mm.data_ptr() == p_mm
                     and mv.data_ptr() == p_mv and counter.data_ptr() == p_counter and x.is_cpu
+                    and mm.dtype is pdt and mv.dtype is pdt and counter.dtype is torch.int64
                     and not (self.renorm or self.virtual_batch_size or self.synchronized)):
                 n = x.numel() // c  # values per feature
                 params = self._parameters
@@ -319,6 +324,30 @@ class _BatchNormBase(nn.Module):
                     F._kernels._state["kernels"].update_moving[pdt](p_mm, p_mv, p_mean, p_var, c, float(momentum),
                                                                     factor, p_counter)
                     return y
+        plan = self._kernel_plan
+        if plan is not None and training is None and mask is None and self.training and type(x) is Tensor:
+            # A training batch of the shape, strides and dtype of the last plain one that went to the
+            # kernels, with the same buffers and parameters at the same addresses: their checks
+            # (routing, layout, per-feature tensors, counter) hold again; the rest may change per call.
+            shape, stride, xdtype, feat, dims, mm, mv, counter, gamma, beta, pdt, addresses = plan
+            buffers, params = self._buffers, self._parameters
+            momentum = self._old_weight()
+            kernels = F._loaded_kernels()  # first: None under torch.compile, which cannot compare addresses
+            if (kernels is not None and x.dtype is xdtype and x.shape == shape and x.stride() == stride and x.is_cpu
+                    and self._trainable and momentum is not None and buffers["running_mean"] is mm
+                    and buffers["running_var"] is mv and buffers["num_batches_tracked"] is counter
+                    and params["weight"] is gamma and params["bias"] is beta
+                    and not (self.renorm or self.virtual_batch_size or self.synchronized)
+                    and mm.dtype is pdt and mv.dtype is pdt and counter.dtype is torch.int64
+                    and (gamma is None or gamma.dtype is pdt) and (beta is None or beta.dtype is pdt)
+                    and addresses == (mm.data_ptr(), mv.data_ptr(), counter.data_ptr(), F._ptr(gamma), F._ptr(beta))):
+                n = dims[0] * dims[2]
+                factor = n / (n - 1) if self.moving_variance_estimator == "unbiased" else 1.0
+                run = (feat, dims, self._epsilon(), (mm, mv, float(momentum), factor, counter), None, 0.01, False,
+                       kernels)
+                if F._records_graph(x, gamma, beta):
+                    return F._KernelTrain.apply(x, gamma, beta, run)
+                return F._kernel_train_forward(x, gamma, beta, run)[0]
         ranks = _SHORTCUT_RANKS.get(type(self))
         if ranks is not None and training is None and mask is None and isinstance(x, Tensor) and x.ndim in ranks:
             # The two commonest calls of a built layer go straight to their transform: what the rest
@@ -349,10 +378,14 @@ class _BatchNormBase(nn.Module):
                                 self._keep_small_plan(x, running_mean, buffers["running_var"], counter)
                             return y
                     elif n // built[0] > 1:  # the kernels, or the general transforms
-                        return F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
-                                                          params["weight"], params["bias"], momentum,
-                                                          self._epsilon(), None, unbiased, "auto", None, 0.01,
-                                                          self._scratch, buffers["num_batches_tracked"])
+                        counter = buffers["num_batches_tracked"]
+                        y = F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
+                                                       params["weight"], params["bias"], momentum, self._epsilon(),
+                                                       None, unbiased, "auto", None, 0.01, self._scratch, counter)
+                        if counter is not None and type(x) is Tensor:
+                            self._keep_kernel_plan(x, feat, running_mean, buffers["running_var"], counter,
+                                                   params["weight"], params["bias"])
+                        return y
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         feat = self._feat_cache.get(x.ndim)
@@ -392,7 +425,7 @@ class _BatchNormBase(nn.Module):
                 counter = buffers["num_batches_tracked"]
         else:
             running_mean = running_var = None
-        return F._batch_norm_train_update(
+        y = F._batch_norm_train_update(
             x,
             feat,
             running_mean,
@@ -409,6 +442,10 @@ class _BatchNormBase(nn.Module):
             self._scratch,
             counter,
         )
+        if counter is not None and mask is None and type(x) is Tensor and type(self) in _SHORTCUT_RANKS:
+            # (NHWC with axis=-1, for one, comes here: the shortcut takes features on axis 1 only)
+            self._keep_kernel_plan(x, feat, running_mean, running_var, counter, params["weight"], params["bias"])
+        return y
 
     def _keep_small_plan(self, x: Tensor, running_mean: Tensor, running_var: Tensor, counter: Tensor) -> None:
         """Remember what a small training batch's full checks found (see the top of :meth:`forward`)."""
@@ -419,11 +456,36 @@ class _BatchNormBase(nn.Module):
             running_var.data_ptr(), counter.data_ptr(), mean, var, mean.data_ptr(), var.data_ptr(), pdt,
         )
 
+    def _keep_kernel_plan(self, x, feat, running_mean, running_var, counter, gamma, beta) -> None:
+        """Remember, after a plain training batch (no mask, moving statistics, a fixed momentum)
+        went to the kernels, what that route checked.
+
+        The route's own decision is taken again here (the kernels take ``x`` as it is,
+        with no copy, and increment ``counter`` in C); anything else drops the plan. The
+        top of :meth:`forward` then serves batches of the same shape, strides and dtype
+        with the per-call checks only. Measured in ``benchmarks/bench_floor.py``: the
+        layer's training forward at 4-8 MB took 1.06-1.25x the time of a bare
+        ``autograd.Function`` around the same kernel call, most of it these checks run
+        from caches the previous step's kernels had swept.
+        """
+        small = feat == (1,) and x.numel() <= F.SMALL_ROWS_NUMEL and F._small_layout(x)  # not the kernels' batch
+        route = None if small else F._kernel_route(x, feat, gamma, beta, running_mean, running_var)
+        if route is None or route[0] is not x or not F._c_counter(counter):
+            self.__dict__["_kernel_plan"] = None
+            return
+        addresses = (running_mean.data_ptr(), running_var.data_ptr(), counter.data_ptr(), F._ptr(gamma), F._ptr(beta))
+        self.__dict__["_kernel_plan"] = (
+            x.shape, x.stride(), x.dtype, feat, route[1], running_mean, running_var, counter, gamma, beta,
+            running_mean.dtype, addresses,
+        )
+
     def __getstate__(self):
         state = super().__getstate__()
-        if "_small_plan" in state:  # addresses mean nothing in another process or copy
+        plans = [k for k in ("_small_plan", "_kernel_plan") if k in state]
+        if plans:  # addresses mean nothing in another process or copy
             state = dict(state)
-            del state["_small_plan"]
+            for k in plans:
+                del state[k]
         return state
 
     def _count_batch(self, counted: bool = True):
