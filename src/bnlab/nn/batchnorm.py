@@ -464,7 +464,7 @@ class _BatchNormBase(nn.Module):
         with no copy, and increment ``counter`` in C); anything else drops the plan. The
         top of :meth:`forward` then serves batches of the same shape, strides and dtype
         with the per-call checks only. Measured in ``benchmarks/bench_floor.py``: the
-        layer's training forward at 4-8 MB took 1.06-1.25x the time of a bare
+        layer's training forward at 4-8 MB took 1.07-1.25x the time of a bare
         ``autograd.Function`` around the same kernel call, most of it these checks run
         from caches the previous step's kernels had swept.
         """
