@@ -731,26 +731,36 @@ def test_kernel_plan_is_kept_only_for_the_plain_layers():
         pass
 
     x = torch.randn(10000, 8)
-    for make, expect in ((lambda: bnlab.BatchNorm(axis=-1), True), (lambda: bnlab.nn.BatchNorm2d(8), None),
-                         (lambda: bnlab.BatchNormAct(axis=-1, activation="relu"), False),
-                         (lambda: Sub(axis=-1), False)):
-        layer = make()
-        if expect is None:  # the drop-in: NCHW batches
-            xs = torch.randn(20, 8, 25, 25)
-            expect = True
-        else:
-            xs = x
-        ref = make()
+    for make, xs, expect in ((lambda: bnlab.BatchNorm(axis=-1), x, True),
+                             (lambda: bnlab.nn.BatchNorm2d(8), torch.randn(20, 8, 25, 25), True),
+                             (lambda: bnlab.BatchNormAct(axis=-1, activation="relu"), x, False),
+                             (lambda: Sub(axis=-1), x, False)):
+        layer, ref = make(), make()
         for _ in range(2):
-            y = layer(xs)
-            torch.testing.assert_close(y, ref(xs, training=True), rtol=0, atol=0)
+            torch.testing.assert_close(layer(xs), ref(xs, training=True), rtol=0, atol=0)
         assert (layer._kernel_plan is not None) == expect, type(layer).__name__
     layer = bnlab.BatchNorm(axis=-1)
     layer(x, mask=torch.ones(10000, dtype=torch.bool))
-    layer(x[::2].repeat(2, 1)[:, :8].t().contiguous().t()[:, :8])  # fine: dense, strides (1, N)
+    assert layer._kernel_plan is None
+    layer(x.t().contiguous().t())  # dense, strides (1, N): the kernels take it as it is
     assert layer._kernel_plan is not None
     layer(torch.randn(20000, 8)[::2])  # a strided view: the kernels take a copy, so no plan
     assert layer._kernel_plan is None
+
+
+@needs_kernels
+def test_kernel_plan_with_one_value_per_feature():
+    # (1, C) batches go to the kernels too; the unbiased moving variance has no value to take then
+    # (the full path skips that update): the plan must do the same, not divide by zero
+    x = torch.randn(1, 70000)
+    for estimator in ("biased", "unbiased"):
+        layer = bnlab.BatchNorm(axis=-1, moving_variance_estimator=estimator)
+        ref = bnlab.BatchNorm(axis=-1, moving_variance_estimator=estimator)
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), ref(x, training=True), rtol=0, atol=0)
+        assert layer._kernel_plan is not None
+        for (name, a), (_, b) in zip(layer.state_dict().items(), ref.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
 
 
 def bn_mode(layer):

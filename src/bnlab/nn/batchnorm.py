@@ -341,10 +341,9 @@ class _BatchNormBase(nn.Module):
                     and mm.dtype is pdt and mv.dtype is pdt and counter.dtype is torch.int64
                     and (gamma is None or gamma.dtype is pdt) and (beta is None or beta.dtype is pdt)
                     and addresses == (mm.data_ptr(), mv.data_ptr(), counter.data_ptr(), F._ptr(gamma), F._ptr(beta))):
-                n = dims[0] * dims[2]
-                factor = n / (n - 1) if self.moving_variance_estimator == "unbiased" else 1.0
-                run = (feat, dims, self._epsilon(), (mm, mv, float(momentum), factor, counter), None, 0.01, False,
-                       kernels)
+                moving = F._moving_plan(mm, mv, momentum, dims[0] * dims[2],
+                                        self.moving_variance_estimator == "unbiased", counter)
+                run = (feat, dims, self._epsilon(), moving, None, 0.01, False, kernels)
                 if F._records_graph(x, gamma, beta):
                     return F._KernelTrain.apply(x, gamma, beta, run)
                 return F._kernel_train_forward(x, gamma, beta, run)[0]
