@@ -42,7 +42,8 @@ import torch
 import bnlab
 from _bench import in_turn, keep_freed_memory, seconds, write_json
 from bench_layer import LAYOUTS, MODE_TITLES, MODES, environment, grid
-from bnlab import _kernels
+from bnlab import _dispatch, _kernels
+from bnlab._kernels import ops
 from bnlab import functional as F
 
 TARGETS = {"train": 2.0, "fwdbwd": 6.0, "infer": 1.2}  # the copy-time targets on rows >= 1 MB
@@ -82,10 +83,10 @@ class _KernelCalls:
 
     def __init__(self, x, layer, gamma, beta, moving_mean, moving_var):
         feat = F.normalize_axes(layer.axis, x.ndim)
-        route = F._kernel_route(x, feat, gamma, beta, moving_mean, moving_var)
-        if route is None:
-            raise RuntimeError(f"bnlab's kernels do not take this row: {_kernels.status()['reason']}")
-        _, (self.a, self.c, self.b), kernels = route
+        dims, kernels = _dispatch.acb_dims(x, feat), ops.loaded()
+        if dims is None or kernels is None:
+            raise RuntimeError(f"bnlab's kernels do not take this row as it is: {_kernels.status()['reason']}")
+        self.a, self.c, self.b = dims
         self.fwd, self.bwd, self.inf = (kernels.train_fwd[x.dtype], kernels.train_bwd[x.dtype], kernels.infer[x.dtype])
         self.threads = _kernels.threads_for(x.numel())
         self.gamma, self.beta, self.mm, self.mv = gamma, beta, moving_mean, moving_var

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from bnlab import _dispatch, _kernels
+from bnlab._kernels import ops
 from bnlab import functional as F
 from bnlab import reference as R
 
@@ -145,10 +147,10 @@ def test_views_do_not_copy_and_keep_layout(make, axis):
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 1, 4), (1, 3, 4, 4), (2, 1, 3, 3), (2, 3, 1, 1), (2, 3, 4, 5, 6), (2, 3, 1, 5, 1)])
 def test_channels_last_dims_name_the_memory(shape):
     # The kernels see x's memory as an (A, C, B) array: channels-last formats take a shortcut in
-    # _acb_dims (one C call); whatever the shortcut says must be what the memory holds.
+    # acb_dims (one C call); whatever the shortcut says must be what the memory holds.
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = torch.randn(shape).contiguous(memory_format=fmt)
-    a, c, b = F._acb_dims(x, (1,))
+    a, c, b = _dispatch.acb_dims(x, (1,))
     assert (a * c * b, c) == (x.numel(), shape[1])
     memory = torch.as_strided(x, (a, c, b), (c * b, b, 1))
     in_order = x.movedim(1, -1).reshape(a, c, b) if b == 1 else x.reshape(a, c, b)
@@ -206,19 +208,34 @@ def test_axis_errors():
 
 @pytest.mark.parametrize("var_factor", [1.0, 0.75])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_numpy_and_torch_update_paths_agree(var_factor, dtype):
+def test_the_update_rules_backends_agree(var_factor, dtype):
+    # One rule (functional._update), three backends: the kernels' C (scratch statistics, consumed),
+    # NumPy views (CPU buffers) and torch ops (everything else); same values, same non-finite guard.
     stats = torch.randn(2, 33, dtype=dtype).abs()
     stats[0, 3] = float("nan")
     stats[1, 5] = float("inf")
     bufs = []
-    for force_torch in (False, True):
-        mm, mv = torch.linspace(-1, 1, 33), torch.linspace(0.5, 2, 33)
-        F._update_(mm, mv, stats[0], stats[1], 0.95, var_factor, force_torch=force_torch)
+    for backend in ("kernels", "numpy", "torch"):
+        mm, mv = torch.linspace(-1, 1, 33, dtype=dtype), torch.linspace(0.5, 2, 33, dtype=dtype)
+        mean, var = stats[0].clone(), stats[1].clone()
+        if backend == "kernels":
+            if _kernels.get() is None:
+                continue
+            scratch = ops.scratch(33, dtype)
+            scratch.mean.copy_(mean)
+            scratch.var.copy_(var)
+            F._update(mm, mv, scratch.mean, scratch.var, 0.95, var_factor, scratch=scratch, kernels=_kernels.get())
+            assert not scratch.mean.any() and not scratch.var.any()  # read, then zeroed for the next batch
+        elif backend == "numpy":
+            F._update_numpy_(mm, mv, mean, var, 0.95, var_factor)
+        else:
+            F._update_torch_(mm, mv, mean, var, 0.95, var_factor, None)
         bufs.append((mm, mv))
-    (a_m, a_v), (b_m, b_v) = bufs
-    torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
-    torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
-    assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33)[3].item()  # skipped, bit for bit
-    assert a_v[5].item() == torch.linspace(0.5, 2, 33)[5].item()
+    (a_m, a_v) = bufs[0]
+    for b_m, b_v in bufs[1:]:
+        torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
+        torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
+        assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33, dtype=dtype)[3].item()  # skipped
+        assert a_v[5].item() == b_v[5].item() == torch.linspace(0.5, 2, 33, dtype=dtype)[5].item()
     expected = 0.95 * torch.linspace(-1, 1, 33)[0].item() + 0.05 * stats[0, 0].item()
     assert a_m[0].item() == pytest.approx(expected, rel=1e-6)

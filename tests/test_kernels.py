@@ -15,6 +15,7 @@ import torch.nn.functional as TF
 
 import bnlab
 from bnlab import _kernels
+from bnlab._kernels import ops
 from bnlab import functional as F
 from bnlab import reference as R
 
@@ -87,9 +88,10 @@ def test_fused_activation_matches_composite(act, shape, axis, offset):
     dy = torch.randn(shape, dtype=torch.float64)
     feat = F.normalize_axes(axis, x.ndim)
     mm, mv = torch.zeros(fs, dtype=torch.float64), torch.ones(fs, dtype=torch.float64)
-    y = F._batch_norm_train_update(x, feat, mm, mv, g, b, 0.9, 1e-3, None, False, "kernel", act, 0.2)
+    y = F.batch_norm(x, mm, mv, g, b, training=True, axis=feat, momentum=0.9, impl="kernel", activation=act,
+                     negative_slope=0.2)
     ref_mm, ref_mv = mm.clone().zero_(), mv.clone().fill_(1)
-    yr = ACTS[act](F._batch_norm_train_update(x, feat, ref_mm, ref_mv, g, b, 0.9, 1e-3, None, False, "composite"))
+    yr = ACTS[act](F.batch_norm(x, ref_mm, ref_mv, g, b, training=True, axis=feat, momentum=0.9, impl="composite"))
     torch.testing.assert_close(y, yr, atol=1e-12, rtol=1e-12)
     grads = torch.autograd.grad(y, (x, g, b), dy)
     grads_r = torch.autograd.grad(yr, (x, g, b), dy)
@@ -99,8 +101,9 @@ def test_fused_activation_matches_composite(act, shape, axis, offset):
     torch.testing.assert_close(mv, ref_mv, atol=1e-14, rtol=1e-14)
     # inference: fused too, against the same transform done by PyTorch ops
     with torch.no_grad():
-        yi = F._inference(x, feat, mm, mv, g, b, 1e-3, act, 0.2)
-    yi_r = ACTS[act](F._inference_torch(x.detach(), feat, mm, mv, g.detach(), b.detach(), 1e-3, torch.float64))
+        yi = F.batch_norm_inference(x, mm, mv, g, b, axis=feat, activation=act, negative_slope=0.2)
+    yi_r = ACTS[act](torch.from_numpy(R.forward_inference(x.detach().numpy(), g.detach().numpy(), b.detach().numpy(),
+                                                          mm.numpy(), mv.numpy(), 1e-3, axis=axis)))
     torch.testing.assert_close(yi, yi_r, atol=1e-12, rtol=1e-12)
 
 
@@ -115,7 +118,7 @@ def test_gradcheck_and_gradgradcheck_through_the_kernel(act, shape, axis):
     feat = F.normalize_axes(axis, x.ndim)
 
     def fn(x, g, b):
-        return F._batch_norm_train_update(x, feat, None, None, g, b, 0.0, 1e-3, None, False, "kernel", act, 0.01)
+        return F.batch_norm(x, None, None, g, b, training=True, axis=feat, impl="kernel", activation=act)
 
     assert torch.autograd.gradcheck(fn, (x, g, b))
     if act not in ("relu", "leaky_relu"):  # their second derivative is zero almost everywhere but not smooth for finite differences
@@ -465,15 +468,20 @@ def test_inference_with_gradients_uses_pytorch_and_agrees():
     assert xg.grad is not None
 
 
+def _kernels_off(monkeypatch):
+    """Switch the kernels off in this process: every call then takes a PyTorch path."""
+    monkeypatch.setattr(ops, "loaded", lambda: None)
+
+
 @needs_kernels
 @pytest.mark.parametrize(
     "case",
     ["2d", "nchw", "channels-last", "nhwc", "permuted-view", "float64", "bfloat16", "relu", "frozen-in-train",
      "no-affine"],
 )
-def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
-    # A built layer's inference goes straight to _inference_one_axis; every case it takes must give
-    # the general route's result bit for bit, and every case it declines must still be handled.
+def test_inference_layouts_match_pytorchs_path_and_the_reference(monkeypatch, case):
+    # A built layer's inference in every layout goes to the kernels (or PyTorch's op where they do
+    # not take it): the same values as the PyTorch path and the float64 reference, in x's layout.
     torch.manual_seed(1)
     shape, axis = {"2d": ((37, 24), -1), "nhwc": ((3, 5, 4, 24), -1), "permuted-view": ((3, 24, 5, 4), 1)}.get(
         case, ((3, 24, 5, 4), 1))
@@ -484,7 +492,7 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
     x = (torch.randn(shape) * 3 + 1).to(dtype)
     if case == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
-    if case == "permuted-view":  # (N, C, H, W) seen through a permutation: not a layout the shortcut takes
+    if case == "permuted-view":  # (N, C, H, W) seen through a permutation
         x = x.permute(0, 1, 3, 2)
     for _ in range(3):
         layer(x)  # moving statistics away from their initial values
@@ -494,11 +502,12 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
         layer.eval()
     with torch.no_grad():
         fast = layer(x)
-        monkeypatch.setattr(F, "_inference_one_axis", lambda *args: None)  # the general route
-        general = layer(x)
+        _kernels_off(monkeypatch)
+        torch_path = layer(x)
     monkeypatch.undo()
-    assert fast.dtype == x.dtype and fast.stride() == general.stride()
-    assert torch.equal(fast, general)
+    assert fast.dtype == x.dtype and fast.stride() == torch_path.stride()
+    tol = 1e-2 if dtype is torch.bfloat16 else 1e-6
+    torch.testing.assert_close(fast, torch_path, rtol=tol, atol=tol)
     c = shape[axis]
     ref = R.forward_inference(
         x.double().numpy(), np.ones(c) if layer.gamma is None else layer.gamma.detach().double().numpy(),
@@ -522,11 +531,9 @@ def test_inference_shortcut_gives_the_general_routes_bits(monkeypatch, case):
      "kernel-unbiased", "kernel-float64", "dropin-1d", "dropin-1d-3d", "dropin-2d", "dropin-2d-kernel",
      "dropin-cumulative", "dropin-eval"],
 )
-def test_training_shortcut_gives_the_general_paths_bits(case, monkeypatch):
-    # A built layer's training batch goes from the top of forward straight to _small_rows_train
-    # (small) or _batch_norm_train_update (kernels), or, shaped like the previous batch, to the
-    # kernels' Function (the kernels' plan); an explicit training=True takes the general path:
-    # outputs, moving statistics, counters and gradients must be the same bits.
+def test_training_layouts_match_pytorchs_path(case, monkeypatch):
+    # Training batches of a built layer, in every layout and face: outputs, gradients, moving
+    # statistics and counters with the kernels (and their small-batch route) as without them.
     shape, axis = {"2d": ((32, 24), -1), "2d-axis1": ((32, 24), 1), "2d-axis0": ((24, 32), 0),
                    "kernel-rows": ((300, 300), -1), "kernel-no-grad": ((300, 300), -1),
                    "kernel-planes": ((4, 24, 30, 30), 1), "dropin-1d": ((32, 24), 1), "dropin-1d-3d": ((8, 24, 10), 1),
@@ -555,46 +562,42 @@ def test_training_shortcut_gives_the_general_paths_bits(case, monkeypatch):
     if case in ("channels-last", "kernel-channels-last"):
         xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     outs, grads = [], []
-    routed = []  # batches of the first layer that went through the general kernels' route
-    general = F._batch_norm_train_update
-    for layer, explicit in zip(layers, (None, True), strict=True):
-        if explicit is None:
-            monkeypatch.setattr(F, "_batch_norm_train_update", lambda *a, **k: routed.append(1) or general(*a, **k))
-        else:
-            monkeypatch.setattr(F, "_batch_norm_train_update", general)
+    for layer, kernels in zip(layers, (True, False), strict=True):
+        if not kernels:
+            _kernels_off(monkeypatch)
         ys, gs = [], []
         for x in xs:
             grad = not case.endswith("no-grad")
             xr = x.clone().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
-                y = layer(xr) if explicit is None else layer(xr, training=layer.training)
+                y = layer(xr)
             if grad:
                 y.float().pow(2).sum().backward()
                 gs.append((xr.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()))
             ys.append(y.detach())
         outs.append(ys)
         grads.append(gs)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype is torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for a, b in zip(*outs, strict=True):
-        assert a.stride() == b.stride() and torch.equal(a, b)
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, **tol)
     for ga, gb in zip(*grads, strict=True):
-        for a, b in zip(ga, gb, strict=True):
-            assert torch.equal(a, b)
+        # dgamma, dbeta: sums over up to 7,200 values per feature, where PyTorch's float32 sums drift
+        # by up to 1.2e-2 from a float64 reference (the kernels' by under 1e-3)
+        for a, b, atol in zip(ga, gb, (1e-4, 3e-2, 3e-2), strict=True):
+            torch.testing.assert_close(a, b, **(tol if dtype is torch.bfloat16 else dict(rtol=1e-4, atol=atol)))
     for (name, a), (_, b) in zip(layers[0].state_dict().items(), layers[1].state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert layers[0].num_batches_tracked.item() == (1 if case == "dropin-eval" else 4)
-    if "kernel" in case:  # the batches came through the kernels' plan, made by the building call, or by the
-        # first batch when that one differs: float64 (.double() came after it), channels-last (new strides)
-        assert layers[0]._kernel_plan is not None
-        assert len(routed) == (1 if case in ("kernel-float64", "kernel-channels-last") else 0)
 
 
-PLAN_CHANGES = ["none", "load_state_dict", "data-swap", "swap-mean", "swap-var", "swap-counter", "replace-mean",
-                "replace-var", "replace-counter", "float-counter", "to-float64", "momentum-none", "unbiased",
-                "no-graph", "frozen", "eval", "rank", "features", "deepcopy", "epsilon", "momentum", "input-float64",
-                "input-meta", "virtual-batch", "mean-int32-in-place", "var-int32-in-place", "counter-float64-in-place"]
-# the kernels' plan also holds the parameters (their addresses go to C) and the input's strides
-KERNEL_PLAN_CHANGES = ["swap-gamma", "swap-beta", "replace-gamma", "replace-beta", "gamma-bfloat16-in-place",
-                       "beta-bfloat16-in-place", "strides", "strided-view", "batch-size", "no-grad-mode"]
+STATE_CHANGES = ["none", "load_state_dict", "data-swap", "swap-mean", "swap-var", "swap-counter", "replace-mean",
+                 "replace-var", "replace-counter", "float-counter", "to-float64", "momentum-none", "unbiased",
+                 "no-graph", "frozen", "eval", "rank", "features", "deepcopy", "epsilon", "momentum", "input-float64",
+                 "input-meta", "virtual-batch", "mean-int32-in-place", "var-int32-in-place", "counter-float64-in-place",
+                 "swap-gamma", "swap-beta", "replace-gamma", "replace-beta", "gamma-bfloat16-in-place",
+                 "beta-bfloat16-in-place", "strides", "strided-view", "batch-size", "no-grad-mode", "shrink-gamma",
+                 "shrink-mean", "neg-gamma", "strided-gamma", "empty-storage-var"]
 
 
 def _outcome(fn):
@@ -606,30 +609,24 @@ def _outcome(fn):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "kind, change",
-    [("small", c) for c in PLAN_CHANGES] + [("kernel", c) for c in PLAN_CHANGES + KERNEL_PLAN_CHANGES],
-)
-def test_batch_plans_follow_changes_to_the_layer(kind, change):
-    # After a training batch the layer keeps what its checks found (BatchNorm._small_plan for small
-    # batches, _kernel_plan for the kernels' ones); whatever is changed afterwards, the next batches
-    # must give what a fresh layer in the same state gives through the full path (explicit
-    # training=True), bit for bit, moving statistics and counter included, and the kernels must never
-    # write through (or read from) an address the layer gave up.
+@pytest.mark.parametrize("kind", ["small", "kernel"])
+@pytest.mark.parametrize("change", STATE_CHANGES)
+def test_changes_between_batches_give_pytorchs_path_result(kind, change, monkeypatch):
+    # Whatever is changed on a layer between training batches (tensors swapped under it, replaced,
+    # re-viewed as another dtype or size, its settings), the next batches give what the same layer
+    # gives with the kernels switched off (PyTorch's paths), or raise the same error: the kernels
+    # never read or write through a tensor that is not what they were told.
     import copy
 
     torch.manual_seed(5)
-    rows = 16 if kind == "small" else 10000  # (10000, 8): 80,000 values, past the small-batch path
+    rows = 16 if kind == "small" else 10000  # (10000, 8): 80,000 values, past the small-batch route
     layer = bnlab.BatchNorm(axis=-1)
     x0 = torch.randn(rows, 8)
-    layer(x0.clone().requires_grad_())  # builds the layer (the full path)
-    layer(x0.clone().requires_grad_())  # the shortcut, which keeps its plan
-    plan = "_small_plan" if kind == "small" else "_kernel_plan"
-    other = "_kernel_plan" if kind == "small" else "_small_plan"
-    assert getattr(layer, plan) is not None and getattr(layer, other) is None
+    for _ in range(2):
+        layer(x0.clone().requires_grad_())
     if change == "load_state_dict":
         layer.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
-    elif change.startswith(("data-swap", "swap-")):  # same tensor objects, new storage: the old addresses are freed
+    elif change.startswith(("data-swap", "swap-")):  # same tensor objects, new storage
         if change in ("data-swap", "swap-mean"):
             layer.running_mean.data = torch.full((8,), 0.25)
         if change in ("data-swap", "swap-var"):
@@ -650,11 +647,21 @@ def test_batch_plans_follow_changes_to_the_layer(kind, change):
         layer.weight = torch.nn.Parameter(torch.full((8,), 1.5))
     elif change == "replace-beta":
         layer.bias = torch.nn.Parameter(torch.full((8,), -0.5))
-    elif change.endswith("-in-place"):  # the same memory (the same address) seen as another dtype
+    elif change.endswith("-in-place"):  # the same memory seen as another dtype
         name, dt = change.split("-")[:2]
         t = {"gamma": layer.weight, "beta": layer.bias, "mean": layer.running_mean, "var": layer.running_var,
              "counter": layer.num_batches_tracked}[name]
         t.data = t.data.view(getattr(torch, dt))
+    elif change == "shrink-gamma":  # fewer values than features (C once wrote 8 gradients into 1)
+        layer.weight.data = layer.weight.data[:1]
+    elif change == "shrink-mean":
+        layer.running_mean.data = layer.running_mean.data[:1]
+    elif change == "neg-gamma":  # a negative-bit view: its memory holds -gamma
+        layer.weight.data = torch._neg_view(torch.full((8,), -1.5))
+    elif change == "strided-gamma":
+        layer.weight.data = torch.full((16,), 1.5)[::2]
+    elif change == "empty-storage-var":  # the tensor's storage taken away under it
+        layer.running_var.untyped_storage().resize_(0)
     elif change == "float-counter":  # a counter C cannot increment: PyTorch counts it
         layer.num_batches_tracked = torch.tensor(7.0)
     elif change == "virtual-batch":
@@ -675,19 +682,16 @@ def test_batch_plans_follow_changes_to_the_layer(kind, change):
         layer.eval()
     elif change == "deepcopy":
         layer = copy.deepcopy(layer)
-    reference = copy.deepcopy(layer)
-    assert reference.__dict__.get(plan) is None
-    dtype = torch.float64 if change == "to-float64" else torch.float32
+    reference = copy.deepcopy(layer) if change != "empty-storage-var" else layer
+    dtype = torch.float64 if change in ("to-float64", "input-float64") else torch.float32
     # rank: (N, L, C) after (N, C) batches, L = C so that only the rank tells the feature axis apart
     shape = {"rank": (rows // 8, 8, 8), "features": (rows, 6), "batch-size": (rows + 8, 8)}.get(change, (rows, 8))
-    if change == "input-float64":
-        dtype = torch.float64
     raised = set()
     for step in range(3):
         x = (torch.randn(shape) * 3 + step).to(dtype)
         if change == "strides" and step != 1:  # the same values laid out feature by feature: strides (1, N)
             x = x.t().contiguous().t()
-        if change == "strided-view":  # every other row of a larger batch: a copy for the kernels, each time
+        if change == "strided-view":  # every other row of a larger batch: a copy for the kernels
             x = torch.randn(2 * shape[0], 8)[::2] * 3 + step
         if change == "input-meta":
             x = torch.empty(shape, device="meta")
@@ -701,81 +705,51 @@ def test_batch_plans_follow_changes_to_the_layer(kind, change):
                 layer(x)
             return
         outcomes = []
-        for bn, explicit in ((layer, None), (reference, bn_mode(reference))):
+        for bn, kernels in ((layer, True), (reference, False)):
+            if not kernels:
+                _kernels_off(monkeypatch)
             xr = x.clone().requires_grad_(grad) if x.is_contiguous() else x.detach().requires_grad_(grad)
             with torch.set_grad_enabled(change != "no-grad-mode"):
-                outcomes.append(_outcome(lambda: bn(xr) if explicit is None else bn(xr, training=explicit)))
+                outcomes.append(_outcome(lambda: bn(xr)))
+            monkeypatch.undo()
         (y, err), (y_ref, err_ref) = outcomes
-        assert err is err_ref, (err, err_ref)  # what the full path refuses, the plan refuses too
+        assert err is err_ref, (err, err_ref)
         if err is not None:
             raised.add(err)
             continue
-        assert torch.equal(y, y_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
         if grad:
             for t in (y, y_ref):
                 t.float().pow(2).sum().backward()
             ga, gb = layer.gamma.grad, reference.gamma.grad
-            assert (ga is None and gb is None) or torch.equal(ga, gb)
-    if "int32" not in change and "counter" not in change:  # (whatever the full path makes of those, the plan does too)
-        assert bool(raised) == (change in ("input-meta", "gamma-bfloat16-in-place", "beta-bfloat16-in-place"))
-    for (name, a), (_, b) in zip(layer.state_dict().items(), reference.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    assert pickle_roundtrip_ok(layer)
+            assert (ga is None and gb is None) or torch.allclose(ga, gb, rtol=1e-3, atol=1e-3)
+    refused = ("input-meta", "gamma-bfloat16-in-place", "beta-bfloat16-in-place", "shrink-gamma", "shrink-mean",
+               "empty-storage-var", "mean-int32-in-place", "var-int32-in-place")
+    if "counter" not in change:
+        assert bool(raised) == (change in refused), raised
+    if change != "empty-storage-var":
+        for (name, a), (_, b) in zip(layer.state_dict().items(), reference.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @needs_kernels
-def test_kernel_plan_is_kept_only_for_the_plain_layers():
-    # A fused activation, a subclass (which may check more per call), a mask or a copied input keep no
-    # plan; their batches still give the general path's results.
-    class Sub(bnlab.BatchNorm):
-        pass
-
-    x = torch.randn(10000, 8)
-    for make, xs, expect in ((lambda: bnlab.BatchNorm(axis=-1), x, True),
-                             (lambda: bnlab.nn.BatchNorm2d(8), torch.randn(20, 8, 25, 25), True),
-                             (lambda: bnlab.BatchNormAct(axis=-1, activation="relu"), x, False),
-                             (lambda: Sub(axis=-1), x, False)):
-        layer, ref = make(), make()
-        for _ in range(2):
-            torch.testing.assert_close(layer(xs), ref(xs, training=True), rtol=0, atol=0)
-        assert (layer._kernel_plan is not None) == expect, type(layer).__name__
-    layer = bnlab.BatchNorm(axis=-1)
-    layer(x, mask=torch.ones(10000, dtype=torch.bool))
-    assert layer._kernel_plan is None
-    layer(x.t().contiguous().t())  # dense, strides (1, N): the kernels take it as it is
-    assert layer._kernel_plan is not None
-    layer(torch.randn(20000, 8)[::2])  # a strided view: the kernels take a copy, so no plan
-    assert layer._kernel_plan is None
-
-
-@needs_kernels
-def test_kernel_plan_with_one_value_per_feature():
-    # (1, C) batches go to the kernels too; the unbiased moving variance has no value to take then
-    # (the full path skips that update): the plan must do the same, not divide by zero
+def test_one_value_per_feature_on_the_kernels():
+    # (1, C) batches go to the kernels too; the unbiased moving variance has no value to take then:
+    # the update is skipped (PyTorch's paths do the same), nothing divides by zero
     x = torch.randn(1, 70000)
     for estimator in ("biased", "unbiased"):
         layer = bnlab.BatchNorm(axis=-1, moving_variance_estimator=estimator)
-        ref = bnlab.BatchNorm(axis=-1, moving_variance_estimator=estimator)
         for _ in range(3):
-            torch.testing.assert_close(layer(x), ref(x, training=True), rtol=0, atol=0)
-        assert layer._kernel_plan is not None
-        for (name, a), (_, b) in zip(layer.state_dict().items(), ref.state_dict().items(), strict=True):
-            assert torch.equal(a, b), name
+            y = layer(x)
+            torch.testing.assert_close(y, torch.zeros_like(y))  # one value: normalizes to beta
+        expected = torch.ones(70000) if estimator == "unbiased" else 0.99 ** 3 * torch.ones(70000)
+        torch.testing.assert_close(layer.moving_variance, expected)
+        assert layer.num_batches_tracked.item() == 3
 
 
 def bn_mode(layer):
-    """The training flag the full path takes for a layer in its current mode (frozen: inference)."""
+    """The training flag a layer in its current mode takes (frozen: inference)."""
     return layer.training and layer.trainable
-
-
-def pickle_roundtrip_ok(layer):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(layer, buf)  # the whole module, pickled: the plan (addresses) must not travel
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
-    return loaded._small_plan is None and loaded._kernel_plan is None
 
 
 def test_shortcut_keeps_the_full_paths_errors():
@@ -867,9 +841,9 @@ def test_transforms_and_inference_mode_take_a_safe_path():
     torch.testing.assert_close(y, F.batch_norm_train(x, impl="composite")[0])
     # vmap hands functions wrapped tensors: the kernels step aside for the PyTorch ops
     seen = []
-    torch.func.vmap(lambda t: seen.append(F._kernels_for(t, 3)) or t)(x)
+    torch.func.vmap(lambda t: seen.append(ops.loaded()) or t)(x)
     assert seen == [None]
-    assert F._kernels_for(x, 3) is _kernels.get()
+    assert ops.loaded() is _kernels.get()
 
 
 _BROKEN_COMPILE = "#!/bin/sh\necho 'bn_cpu.c:1:1: error: this compiler is broken on purpose' >&2\nexit 1\n"

@@ -19,32 +19,17 @@ and the analytic backward pass, with ``invstd = 1/sqrt(var + epsilon)``::
     dgamma = sum(dy * xhat)
     dbeta  = sum(dy)
 
-Layout. Every input is seen as a 3-D view ``(A, C, B)``: ``A`` = all reduced axes
-before the feature axes, ``C`` = the feature axes flattened, ``B`` = all reduced
-axes after them. For a contiguous tensor this is a free ``view`` for any single
-feature axis: ``(N, C, H, W)`` with ``axis=1`` is ``(N, C, H*W)`` and
-``(N, H, W, C)`` with ``axis=-1`` is ``(N*H*W, C, 1)``. A channels-last tensor
-is viewed in its memory order, so it is not copied either.
+Two rules are written once here and used by every path: the moving-average
+update (:func:`update_moving_stats_`; its C twin in the kernels takes the same
+momentum and factor) and the variance correction (:func:`variance_factor`:
+Keras averages the biased batch variance, PyTorch and the paper's Algorithm 2
+the unbiased one, ``var * M / (M - 1)``).
 
-Two implementations compute training mode and are tested against each other
-and against :mod:`bnlab.reference`:
-
-* ``"aten"``: PyTorch's native batch-norm kernel applied to the ``(A, C, B)``
-  view (it reduces dims 0 and 2, which is exactly bnlab's contract).
-* ``"composite"``: bnlab's own :class:`torch.autograd.Function` with the
-  analytic backward above; it is the one that supports masks and a batch of one.
-* ``"kernel"``: bnlab's compiled CPU kernels (:mod:`bnlab._kernels`): one pass
-  for the statistics and one to normalize in the forward, two passes over
-  ``(x, dy)`` in the backward, ReLU / leaky ReLU fused into both, the moving
-  statistics updated in the same call. ``"auto"`` picks it for float32,
-  float64 and bfloat16 CPU tensors whenever the kernels could be built, and
-  falls back to ``"aten"``/``"composite"`` otherwise (other devices, masks,
-  ``torch.compile``/tracing, no C compiler, ``BNLAB_KERNELS=0``). One
-  exception, for speed: in the layers' training step a small batch with the
-  features on axis 1 that records a graph (``(N, C)`` up to ``SMALL_ROWS_NUMEL``
-  values, NCHW and channels-last up to about ``SMALL_PLANES_NUMEL``) runs PyTorch's op,
-  whose autograd node is C++, with the moving statistics updated by the kernels
-  (:func:`_small_rows_train`).
+How a call is computed (bnlab's compiled CPU kernels, PyTorch's
+``torch.batch_norm``, or bnlab's composite autograd Function) is chosen per
+call by :mod:`bnlab._dispatch` from the input's metadata; every
+implementation is tested against :mod:`bnlab.reference` and against the
+others. ``impl=`` on the training functions forces one of them.
 """
 
 from __future__ import annotations
@@ -56,9 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _kernels
+from . import _dispatch
+from ._kernels import ACTIVATION_CODES as _ACT_CODES
+from ._kernels import ops as _ops
 
 __all__ = [
+    "ACTIVATIONS",
+    "apply_activation",
     "normalize_axes",
     "as_acb",
     "moments",
@@ -67,6 +56,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_inference",
     "batch_norm_backward",
+    "variance_factor",
     "update_moving_stats_",
     "renorm_correction",
     "update_renorm_stats_",
@@ -77,8 +67,13 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+#: Activations that may follow the normalization (``activation=``); ReLU and leaky ReLU fuse into the kernels.
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "identity")
+
 
 # --------------------------------------------------------------------------- axes and views
+
+_AXES: dict = {}
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -89,12 +84,22 @@ def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     >>> normalize_axes([1, -1], 4)
     (1, 3)
     """
+    key = (axis if isinstance(axis, int) else tuple(axis), ndim)
+    axes = _AXES.get(key)
+    if axes is None:
+        axes = _normalize_axes(key[0], ndim)
+        if len(_AXES) < 1024:
+            _AXES[key] = axes
+    return axes
+
+
+def _normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     if not axes:
         raise ValueError("axis must name at least one feature axis, got an empty list")
     out = []
     for a in axes:
-        if not isinstance(a, int):
+        if not isinstance(a, int) or isinstance(a, bool):
             raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(
@@ -107,24 +112,6 @@ def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _prod(sizes) -> int:
-    return math.prod(sizes)
-
-
-def _memory_perm(x: Tensor, feature_axes: tuple[int, ...]) -> list[int] | None:
-    """Axis order in which ``x`` is laid out in memory, feature axes kept together.
-
-    ``None`` means the identity (``x`` contiguous with adjacent feature axes).
-    """
-    lo, hi = feature_axes[0], feature_axes[-1]
-    if hi - lo + 1 == len(feature_axes) and x.is_contiguous():
-        return None
-    order = sorted(range(x.ndim), key=lambda d: -x.stride(d))  # largest stride first
-    first = min(order.index(a) for a in feature_axes)
-    rest = [d for d in order if d not in feature_axes]
-    return rest[:first] + list(feature_axes) + rest[first:]
-
-
 def _to_acb(t: Tensor, perm: list[int] | None, feature_axes: tuple[int, ...]) -> Tensor:
     if perm is not None:
         t = t.permute(perm)
@@ -135,7 +122,7 @@ def _to_acb(t: Tensor, perm: list[int] | None, feature_axes: tuple[int, ...]) ->
         lo = feature_axes[0]
     hi = lo + len(feature_axes)
     s = t.shape
-    return t.view(_prod(s[:lo]), _prod(s[lo:hi]), _prod(s[hi:]))
+    return t.reshape(math.prod(s[:lo]), math.prod(s[lo:hi]), math.prod(s[hi:]))  # a view unless t is expanded
 
 
 def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -150,9 +137,9 @@ def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[
     shape = x.shape
     lo, hi = feature_axes[0], feature_axes[-1]
     if hi - lo + 1 == len(feature_axes) and x.is_contiguous():  # the common case, kept cheap
-        x3 = x.view(_prod(shape[:lo]), _prod(shape[lo : hi + 1]), _prod(shape[hi + 1 :]))
+        x3 = x.view(math.prod(shape[:lo]), math.prod(shape[lo:hi + 1]), math.prod(shape[hi + 1:]))
         return x3, lambda y3: y3 if y3.shape == shape else y3.view(shape)
-    perm = _memory_perm(x, feature_axes)
+    perm = _dispatch.memory_perm(x, feature_axes)
     x3 = _to_acb(x, perm, feature_axes)
     pshape = [x.shape[d] for d in perm]
     inverse = [0] * len(perm)
@@ -161,62 +148,65 @@ def as_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, Callable[[
     return x3, lambda y3: y3.view(pshape).permute(inverse)
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+def _mask_as_acb(mask: Tensor, x: Tensor, feature_axes: tuple[int, ...]) -> Tensor:
+    """The mask as a bool ``(A, 1, B)`` tensor laid out like ``x``'s ``(A, C, B)`` view.
 
-
-def _channels_last(x: Tensor) -> bool:
-    """Whether ``x`` is dense in PyTorch's channels-last format for its rank (one C call)."""
-    return x.ndim in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim])
-
-
-def _acb_dims(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """``(A, C, B)`` when ``x``'s memory already is a dense ``(A, C, B)`` array (no view or copy needed).
-
-    True for a contiguous tensor with adjacent feature axes and for one dense in
-    another memory order (e.g. ``channels_last``) in which they are adjacent;
-    ``None`` otherwise. ``torch.empty_like(x)`` then has the same layout.
+    ``mask`` is a bool tensor of ``x.shape`` without the feature axes, or of
+    the same rank with size-1 axes that broadcast, e.g. ``(N, T)`` or
+    ``(N, 1)`` for an ``(N, T, C)`` input with ``axis=-1`` (Keras' masks have
+    the input's rank minus one). A shorter shape is refused rather than
+    aligned to the right: an ``(N,)`` mask for an ``(N, N, C)`` input would
+    otherwise silently mask the wrong axis.
     """
-    shape = x.shape
-    lo, hi = feature_axes[0], feature_axes[-1]
-    if hi - lo + 1 == len(feature_axes) and x.is_contiguous():
-        return _prod(shape[:lo]), _prod(shape[lo : hi + 1]), _prod(shape[hi + 1 :])
-    if lo == hi == 1 and _channels_last(x):  # the general test below (a permuted view) costs 5 us
-        return shape[0] * _prod(shape[2:]), shape[1], 1
-    perm = _memory_perm(x, feature_axes)
-    if not x.permute(perm).is_contiguous():
-        return None
-    pshape = [shape[d] for d in perm]
-    lo = perm.index(feature_axes[0])
-    hi = lo + len(feature_axes)
-    return _prod(pshape[:lo]), _prod(pshape[lo:hi]), _prod(pshape[hi:])
-
-
-def _dense_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, tuple[int, int, int]]:
-    """``x`` (or, when its layout is not a dense ``(A, C, B)`` array, a contiguous copy of it) and ``(A, C, B)``."""
-    dims = _acb_dims(x, feature_axes)
-    if dims is None:  # strided, or feature axes apart in memory: one copy, laid out feature-axes-together
-        perm = _memory_perm(x, feature_axes)
-        inverse = [perm.index(d) for d in range(x.ndim)]
-        x = x.permute(perm).contiguous().permute(inverse)
-        dims = _acb_dims(x, feature_axes)
-    return x, dims
-
-
-def _mask_as_acb(mask: Tensor, x: Tensor, feature_axes: tuple[int, ...], dtype) -> Tensor:
-    """The mask (``x.shape`` without the feature axes) as ``(A, 1, B)`` 0/1 weights, laid out like ``x``."""
-    expected = tuple(s for d, s in enumerate(x.shape) if d not in feature_axes)
+    target = tuple(s for d, s in enumerate(x.shape) if d not in feature_axes)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor, got {got}")
-    if tuple(mask.shape) != expected:
+    fits = mask.dim() == len(target) and all(m in (1, t) for m, t in zip(mask.shape, target))
+    if not fits:
         raise ValueError(
             f"mask must have the input's shape without the feature axes {feature_axes}: "
-            f"expected {expected}, got {tuple(mask.shape)}"
+            f"expected {target}, got {tuple(mask.shape)} (size-1 axes broadcast)"
         )
-    m = mask.to(device=x.device, dtype=dtype)
+    m = mask.to(device=x.device).expand(target)
     for a in feature_axes:
         m = m.unsqueeze(a)
-    return _to_acb(m, _memory_perm(x, feature_axes), feature_axes)
+    return _to_acb(m, _dispatch.memory_perm(x, feature_axes), feature_axes)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if not x.is_floating_point():
+        raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _flat(t: Tensor | None, dtype) -> Tensor | None:
+    if t is None or (t.dim() == 1 and t.dtype == dtype):
+        return t
+    return t.reshape(-1).to(dtype)
+
+
+def apply_activation(y: Tensor, activation: str | None, negative_slope: float = 0.01) -> Tensor:
+    """``activation`` (one of :data:`ACTIVATIONS`, or ``None``) applied to ``y`` with PyTorch ops."""
+    return _activate(y, activation, negative_slope)
+
+
+def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
+    if act is None or act == "identity":
+        return y
+    if act == "relu":
+        return torch.relu(y)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, slope)
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    if act == "gelu":
+        return torch.nn.functional.gelu(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    if act == "tanh":
+        return torch.tanh(y)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
 # --------------------------------------------------------------------------- elementary math
@@ -233,10 +223,10 @@ def moments(
 
     ``correction=0`` gives the biased variance (divide by the count ``M``),
     ``correction=1`` the unbiased one (divide by ``M - 1``). With a ``mask``
-    (bool, ``x.shape`` without the feature axes) only True positions count.
-    The variance is computed in two passes (mean, then squared deviations),
-    so data with a large offset keeps its precision. Results have the shape
-    of the feature axes.
+    (bool, broadcastable to ``x.shape`` without the feature axes) only True
+    positions count, whatever the others hold. The variance is computed in two
+    passes (mean, then squared deviations), so data with a large offset keeps
+    its precision. Results have the shape of the feature axes.
 
     >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
     >>> mean, var = moments(x, axis=-1)
@@ -249,20 +239,24 @@ def moments(
     if mask is None:
         var, mean = torch.var_mean(x3, dim=(0, 2), correction=correction)
         return mean.view(fshape), var.view(fshape)
-    w3 = _mask_as_acb(mask, x, feat, x3.dtype)
-    mean, var, count = _masked_moments3(x3, w3)
+    mean, var, count = _masked_moments3(x3, _mask_as_acb(mask, x, feat))
     if correction:
         var = var * count / (count - correction)
     return mean.view(fshape), var.view(fshape)
 
 
-def _masked_moments3(x3: Tensor, w3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # Exact count (no epsilon bias); a count of 0 gives mean 0 / var 0 here and
-    # is handled by the caller (see batch_norm_train).
-    count = w3.sum()
+def _masked_moments3(x3: Tensor, m3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, biased variance and count over the True positions of the bool ``(A, 1, B)`` mask.
+
+    The excluded positions are selected away, not multiplied by zero, so NaN or
+    inf there never reaches the statistics. A count of 0 gives mean 0 / var 0
+    (the caller decides what that means).
+    """
+    count = m3.sum().to(x3.dtype) * 1  # every feature sees the same positions
     denom = count.clamp(min=1)
-    mean = (x3 * w3).sum((0, 2)) / denom
-    var = (w3 * (x3 - mean[None, :, None]).square()).sum((0, 2)) / denom
+    zero = x3.new_zeros(())
+    mean = torch.where(m3, x3, zero).sum((0, 2)) / denom
+    var = torch.where(m3, (x3 - mean[None, :, None]).square(), zero).sum((0, 2)) / denom
     return mean, var, count
 
 
@@ -300,31 +294,36 @@ def batch_norm_backward(
     """Analytic gradients ``(dx, dgamma, dbeta)`` of training-mode batch norm on ``(A, C, B)`` views.
 
     ``mean`` and ``invstd`` have shape ``(C,)``. ``weights`` is an optional
-    ``(A, 1, B)`` 0/1 mask: masked positions were normalized but did not enter
+    ``(A, 1, B)`` bool mask: masked positions were normalized but did not enter
     the statistics, so for them ``dx = gamma * invstd * dy``. ``count`` is the
     number of values per feature that entered the statistics (default ``A*B``).
     With ``w`` the mask, ``M`` the count::
 
         dx_i = gamma*invstd * (dy_i - w_i/M * sum(dy) - w_i*xhat_i/M * sum(dy*xhat))
+
+    With a mask, a position whose ``dy`` is exactly 0 adds nothing to the sums,
+    even where its input is not finite (padding the loss ignores).
     """
     a, c, b = x.shape
     m3 = mean.view(1, c, 1)
     s3 = invstd.view(1, c, 1)
     sum_dy = dy.sum((0, 2))
-    sum_dy_xhat = (dy * (x - m3)).sum((0, 2)) * invstd
     k = s3 if gamma is None else s3 * gamma.view(1, c, 1)
     if weights is None:
+        sum_dy_xhat = (dy * (x - m3)).sum((0, 2)) * invstd
         m = a * b if count is None else count
         # dx = k*dy + alpha*x + const, folded into two fused passes
         alpha = -k * s3 * (sum_dy_xhat / m).view(1, c, 1)
         const = -k * (sum_dy / m).view(1, c, 1) - alpha * m3
         dx = torch.addcmul(const, dy, k).addcmul_(x, alpha)
-    else:
-        m = (weights.sum() if count is None else count)
-        m = m.clamp(min=1) if isinstance(m, Tensor) else max(m, 1)
-        xhat = (x - m3) * s3
-        t = (sum_dy.view(1, c, 1) + xhat * sum_dy_xhat.view(1, c, 1)) / m
-        dx = k * (dy - weights * t)
+        return dx, sum_dy_xhat, sum_dy
+    weights = weights.bool()
+    sum_dy_xhat = torch.where(dy != 0, dy * (x - m3), dy.new_zeros(())).sum((0, 2)) * invstd
+    m = weights.sum() if count is None else count
+    m = m.clamp(min=1) if isinstance(m, Tensor) else max(m, 1)
+    xhat = (x - m3) * s3
+    t = (sum_dy.view(1, c, 1) + xhat * sum_dy_xhat.view(1, c, 1)) / m
+    dx = k * torch.where(weights, dy - t, dy)
     return dx, sum_dy_xhat, sum_dy
 
 
@@ -333,19 +332,20 @@ class _BatchNormTrain(torch.autograd.Function):
 
     Returns ``(y, mean, var, count)``; the statistics are non-differentiable
     outputs so the caller can update moving statistics without recomputing them.
-    ``fallback_mean``/``fallback_var`` (``(C,)`` or ``None``) replace the batch
-    statistics of a fully masked batch, which has none.
+    ``mask3`` is ``None`` or a bool ``(A, 1, B)`` mask. ``fallback_mean``/
+    ``fallback_var`` (``(C,)`` or ``None``) normalize a fully masked batch,
+    which has no statistics of its own.
     """
 
     @staticmethod
-    def forward(ctx, x3, gamma, beta, weights, epsilon, fallback_mean, fallback_var):
+    def forward(ctx, x3, gamma, beta, mask3, epsilon, fallback_mean, fallback_var):
         c = x3.shape[1]
-        if weights is None:
+        if mask3 is None:
             var, mean = torch.var_mean(x3, dim=(0, 2), correction=0)
             count = torch.tensor(x3.shape[0] * x3.shape[2], dtype=x3.dtype, device=x3.device)
             norm_mean, norm_var = mean, var
         else:
-            mean, var, count = _masked_moments3(x3, weights)
+            mean, var, count = _masked_moments3(x3, mask3)
             norm_mean, norm_var = mean, var
             if fallback_mean is not None:
                 has_data = count > 0
@@ -357,7 +357,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if beta is not None:
             shift = shift + beta
         y = torch.addcmul(shift.view(1, c, 1), x3, scale.view(1, c, 1))
-        ctx.save_for_backward(x3, gamma, norm_mean, invstd, weights, count)
+        ctx.save_for_backward(x3, gamma, norm_mean, invstd, mask3, count)
         ctx.has_gamma = gamma is not None
         ctx.has_beta = beta is not None
         ctx.mark_non_differentiable(mean, var, count)
@@ -366,10 +366,9 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dvar, _dcount):
-        x3, gamma, mean, invstd, weights, count = ctx.saved_tensors
-        dx, dgamma, dbeta = batch_norm_backward(
-            dy.contiguous(), x3, mean, invstd, gamma, weights, count if weights is not None else None
-        )
+        x3, gamma, mean, invstd, mask3, count = ctx.saved_tensors
+        dx, dgamma, dbeta = batch_norm_backward(dy.contiguous(), x3, mean, invstd, gamma, mask3,
+                                                count if mask3 is not None else None)
         return (
             dx if ctx.needs_input_grad[0] else None,
             dgamma if ctx.has_gamma and ctx.needs_input_grad[1] else None,
@@ -379,87 +378,6 @@ class _BatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
-
-
-# --------------------------------------------------------------------------- compiled kernels
-
-# storage dtype -> dtype of the per-feature parameters and statistics the kernels take
-_KERNEL_PARAM_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
-_ACT_CODES = _kernels.ACTIVATION_CODES
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _kernels_for(x: Tensor, channels: int, *per_feature: Tensor | None):
-    """The compiled kernels if they apply to ``x`` and these per-feature tensors, else ``None``."""
-    pdtype = _KERNEL_PARAM_DTYPE.get(x.dtype)
-    if pdtype is None or not x.is_cpu or (type(x) is not Tensor and type(x) is not torch.nn.Parameter):
-        return None  # tensor subclasses and wrappers hold no plain memory to hand to C
-    for t in per_feature:
-        if t is not None and (t.dtype is not pdtype or not t.is_cpu or t.numel() != channels or not t.is_contiguous()):
-            return None
-    return _loaded_kernels()
-
-
-def _loaded_kernels():
-    """The compiled kernels, or ``None`` when they are unavailable or a graph is being captured.
-
-    Under tracing, ``torch.compile`` or a functorch transform (vmap, grad) the
-    graph must see the PyTorch ops instead of a call into C.
-    """
-    if torch._C._get_tracing_state() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return None
-    state = _kernels._state
-    return state["kernels"] if state["tried"] else _kernels.get()
-
-
-def _kernel_route(x: Tensor, feat: tuple[int, ...], *per_feature: Tensor | None):
-    """``(x_dense, dims, kernels)`` when the compiled kernels take this call, else ``None``.
-
-    The cheap checks come first, so an input the kernels refuse is never copied.
-    """
-    if not x.numel():
-        return None
-    channels = x.shape[feat[0]] if len(feat) == 1 else _prod(x.shape[a] for a in feat)
-    kernels = _kernels_for(x, channels, *per_feature)
-    if kernels is None:
-        return None
-    xd, dims = _dense_acb(x, feat)
-    return xd, dims, kernels
-
-
-def _records_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd would record this call (grad mode on and some input needing a gradient)."""
-    if torch.is_grad_enabled():
-        for t in tensors:
-            if t is not None and t.requires_grad:
-                return True
-    return False
-
-
-#: Activations that may follow the normalization (``BatchNormAct``); ReLU and leaky ReLU fuse into the kernels.
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "identity")
-
-
-def _activate(y: Tensor, act: str | None, slope: float) -> Tensor:
-    """The activation applied by PyTorch ops (the path where the kernels do not run)."""
-    if act is None or act == "identity":
-        return y
-    if act == "relu":
-        return torch.relu(y)
-    if act == "leaky_relu":
-        return torch.nn.functional.leaky_relu(y, slope)
-    if act == "silu":
-        return torch.nn.functional.silu(y)
-    if act == "gelu":
-        return torch.nn.functional.gelu(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    if act == "tanh":
-        return torch.tanh(y)
-    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
 def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -> Tensor:
@@ -475,148 +393,25 @@ def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -
     return _activate(y, act, slope).to(x3.dtype)
 
 
-def _kernel_train_forward(x, gamma, beta, plan):
-    """The kernels' training forward: ``(y, saved, var, act_code, threads)``; ``saved`` = mean ++ invstd."""
-    _feat, (a, c, b), epsilon, moving, act, slope, stats, kernels = plan
-    pdtype = _KERNEL_PARAM_DTYPE[x.dtype]
-    y = torch.empty_like(x)
-    saved = torch.empty(2 * c, dtype=pdtype)
-    p_mean = saved.data_ptr()
-    var = torch.empty(c, dtype=pdtype) if stats else None
-    mm, mv, momentum, var_factor, counter = (None, None, 0.0, 1.0, None) if moving is None else moving
-    code = _ACT_CODES[act]
-    threads = _kernels.threads_for(a * c * b)
-    rc = kernels.train_fwd[x.dtype](
-        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), epsilon, p_mean, _ptr(var),
-        p_mean + c * saved.element_size(), _ptr(mm), _ptr(mv), momentum, var_factor, code, slope, threads,
-        _ptr(counter),
-    )
-    if rc:
-        raise MemoryError("bnlab kernel could not allocate its scratch memory")
-    return y, saved, var, code, threads
-
-
-#: Training batches of an ``(N, C)`` matrix with at most this many values take the small-batch path
-#: (:func:`_small_rows_train`). Measured (2 threads, float32, forward+backward against the native
-#: module at (64, 64), (32, 128) and (256, 256)): ``torch.batch_norm`` with its two scratch buffers,
-#: called bare, 0.81-0.90x; bnlab's layer through the kernels' autograd Function 1.14-1.27x, through
-#: this path with buffers allocated per call 1.10-1.18x, with the layer's kept buffers and the
-#: checks written out 0.93-1.11x (benchmarks/bench_layer.py --quick, three runs; the rest is the
-#: layer's own Python and the ctypes update, about 1 us each).
-SMALL_ROWS_NUMEL = 1 << 16
-#: The same path for (N, C, ...) batches in PyTorch's layouts with the features on axis 1: up to
-#: this many values when contiguous (NCHW), twice as many in a channels-last format. Layer
-#: forward+backward through the kernels' Function against the native module (2 threads, float32,
-#: 20 paired rounds): NCHW 1.43x at 2,048 values, 1.17x at 16,384, 0.95-0.97x at 32,768, 0.74x at
-#: 65,536; channels-last 1.21x, 1.19x, 1.13-1.14x at 32,768, 0.90x at 65,536. Below these sizes
-#: the Function's fixed cost (about 25 us per step) outweighs the kernels' speed.
-SMALL_PLANES_NUMEL = 1 << 14
-
-
-def _small_layout(x: Tensor) -> bool:
-    """Whether a batch of at most ``SMALL_ROWS_NUMEL`` values with the features on axis 1 takes the small-batch path."""
-    if x.dim() == 2:
-        return True
-    n = x.numel()
-    if n <= SMALL_PLANES_NUMEL and x.is_contiguous():
-        return True
-    return n <= 2 * SMALL_PLANES_NUMEL and _channels_last(x)
-
-
-def _c_counter(counter: Tensor) -> bool:
-    """Whether the kernels can increment ``counter`` (a batch counter) through its address: a CPU int64 scalar."""
-    return counter.dtype is torch.int64 and counter.is_cpu and counter.numel() == 1
-
-
-def _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, unbiased, scratch, counter=None):
-    """Training forward of a small batch that records a graph, or ``None`` when this path does not apply.
-
-    The batch is ``(N, C)``, or ``(N, C, ...)`` in a layout PyTorch's op takes as it is
-    (contiguous or channels-last; see :func:`_small_layout`), the features on axis 1.
-
-    On layers this small the fixed cost of a Python ``autograd.Function`` (about
-    20 us per step) outweighs the arithmetic, so the normalization and its
-    gradients come from ``torch.batch_norm``, whose autograd node is C++. The
-    moving statistics are updated by the kernels' ``update_moving``, with the
-    same conventions and non-finite guard as the kernel path. PyTorch's op with
-    momentum 1 writes ``0 * buffer + statistic`` into two per-feature buffers:
-    the batch mean and the *unbiased* variance (``(N - 1) / N`` turns it back
-    into the biased one). ``update_moving`` reads them and resets them to zero,
-    so a caller may keep them for its next batch: ``scratch`` is a dict (a
-    layer's own) holding them by dtype; without it they are allocated here.
-    bfloat16 data goes with float32 parameters and statistics (PyTorch's
-    mixed-type CPU kernel, which computes in float32 as the kernels do).
-
-    ``counter``: the layer's ``num_batches_tracked`` (a CPU int64 scalar) or
-    ``None``; ``update_moving`` increments it in the same call, which on a
-    ``(64, 64)`` layer saves a PyTorch op of 1.5-3 us per step (see
-    :func:`_batch_norm_train_update`). When this function returns ``None`` it
-    has not touched it.
-
-    Every call of a small layer pays for this function's checks, so they are
-    written out here (the ones :func:`_kernels_for` makes, for the tensors that
-    reach C) rather than shared; a layer keeps what they found for its next
-    batch (``BatchNorm._small_plan``).
-    """
-    c = x.shape[1]
-    n = x.numel() // c  # values per feature
-    pdt = _KERNEL_PARAM_DTYPE.get(x.dtype)  # parameters and statistics: float32 for bfloat16 data
-    if n < 2 or pdt is None or not x.is_cpu \
-            or (type(x) is not Tensor and type(x) is not torch.nn.Parameter) or not _records_graph(x, gamma, beta):
-        return None
-    for t in (gamma, beta):
-        if t is not None and (t.dtype is not pdt or t.numel() != c or t.dim() != 1):
-            return None  # the general paths deal with (or explain) mixed dtypes and shapes
-    if moving_mean is None:
-        return torch.batch_norm(x, gamma, beta, None, None, True, 0.0, epsilon, False)
-    for t in (moving_mean, moving_variance):
-        if t.dtype is not pdt or not t.is_cpu or t.numel() != c or not t.is_contiguous():
-            return None
-    if counter is not None and not _c_counter(counter):
-        return None
-    kernels = _loaded_kernels()
-    if kernels is None:
-        return None
-    pair = None if scratch is None else scratch.get(pdt)
-    if pair is None or pair[0].numel() != c:
-        pair = (torch.zeros(c, dtype=pdt), torch.zeros(c, dtype=pdt))
-        if scratch is not None:
-            scratch[pdt] = pair
-    mean, var = pair
-    y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, epsilon, False)
-    # the stored variance is the biased one times M/(M-1) when unbiased (M = n > 1 here)
-    factor = (n - 1) / n if not unbiased else 1.0
-    kernels.update_moving[pdt](
-        moving_mean.data_ptr(), moving_variance.data_ptr(), mean.data_ptr(), var.data_ptr(), c, float(momentum), factor,
-        None if counter is None else counter.data_ptr(),
-    )
-    return y
-
-
 class _KernelTrain(torch.autograd.Function):
-    """Training-mode batch norm (+ optional ReLU / leaky ReLU) in compiled code.
+    """Training-mode batch norm (+ ReLU / leaky ReLU) in the compiled kernels.
 
     ``apply(x, gamma, beta, plan)`` with ``plan = (feat, dims, epsilon, moving,
-    act, slope, stats, kernels)`` (one tuple: every argument of ``apply`` costs
-    time on small layers). ``x`` is dense and its memory is the ``(A, C, B)``
-    array ``dims`` (see :func:`_acb_dims`); ``y`` and ``dx`` get ``x``'s shape
-    and strides, so no view enters the autograd graph. ``moving`` is ``None``
-    or ``(moving_mean, moving_var, momentum, var_factor, counter)``, updated in
-    place inside the forward call (features with non-finite statistics keep
-    their values; ``counter``, an int64 scalar or ``None``, counts the batch).
-    With ``stats=True`` the batch mean and biased variance are returned too
-    (non-differentiable).
+    act, slope, want_var, kernels)``: ``x`` is dense and its memory is the
+    ``(A, C, B)`` array ``dims``; ``y`` and ``dx`` get ``x``'s strides, so no view
+    enters the graph. ``moving`` is ``None`` or the moving statistics' update
+    (see :func:`bnlab._kernels.ops.train_forward`), done inside the forward call.
+    Returns ``y``, or ``(y, mean, var)`` with ``want_var`` (non-differentiable).
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, plan):
-        y, saved, var, code, threads = _kernel_train_forward(x, gamma, beta, plan)
-        c, stats = plan[1][1], plan[6]
+        _feat, dims, epsilon, moving, act, slope, want_var, kernels = plan
+        y, saved, var = _ops.train_forward(kernels, x, dims, gamma, beta, epsilon, moving, act, slope, want_var)
         ctx.save_for_backward(x, gamma, beta)
-        # mean and invstd (one buffer) live on ctx: an intermediate, not a saved input
-        ctx.state = (saved, plan, code, threads)
-        if stats:
-            mean = saved[:c].clone()
+        ctx.state = (saved, plan)  # mean and invstd: an intermediate, not a saved input
+        if want_var:
+            mean = saved[:dims[1]].clone()
             ctx.mark_non_differentiable(mean, var)
             return y, mean, var
         return y
@@ -624,45 +419,54 @@ class _KernelTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         x, gamma, beta = ctx.saved_tensors
-        saved, (feat, (a, c, b), epsilon, _moving, act, slope, _stats, kernels), code, threads = ctx.state
-        need_x, need_g, need_b = ctx.needs_input_grad[:3]
+        saved, (feat, dims, epsilon, _moving, act, slope, _want, kernels) = ctx.state
+        need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True: differentiate a differentiable recomputation instead
-            inputs = [t for t, need in zip((x, gamma, beta), (need_x, need_g, need_b)) if need]
+            inputs = [t for t, n in zip((x, gamma, beta), need) if n]
             x3, restore = as_acb(x, feat)
             g = None if gamma is None else gamma.reshape(-1)
             bt = None if beta is None else beta.reshape(-1)
             y = restore(_differentiable_train(x3, g, bt, epsilon, act, slope))
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            return next(grads) if need_x else None, next(grads) if need_g else None, next(grads) if need_b else None, None
-        if dy.dtype != x.dtype or dy.stride() != x.stride():
-            dy = torch.empty_like(x).copy_(dy)  # x's memory layout
-        dx = torch.empty_like(x) if need_x else None
-        dgamma = torch.empty_like(gamma) if need_g else None
-        dbeta = torch.empty_like(beta) if need_b else None
-        p_mean = saved.data_ptr()
-        rc = kernels.train_bwd[x.dtype](
-            x.data_ptr(), dy.data_ptr(), _ptr(dx), a, c, b, _ptr(gamma), _ptr(beta), p_mean,
-            p_mean + c * saved.element_size(), _ptr(dgamma), _ptr(dbeta), code, slope, threads,
-        )
-        if rc:
-            raise MemoryError("bnlab kernel could not allocate its scratch memory")
-        return dx, dgamma, dbeta, None
-
-
-def _kernel_inference(kernels, x, dims, gamma, beta, moving_mean, moving_var, epsilon, act, slope) -> Tensor:
-    a, c, b = dims
-    y = torch.empty_like(x)
-    rc = kernels.infer[x.dtype](
-        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(gamma), _ptr(beta), moving_mean.data_ptr(),
-        moving_var.data_ptr(), epsilon, _ACT_CODES[act], slope, _kernels.threads_for(x.numel()),
-    )
-    if rc:
-        raise MemoryError("bnlab kernel could not allocate its scratch memory")
-    return y
+            return tuple(next(grads) if n else None for n in need) + (None,)
+        dx, dgamma, dbeta = _ops.train_backward(kernels, x, dy, dims, gamma, beta, saved, act, slope, need)
+        return (dx, None if dgamma is None else dgamma.view(gamma.shape), None if dbeta is None else dbeta.view(beta.shape),
+                None)
 
 
 # --------------------------------------------------------------------------- moving statistics
+
+
+def variance_factor(count, source: str = "biased", target: str = "biased"):
+    """The factor that turns a ``source`` batch variance of ``count`` values into a ``target`` one.
+
+    ``"biased"`` divides the sum of squared deviations by ``M``, ``"unbiased"``
+    by ``M - 1``: Keras' moving variance averages the biased one, PyTorch's
+    and the paper's Algorithm 2 the unbiased one (``var * M / (M - 1)``). One
+    value has no unbiased variance: the factor is then NaN, which makes the
+    moving-statistics update skip that batch. ``count`` may be an int or a
+    tensor (a masked batch's count).
+
+    >>> variance_factor(4, "biased", "unbiased"), variance_factor(4, "unbiased", "biased")
+    (1.3333333333333333, 0.75)
+    """
+    for name, value in (("source", source), ("target", target)):
+        if value not in ("biased", "unbiased"):
+            raise ValueError(f"{name} must be 'biased' or 'unbiased', got {value!r}")
+    return _factor(count, source == "unbiased", target == "unbiased")
+
+
+def _factor(count, source_unbiased: bool, target_unbiased: bool):
+    """:func:`variance_factor` with the estimators as flags (the rule, written once)."""
+    if source_unbiased == target_unbiased:
+        return 1.0
+    if isinstance(count, Tensor):
+        ratio = count / (count - 1) if target_unbiased else (count - 1) / count
+        return torch.where(count > 1, ratio, torch.full_like(ratio, math.nan))
+    if count < 2:
+        return math.nan
+    return count / (count - 1) if target_unbiased else (count - 1) / count
 
 
 def update_moving_stats_(
@@ -672,26 +476,75 @@ def update_moving_stats_(
     batch_variance: Tensor,
     momentum: float | Tensor,
     valid: Tensor | None = None,
+    *,
+    variance_factor: float | Tensor = 1.0,
+    num_batches_tracked: Tensor | None = None,
 ) -> None:
     """In place: ``moving <- momentum * moving + (1 - momentum) * batch`` (Keras' convention).
 
     ``momentum`` is the weight of the OLD value (Keras; PyTorch's ``momentum`` is
     ``1 -`` this, see :mod:`bnlab.conventions`); it may be a 0-d tensor (the
-    cumulative average uses ``1 - 1/num_batches``). A feature whose batch mean
-    or variance is not finite, or where ``valid`` is False, keeps its moving
-    values bit for bit. The check runs on the device, without a host sync.
+    cumulative average uses ``1 - 1/num_batches``). The variance averaged is
+    ``batch_variance * variance_factor`` (see :func:`variance_factor`). A
+    feature whose new mean or variance would not be finite, or where ``valid``
+    is False, keeps its moving values bit for bit, so no NaN or inf is ever
+    written there. The check runs on the device, without a host sync.
+    ``num_batches_tracked`` (a 0-d int64 tensor, PyTorch's batch counter),
+    when given, counts this batch; ``momentum=None`` needs it: a cumulative
+    average, the ``n``-th batch weighing ``1/n``.
     """
-    with torch.no_grad():
-        _update_(moving_mean, moving_variance, batch_mean.detach().reshape(-1), batch_variance.detach().reshape(-1), momentum, 1.0, valid)
+    _update(moving_mean, moving_variance, batch_mean.detach().reshape(-1), batch_variance.detach().reshape(-1),
+            momentum, variance_factor, valid, num_batches_tracked)
+
+
+def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=None, counter=None, scratch=None,
+            kernels=None) -> None:
+    """The one moving-statistics update (:func:`update_moving_stats_`), and ``counter += 1`` when given.
+
+    ``momentum=None`` is the cumulative average: the batch is counted first and
+    weighs ``1 / num_batches`` (a tensor, so no host sync). ``scratch``: the
+    :class:`bnlab._kernels.ops.Scratch` that ``mean`` and ``var`` live in, zeroed
+    and given back once read. Computed by the kernels' ``update_moving`` when
+    they take every tensor; else through NumPy views of CPU buffers (about
+    1 us per op against 3-7 us for a torch op on small layers); else with
+    torch ops.
+    """
+    if momentum is None:
+        if counter is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+        counter.add_(1)
+        momentum, counter = 1.0 - 1.0 / counter.clamp(min=1).to(moving_mean.dtype), None
+    scalar = not isinstance(momentum, Tensor) and not isinstance(factor, Tensor) and valid is None
+    if scratch is not None and scalar and kernels is not None:
+        try:
+            _ops.update_moving(kernels, moving_mean, moving_variance, scratch, momentum, factor, counter)
+            return
+        except _ops.BoundaryError:
+            pass  # an unusual buffer (strided, other dtype, neg bit): the paths below take it
+    if moving_mean.is_cpu:
+        _check_storage(moving_mean=moving_mean, moving_variance=moving_variance)
+    if counter is not None:
+        counter.add_(1)
+    if (scalar and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and moving_mean.is_cpu
+            and mean.is_cpu and moving_mean.dtype in (torch.float32, torch.float64)
+            and moving_variance.dtype is moving_mean.dtype and moving_mean.is_contiguous()
+            and moving_variance.is_contiguous() and not (moving_mean.is_neg() or moving_variance.is_neg()
+                                                          or mean.is_neg() or var.is_neg())):
+        _update_numpy_(moving_mean, moving_variance, mean, var, float(momentum), float(factor))
+    else:
+        with torch.no_grad():
+            _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
+    if scratch is not None:  # zeroed through NumPy: no in-place torch op that autograd would see
+        for a in scratch.arrays:
+            a.fill(0)
+        _ops.give_back(scratch)
 
 
 def _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor) -> None:
     # NumPy views share memory with the buffers: writing them writes the buffers.
-    mm = moving_mean.numpy()
-    mv = moving_variance.numpy()
-    if mm.ndim != 1:
-        mm, mv = mm.reshape(-1), mv.reshape(-1)
-    bm, bv = batch_mean.numpy(), batch_var.numpy()
+    mm = moving_mean.detach().numpy().reshape(-1)
+    mv = moving_variance.detach().numpy().reshape(-1)
+    bm, bv = batch_mean.detach().numpy(), batch_var.detach().numpy()
     if bm.dtype != mm.dtype:
         bm, bv = bm.astype(mm.dtype), bv.astype(mm.dtype)
     new_weight = 1.0 - momentum
@@ -704,101 +557,221 @@ def _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, momentum
     np.copyto(mv, new_var, where=ok)
 
 
-_WEIGHT_COLUMNS: dict = {}
-
-
-def _weight_column(momentum: float, var_factor: float, dtype, device) -> Tensor:
-    # [[1 - momentum], [(1 - momentum) * var_factor]], cached: building a tiny
-    # tensor costs more than the arithmetic it feeds on small layers.
-    key = (momentum, var_factor, dtype, device)
-    col = _WEIGHT_COLUMNS.get(key)
-    if col is None:
-        if len(_WEIGHT_COLUMNS) > 256:
-            _WEIGHT_COLUMNS.clear()
-        w = 1.0 - momentum
-        col = _WEIGHT_COLUMNS[key] = torch.tensor([[w], [w * var_factor]], dtype=dtype, device=device)
-    return col
-
-
-def _update_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid=None, force_torch=False) -> None:
-    # batch_mean, batch_var: detached (C,) statistics; the stored variance is
-    # batch_var * var_factor. This runs on every training step; on small layers
-    # the fixed cost of each op dominates, so CPU buffers are updated through
-    # zero-copy NumPy views (about 1 us per op here, against 3-7 us for a torch op).
-    if (
-        not force_torch
-        and valid is None
-        and moving_mean.device.type == "cpu"
-        and batch_mean.device.type == "cpu"
-        and not isinstance(momentum, Tensor)
-        and not isinstance(var_factor, Tensor)
-        and moving_mean.dtype in (torch.float32, torch.float64)
-        and moving_mean.is_contiguous()
-        and moving_variance.is_contiguous()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    ):
-        _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, float(momentum), float(var_factor))
-        return
-    with torch.no_grad():
-        _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid)
-
-
 def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid) -> None:
-    stats = torch.stack((batch_mean, batch_var))
-    old = torch.stack((moving_mean.view(-1), moving_variance.view(-1)))
-    if stats.dtype != old.dtype:
-        stats = stats.to(old.dtype)
-    if isinstance(momentum, Tensor) or isinstance(var_factor, Tensor):
-        col = torch.stack((torch.ones((), dtype=old.dtype, device=old.device), torch.as_tensor(var_factor, dtype=old.dtype, device=old.device)))
-        col = (col * (1.0 - momentum)).view(2, 1)
-    else:
-        col = _weight_column(float(momentum), float(var_factor), old.dtype, old.device)
-    new = torch.addcmul(old * momentum, stats, col)
+    if not (moving_mean.is_floating_point() and moving_variance.is_floating_point()):
+        raise TypeError(f"the moving statistics must be floating-point tensors, got {moving_mean.dtype} and "
+                        f"{moving_variance.dtype}")
+    old = torch.stack((moving_mean.reshape(-1), moving_variance.reshape(-1)))
+    stats = torch.stack((batch_mean, batch_var)).to(old.dtype)
+    factor = torch.as_tensor(var_factor, dtype=old.dtype, device=old.device)
+    col = torch.stack((torch.ones_like(factor), factor)) * (1.0 - torch.as_tensor(momentum, dtype=old.dtype,
+                                                                                    device=old.device))
+    new = torch.addcmul(old * momentum, stats, col.view(2, 1))
     # Finite check per feature, mean and variance together: x * 0 is 0 for finite
     # x and NaN for inf/NaN (one kernel, where torch.isfinite takes several).
     zero = new * 0.0
     ok = (zero[0] + zero[1]) == 0
     if valid is not None:
         ok = ok & valid
-    torch.where(ok, new, old, out=new)
-    (moving_mean if moving_mean.dim() == 1 else moving_mean.view(-1)).copy_(new[0])
-    (moving_variance if moving_variance.dim() == 1 else moving_variance.view(-1)).copy_(new[1])
+    new = torch.where(ok, new, old)
+    moving_mean.copy_(new[0].view_as(moving_mean))
+    moving_variance.copy_(new[1].view_as(moving_variance))
 
 
 # --------------------------------------------------------------------------- whole transforms
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def _native(x: Tensor, feat: tuple[int, ...], dtype):
+    """``x`` as PyTorch's batch-norm op takes it (``(N, C, ...)`` features on dim 1), and the map back
+    (``None``: none needed).
+
+    bfloat16 data goes as it is with float32 parameters and statistics (PyTorch's mixed-type CPU
+    kernel computes in float32, as the kernels do); float16 is converted first.
+    """
+    if feat == (1,) and (x.dtype is dtype or (x.dtype is torch.bfloat16 and x.is_cpu)) \
+            and (x.ndim == 2 or x.is_contiguous() or _dispatch.channels_last(x)):
+        return x, None
+    x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+    return (x3.view(x3.shape[0], x3.shape[1]) if x3.shape[2] == 1 else x3), lambda y: restore(y.view(x3.shape))
+
+
+def _aten(x, gamma, beta, mean, var, training: bool, epsilon: float) -> Tensor:
+    """PyTorch's batch-norm op: in training it writes the batch mean and UNBIASED variance into
+    ``mean`` and ``var`` (momentum 1: ``0 * buffer + statistic``), in inference it reads them.
+
+    On the CPU ``torch.native_batch_norm`` (what ``torch.batch_norm`` ends in, without the layers
+    of dispatch in between: it also takes bfloat16 data with float32 parameters); elsewhere
+    ``torch.batch_norm``, which may choose cuDNN.
+    """
+    if x.is_cpu:
+        return torch.native_batch_norm(x, gamma, beta, mean, var, training, 1.0, epsilon)[0]
+    return torch.batch_norm(x, gamma, beta, mean, var, training, 1.0, epsilon, torch.backends.cudnn.enabled)
+
+
+def _channels(x: Tensor, feat: tuple[int, ...]) -> int:
+    return x.shape[feat[0]] if len(feat) == 1 else math.prod(x.shape[a] for a in feat)
+
+
+def _check_sizes(c: int, gamma, beta, moving_mean, moving_variance) -> None:
+    """``ValueError`` unless every per-feature tensor given holds one value per feature (``c``)."""
+    if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
+            or (moving_mean is not None and moving_mean.numel() != c)
+            or (moving_variance is not None and moving_variance.numel() != c)):
+        for name, t in (("gamma", gamma), ("beta", beta), ("moving_mean", moving_mean),
+                        ("moving_variance", moving_variance)):
+            if t is not None and t.numel() != c:
+                raise ValueError(f"{name} must hold one value per feature: expected {c} values, got {t.numel()} "
+                                 f"(shape {tuple(t.shape)})")
+
+
+def _check_storage(**tensors: Tensor | None) -> None:
+    """``ValueError`` for a tensor whose storage is smaller than its values need (freed with
+    ``untyped_storage().resize_(0)``, as FSDP-style code does): nothing may read or write it.
+    (Not under ``torch.compile``, whose fake tensors have no storage to ask.)"""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
+            raise ValueError(f"{name}'s storage holds {t.untyped_storage().nbytes()} bytes, fewer than its "
+                             f"{t.numel()} values need (was its storage freed?)")
+
+
+def _graph(x, gamma, beta) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
+                                        or (beta is not None and beta.requires_grad))
+
+
+def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
+    """Inference transform (+ ``act``) of ``x`` with its feature axes ``feat`` already normalized."""
     if not x.is_floating_point():
         raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
-    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    _check_sizes(_channels(x, feat), gamma, beta, moving_mean, moving_variance)
+    kernels = _ops.loaded()
+    route = _dispatch.inference_route(x, feat, x.numel(), kernels, (gamma, beta, moving_mean, moving_variance),
+                                      _graph(x, gamma, beta))
+    fused = act if act in _ACT_CODES else None
+    if route.impl == "kernels":
+        xd, dims = _dispatch.dense_acb(x, feat) if route.copy else (x, route.dims)
+        try:
+            y = _ops.inference(kernels, xd, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
+            return y if fused == act else _activate(y, act, slope)
+        except _ops.BoundaryError:
+            pass  # an unusual per-feature tensor (strided, neg bit): PyTorch's op takes it
+    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    if x.is_cpu:
+        _check_storage(gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance)
+    xn, restore = _native(x, feat, dtype)
+    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), _flat(moving_mean, dtype), _flat(moving_variance, dtype),
+              False, epsilon)
+    if restore is not None:
+        y = restore(y)
+    if y.dtype is not x.dtype:
+        y = y.to(x.dtype)
+    return y if act is None else _activate(y, act, slope)
 
 
-def _flat(t: Tensor | None, dtype) -> Tensor | None:
-    if t is None or (t.dim() == 1 and t.dtype == dtype):
-        return t
-    return t.reshape(-1).to(dtype)
+def _train(x, feat, gamma, beta, epsilon, mask, impl, act=None, slope=0.01, moving=None, want_stats=False):
+    """Training transform (+ ``act``) of ``x`` (``feat`` normalized), updating ``moving`` when given.
+
+    ``moving``: ``None`` or ``(moving_mean, moving_variance, momentum,
+    unbiased, counter)``: the statistics to update in place (``unbiased``: they
+    average the unbiased batch variance), and a batch counter (a 0-d int64
+    tensor or ``None``) counted once for a non-empty batch. ``momentum=None``
+    is the cumulative average (weight ``1/n`` for the ``n``-th counted batch).
+    Returns ``y``, or ``(y, mean, biased_var, count)`` with ``want_stats``.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
+    c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
+    if moving is None:
+        mm = mv = counter = momentum = None
+        unbiased = False
+    else:
+        mm, mv, momentum, unbiased, counter = moving
+    if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
+            or (mm is not None and (mm.numel() != c or mv.numel() != c))):
+        _check_sizes(c, gamma, beta, mm, mv)  # raises, naming the tensor
+    mask3 = None if mask is None else _mask_as_acb(mask, x, feat)
+    n = x.numel()
+    if not n and mm is not None and not want_stats:
+        # An empty batch has no statistics: nothing is counted or updated; normalize (nothing) with the moving ones
+        return _inference(x, feat, mm, mv, gamma, beta, epsilon, act, slope)
+    kernels = _ops.loaded()
+    graph = torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
+                                         or (beta is not None and beta.requires_grad))
+    route = _dispatch.train_route(x, feat, n, c, kernels, (gamma, beta, mm, mv), mask is not None, impl, graph)
+    if route.impl == "kernels":
+        out = _train_kernels(kernels, route, x, feat, gamma, beta, epsilon, act, slope, mm, mv, momentum, unbiased,
+                             counter, want_stats, graph)
+        if out is not None:
+            return out
+        if impl == "kernel":  # their boundary refused a per-feature tensor (strided, neg bit, ...)
+            raise ValueError("impl='kernel' cannot run here: a per-feature tensor is not a contiguous vector "
+                             "the kernels can take")
+        route = _dispatch.Route("aten" if n > c else "composite")
+    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    scratch = None
+    if route.impl == "aten":
+        xn, restore = _native(x, feat, dtype)
+        # PyTorch's op with momentum 1 writes the batch mean and UNBIASED variance into these two
+        if mm is not None and x.is_cpu and not want_stats:
+            scratch = _ops.scratch(c, dtype)
+            mean, var = scratch.mean, scratch.var
+        else:
+            mean, var = x.new_zeros(c, dtype=dtype), x.new_zeros(c, dtype=dtype)
+        y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), mean, var, True, epsilon)
+        if restore is not None:
+            y = restore(y)
+        count, source_unbiased = n // c, True
+    else:
+        x3, restore = as_acb(x if x.dtype is dtype else x.to(dtype), feat)
+        fallback = (None, None) if mm is None else (_flat(mm, dtype), _flat(mv, dtype))
+        y3, mean, var, count = _BatchNormTrain.apply(x3, _flat(gamma, dtype), _flat(beta, dtype), mask3, epsilon,
+                                                     *fallback)
+        y = restore(y3)
+        source_unbiased = False
+        if mask is None:
+            count = x3.shape[0] * x3.shape[2]
+    if y.dtype is not x.dtype:
+        y = y.to(x.dtype)
+    if mm is not None:
+        # masked: skip when nothing (or, for the unbiased variance, one value) entered
+        valid = count > (1 if unbiased else 0) if isinstance(count, Tensor) else None
+        _update(mm, mv, mean, var, momentum, _factor(count, source_unbiased, unbiased), valid, counter, scratch,
+                kernels)
+    if act is not None:
+        y = _activate(y, act, slope)
+    if want_stats:
+        return y, mean, var * _factor(count, source_unbiased, False), count
+    return y
 
 
-def _native_layout(x: Tensor) -> bool:
-    """``x`` is ``(N, C, ...)`` laid out as PyTorch's batch-norm kernels expect (contiguous or channels-last)."""
-    if x.is_contiguous():
-        return True
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
-def _native_view(x3: Tensor) -> Tensor:
-    # PyTorch's kernels are fastest on (N, C) when there is no trailing extent.
-    return x3.view(x3.shape[0], x3.shape[1]) if x3.shape[2] == 1 else x3
+def _train_kernels(kernels, route, x, feat, gamma, beta, epsilon, act, slope, mm, mv, momentum, unbiased, counter,
+                   want_stats, graph):
+    """The kernels' training transform; the moving statistics are updated in the same call when the momentum
+    is a number. ``None`` when their boundary refuses a per-feature tensor (nothing was written then)."""
+    xd, dims = _dispatch.dense_acb(x, feat) if route.copy else (x, route.dims)
+    count = dims[0] * dims[2]
+    fused_update = mm is not None and isinstance(momentum, (int, float))
+    moving = (mm, mv, momentum, _factor(count, False, unbiased), counter) if fused_update else None
+    want_var = want_stats or (mm is not None and not fused_update)
+    fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
+    plan = (feat, dims, epsilon, moving, fused, slope, want_var, kernels)
+    try:
+        if graph:
+            out = _KernelTrain.apply(xd, gamma, beta, plan)
+        else:  # no graph to record (no_grad, recalibration, frozen weights): no autograd machinery
+            y, saved, var = _ops.train_forward(kernels, xd, dims, gamma, beta, epsilon, moving, fused, slope,
+                                               want_var)
+            out = (y, saved[:dims[1]], var) if want_var else y
+    except _ops.BoundaryError:
+        return None
+    y = out[0] if want_var else out
+    if fused != act:
+        y = _activate(y, act, slope)
+    if mm is not None and not fused_update:  # a cumulative average or a tensor momentum
+        _update(mm, mv, out[1], out[2], momentum, _factor(count, False, unbiased), None, counter)
+    return (y, out[1], out[2], count) if want_stats else y
 
 
 def batch_norm_inference(
@@ -810,142 +783,23 @@ def batch_norm_inference(
     *,
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-3,
+    mask: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """Inference transform: ``gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta``.
 
     Parameters and statistics have the shape of the feature axes (or are flat).
     Half-precision inputs are computed in float32 and returned in their dtype.
+    ``activation`` (one of :data:`ACTIVATIONS`, default none) is applied to the
+    result; ReLU and leaky ReLU (``negative_slope``) in the same pass on CPU.
+    A ``mask`` is checked as in training and otherwise ignored: inference
+    normalizes every position with the moving statistics (Keras).
     """
-    return _inference(x, normalize_axes(axis, x.ndim), moving_mean, moving_variance, gamma, beta, epsilon)
-
-
-def _inference_one_axis(x, axis, moving_mean, moving_var, gamma, beta, epsilon, act, slope):
-    """The kernels' inference of ``x`` with one feature axis and no graph to record, or ``None``.
-
-    The checks of :func:`_kernel_route` and :func:`_records_graph` written out
-    for the layouts the kernels take without any view: contiguous, or
-    channels-last with the features on axis 1. Inference of a 4 MB batch takes
-    about 1.05 copy-times in the kernel, and the layer's Python around it adds
-    up to a fifth again; this path takes 1.5-4 us off the 11-19 us of a small
-    layer's call and about 2 us at 4-8 MB. ``None`` means "use the general
-    route" (any other case, including the ones that raise).
-    """
-    pdt = _KERNEL_PARAM_DTYPE.get(x.dtype)
-    if pdt is None or not x.is_cpu or (type(x) is not Tensor and type(x) is not torch.nn.Parameter):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
-                                    or (beta is not None and beta.requires_grad)):
-        return None
-    n = x.numel()
-    if not n:
-        return None
-    shape = x.shape
-    c = shape[axis]
-    for t in (moving_mean, moving_var, gamma, beta):
-        if t is not None and (t.dtype is not pdt or not t.is_cpu or t.numel() != c or not t.is_contiguous()):
-            return None
-    if x.is_contiguous():
-        a, b = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-    elif axis == 1 and _channels_last(x):
-        a, b = n // c, 1
-    else:
-        return None
-    kernels = _loaded_kernels()
-    if kernels is None:
-        return None
-    return _kernel_inference(kernels, x, (a, c, b), gamma, beta, moving_mean, moving_var, epsilon, act, slope)
-
-
-def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=None, slope=0.01):
-    fused = act if act in _ACT_CODES else None
-    if len(feat) == 1 and moving_mean is not None:
-        y = _inference_one_axis(x, feat[0], moving_mean, moving_variance, gamma, beta, epsilon, fused, slope)
-        if y is not None:
-            return y if fused == act else _activate(y, act, slope)
-    route = None if _records_graph(x, gamma, beta) else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
-    if route is not None:  # (the kernels take floating-point inputs only)
-        xd, dims, kernels = route
-        y = _kernel_inference(kernels, xd, dims, gamma, beta, moving_mean, moving_variance, epsilon, fused, slope)
-        return y if fused == act else _activate(y, act, slope)
-    dtype = _compute_dtype(x)  # raises for integer inputs
-    return _activate(_inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype), act, slope)
-
-
-def _inference_torch(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, dtype):
-    if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):  # PyTorch's own layout
-        xn, restore = x, _same
-    else:
-        x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
-        xn = _native_view(x3)
-    y = torch.batch_norm(
-        xn,
-        _flat(gamma, dtype),
-        _flat(beta, dtype),
-        _flat(moving_mean, dtype),
-        _flat(moving_variance, dtype),
-        False,
-        0.0,
-        epsilon,
-        False,
-    )
-    y = restore(y)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def _train(x, feat, gamma, beta, epsilon, mask, fallback, impl, try_kernel=True):
-    """Shared training transform. Returns ``(y, (mean, var), count, unbiased)``.
-
-    ``mean`` and ``var`` are the ``(C,)`` batch statistics; ``var`` is the
-    unbiased variance when ``unbiased`` is True (aten path) and the biased one
-    otherwise; ``count`` is an int, or a 0-d tensor with a mask.
-    """
-    dtype = x.dtype
-    if dtype in _LOW_PRECISION:
-        dtype = torch.float32
-    elif not x.is_floating_point():
-        _compute_dtype(x)  # raises with the message
-    if impl in ("auto", "kernel") and try_kernel:
-        route = None if mask is not None else _kernel_route(x, feat, gamma, beta)
-        if route is not None:
-            xd, dims, kernels = route
-            y, mean, var = _KernelTrain.apply(xd, gamma, beta, (feat, dims, epsilon, None, None, 0.01, True, kernels))
-            return y, (mean, var), dims[0] * dims[2], False
-        if impl == "kernel":
-            _kernels_refused(x, mask)
-    if feat == (1,) and x.dtype == dtype and (x.dim() == 2 or _native_layout(x)):
-        # (N, C, ...) is PyTorch's own layout (in any dense memory format): no view on the aten path
-        x3, restore, channels = None, _same, x.shape[1]
-        per_feature = x.numel() // channels if channels else 0
-    else:
-        x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
-        per_feature, channels = x3.shape[0] * x3.shape[2], x3.shape[1]
-    # gamma/beta as flat tensors of the compute dtype (already so for 1-D float32 parameters)
-    g = gamma if gamma is None or (gamma.dim() == 1 and gamma.dtype == dtype) else _flat(gamma, dtype)
-    b = beta if beta is None or (beta.dim() == 1 and beta.dtype == dtype) else _flat(beta, dtype)
-    if impl == "aten" or (impl == "auto" and mask is None and per_feature > 1):
-        if mask is not None or per_feature < 2:
-            raise ValueError(
-                "impl='aten' needs no mask and at least 2 values per feature "
-                f"(got mask={'set' if mask is not None else None}, {per_feature} values)"
-            )
-        # The native kernel writes the batch mean and the UNBIASED batch variance
-        # into the running buffers; with momentum 1 and zero buffers these are the
-        # batch statistics themselves.
-        # Two separate buffers, not views of one: native's backward saves them, and autograd
-        # handles saved views much more slowly (measured: +25 us per call on small layers).
-        mean = torch.zeros(channels, dtype=dtype, device=x.device)
-        var = torch.zeros(channels, dtype=dtype, device=x.device)
-        xn = x if x3 is None else _native_view(x3)
-        y = restore(torch.batch_norm(xn, g, b, mean, var, True, 1.0, epsilon, False))
-        return (y if y.dtype == x.dtype else y.to(x.dtype)), (mean, var), per_feature, True
-    if impl not in ("auto", "composite"):
-        raise ValueError(f"impl must be 'auto', 'kernel', 'aten' or 'composite', got {impl!r}")
-    if x3 is None:
-        x3, restore = as_acb(x, feat)
-    weights = None if mask is None else _mask_as_acb(mask, x, feat, dtype)
-    fb_mean, fb_var = (None, None) if fallback is None else (_flat(fallback[0], dtype), _flat(fallback[1], dtype))
-    y3, mean, var, count = _BatchNormTrain.apply(x3, g, b, weights, epsilon, fb_mean, fb_var)
-    return restore(y3).to(x.dtype), (mean, var), (count if mask is not None else per_feature), False
+    feat = normalize_axes(axis, x.ndim)
+    if mask is not None:
+        _mask_as_acb(mask, x, feat)
+    return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, activation, negative_slope)
 
 
 def batch_norm_train(
@@ -970,11 +824,27 @@ def batch_norm_train(
     ``impl``: ``"kernel"`` (bnlab's compiled CPU kernels; float32/float64/bfloat16
     CPU tensors, no mask), ``"aten"`` (PyTorch's native kernel on the zero-copy
     view; no mask, at least 2 values per feature), ``"composite"`` (bnlab's
-    autograd Function of torch ops) or ``"auto"`` (the first that applies).
+    autograd Function of torch ops) or ``"auto"`` (chosen per call; see
+    :mod:`bnlab._dispatch`).
     """
     feat = normalize_axes(axis, x.ndim)
-    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl)
-    return y, mean, (var * ((count - 1) / count) if unbiased else var), count
+    if fallback is not None:
+        if mask is None:
+            fallback = None
+        else:  # only a fully masked batch reads it: the composite path, given the statistics as "moving"
+            return _train_fallback(x, feat, gamma, beta, epsilon, mask, fallback, impl)
+    return _train(x, feat, gamma, beta, epsilon, mask, impl, want_stats=True)
+
+
+def _train_fallback(x, feat, gamma, beta, epsilon, mask, fallback, impl):
+    dtype = _compute_dtype(x)
+    _check_sizes(_channels(x, feat), gamma, beta, fallback[0], fallback[1])
+    _dispatch.train_route(x, feat, x.numel(), _channels(x, feat), None, (), True, impl, False)  # composite, or impl's error
+    x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
+    y3, mean, var, count = _BatchNormTrain.apply(x3, _flat(gamma, dtype), _flat(beta, dtype),
+                                                 _mask_as_acb(mask, x, feat), epsilon, _flat(fallback[0], dtype),
+                                                 _flat(fallback[1], dtype))
+    return restore(y3).to(x.dtype), mean, var, count
 
 
 def batch_norm(
@@ -986,11 +856,14 @@ def batch_norm(
     *,
     training: bool,
     axis: int | Sequence[int] = -1,
-    momentum: float | Tensor = 0.99,
+    momentum: float | Tensor | None = 0.99,
     epsilon: float = 1e-3,
     mask: Tensor | None = None,
     unbiased_moving_variance: bool = False,
     impl: str = "auto",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization of ``x`` over every axis except ``axis`` (Keras conventions).
 
@@ -1008,8 +881,12 @@ def batch_norm(
     them untouched. Inference (``training=False``) uses the moving statistics.
 
     ``momentum`` is the weight of the OLD value (Keras: 0.99; PyTorch's 0.1
-    means 0.9 here). Shapes: statistics and parameters have the sizes of the
-    feature axes, in increasing axis order.
+    means 0.9 here); ``None`` keeps a cumulative average, which needs
+    ``num_batches_tracked`` (a 0-d int64 tensor, as PyTorch's layers keep).
+    ``num_batches_tracked``, when given, counts each non-empty training batch.
+    Shapes: statistics and parameters have the sizes of the feature axes, in
+    increasing axis order. ``activation`` (one of :data:`ACTIVATIONS`) is
+    applied to the result; ReLU and leaky ReLU are fused into the kernels.
 
     >>> x = torch.randn(32, 4)
     >>> mm, mv = torch.zeros(4), torch.ones(4)
@@ -1021,100 +898,15 @@ def batch_norm(
     if not training:
         if moving_mean is None or moving_variance is None:
             raise ValueError("inference needs moving_mean and moving_variance")
-        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon)
-    return _batch_norm_train_update(
-        x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl
-    )
-
-
-def _batch_norm_train_update(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
-                             unbiased_moving_variance, impl="auto", act=None, slope=0.01, scratch=None, counter=None):
-    """Training transform (+ ``act``) plus the in-place moving-statistics update (``feat`` already normalized).
-
-    ``scratch``: a dict the caller keeps between calls (see :func:`_small_rows_train`).
-    ``counter``: a batch counter (the layer's ``num_batches_tracked``) that this call
-    increments once, or ``None``. The kernels count in C in the call that updates
-    the moving statistics (PyTorch's ``add_`` is a visible part of a ``(64, 64)``
-    layer's step, and costs a few us after a multi-MB kernel has swept the caches);
-    the other paths count with ``add_``.
-    """
-    if impl == "auto" and feat == (1,) and mask is None and 0 < x.numel() <= SMALL_ROWS_NUMEL and _small_layout(x):
-        y = _small_rows_train(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon,
-                              unbiased_moving_variance, scratch, counter)
-        if y is not None:
-            return _activate(y, act, slope)
-    if x.numel() == 0 and moving_mean is not None:
-        if counter is not None:
-            counter.add_(1)
-        # An empty batch has no statistics: normalize (nothing) with the moving ones.
-        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act, slope)
-    if impl in ("auto", "kernel"):
-        route = None if mask is not None else _kernel_route(x, feat, gamma, beta, moving_mean, moving_variance)
-        if route is not None:
-            xd, dims, kernels = route
-            if counter is not None and not _c_counter(counter):
-                counter.add_(1)  # not a counter C can increment: counted here
-                counter = None
-            # the kernel call increments counter (when there is one)
-            moving = _moving_plan(moving_mean, moving_variance, momentum, dims[0] * dims[2], unbiased_moving_variance,
-                                  counter)
-            fused = act if act in _ACT_CODES else None  # SiLU, GELU, ...: PyTorch's vectorized ops after
-            plan = (feat, dims, epsilon, moving, fused, slope, False, kernels)
-            if _records_graph(xd, gamma, beta):
-                y = _KernelTrain.apply(xd, gamma, beta, plan)
-            else:  # no graph to record (no_grad, recalibration, frozen weights): skip autograd's machinery
-                y = _kernel_train_forward(xd, gamma, beta, plan)[0]
-            return y if fused == act else _activate(y, act, slope)
-        if impl == "kernel":
-            _kernels_refused(x, mask)
-    if counter is not None:
-        counter.add_(1)
-    return _activate(
-        _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask,
-                            unbiased_moving_variance, impl),
-        act, slope,
-    )
-
-
-def _moving_plan(moving_mean, moving_variance, momentum, count: int, unbiased: bool, counter=None):
-    """``(moving_mean, moving_var, momentum, var_factor, counter)`` for the kernels, or ``None`` without moving statistics.
-
-    The stored variance is the biased batch variance times ``var_factor``; one value
-    per feature has no unbiased variance (factor NaN: the kernels skip the update).
-    ``counter``: a CPU int64 scalar the kernel call increments, or ``None``.
-    """
-    if moving_mean is None:
-        return None
-    factor = (count / (count - 1) if count > 1 else math.nan) if unbiased else 1.0
-    return moving_mean, moving_variance, float(momentum), factor, counter
-
-
-def _kernels_refused(x: Tensor, mask) -> None:
-    reason = _kernels.status()["reason"] if _kernels.get() is None else (
-        f"they take float32/float64/bfloat16 CPU tensors with per-feature parameters and statistics of the "
-        f"matching dtype and no mask (got {x.dtype} on {x.device}, mask={'set' if mask is not None else None})"
-    )
-    raise ValueError(f"impl='kernel' cannot run here: {reason}")
-
-
-def _train_update_torch(x, feat, moving_mean, moving_variance, gamma, beta, momentum, epsilon, mask, unbiased_moving_variance, impl):
-    fallback = None if moving_mean is None else (moving_mean, moving_variance)
-    # the kernels were already asked (and declined) by the caller
-    y, (mean, var), count, unbiased = _train(x, feat, gamma, beta, epsilon, mask, fallback, impl, try_kernel=False)
-    if moving_mean is None:
-        return y
-    valid = None
-    if isinstance(count, Tensor):  # masked: skip when nothing (or too little) entered
-        valid = count > (1 if unbiased_moving_variance else 0)
-        factor = count / (count - 1).clamp(min=1) if unbiased_moving_variance else 1.0
-    elif unbiased == unbiased_moving_variance:
-        factor = 1.0
-    elif unbiased:  # have unbiased (aten), want biased
-        factor = (count - 1) / count
-    else:  # have biased, want unbiased; a single value has none (0/0 -> skipped)
-        factor = count / (count - 1) if count > 1 else float("nan")
-    _update_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
-    return y
+        return _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, activation, negative_slope)
+    moving = None
+    if moving_mean is not None:
+        if moving_variance is None:
+            raise ValueError("moving_mean and moving_variance go together: got moving_variance=None")
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+        moving = (moving_mean, moving_variance, momentum, unbiased_moving_variance, num_batches_tracked)
+    return _train(x, feat, gamma, beta, epsilon, mask, impl, activation, negative_slope, moving)
 
 
 # --------------------------------------------------------------------------- batch renormalization
@@ -1259,7 +1051,7 @@ def _row_sample(x: Tensor, feat, rows: Tensor, n: int, per_sample: int) -> Tenso
     # The (A, C, B) view orders its A rows by the memory order of the non-feature axes that
     # come before the feature block. In the common layouts axis 0 is outermost, so row r
     # belongs to sample r // per_sample; otherwise, find axis 0's stride among those rows.
-    perm = _memory_perm(x, feat)
+    perm = _dispatch.memory_perm(x, feat)
     order = list(range(x.ndim)) if perm is None else perm
     lead = order[: order.index(feat[0])] if perm is not None else [d for d in range(feat[0])]
     if not lead or lead[0] == 0:

@@ -66,15 +66,6 @@ class _BatchNormBase(nn.Module):
     # An activation fused after the normalization (BatchNormAct sets these); None: none.
     _act: str | None = None
     _slope: float = 0.01
-    # What the last small training batch that took the shortcut checked once (see forward):
-    # (rank, x dtype, features, moving mean, moving variance, counter, their three addresses,
-    # the two scratch buffers and their addresses, the parameters' dtype). Not pickled.
-    _small_plan: tuple | None = None
-    # The same for the last plain training batch that went to the kernels (see
-    # _keep_kernel_plan): its shape, strides and dtype, the (A, C, B) dims, the moving statistics,
-    # counter and parameters with their addresses. Not pickled.
-    _kernel_plan: tuple | None = None
-
     def __init__(
         self,
         *,
@@ -118,8 +109,6 @@ class _BatchNormBase(nn.Module):
         self.process_group = None
         self.virtual_batch_size = getattr(self, "virtual_batch_size", None)  # set by the Keras face
         self._trainable = True
-        self._feat_cache: dict[int, tuple[int, ...]] = {}  # input rank -> normalized feature axes
-        self._scratch: dict = {}  # dtype -> per-feature buffers of the small-batch path (functional._small_rows_train)
         self._factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         self.feature_shape: tuple[int, ...] | None = None
         self.register_parameter("weight", None)
@@ -277,241 +266,64 @@ class _BatchNormBase(nn.Module):
     def _epsilon(self) -> float:  # pragma: no cover - defined by each face
         raise NotImplementedError
 
-    def _check_input(self, x: Tensor, feat: tuple[int, ...], batch_stats: bool) -> None:
+    def _check_input(self, x: Tensor, mask: Tensor | None, training: bool) -> tuple[int, ...]:
+        """The feature axes of ``x``, after checking it against the layer (built on its first batch)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        feat = F.normalize_axes(self.axis, x.ndim)
         built = self.feature_shape
-        if built is None or (len(feat) == 1 and x.shape[feat[0]] == built[0]):
-            return
+        if built is not None and len(feat) == 1 and x.shape[feat[0]] == built[0]:
+            return feat
         shape = tuple(x.shape[a] for a in feat)
-        if shape != built:
-            want = self.feature_shape[0] if len(self.feature_shape) == 1 else self.feature_shape
+        if built is None:
+            self.build(shape, device=x.device)
+        elif shape != built:
+            want = built[0] if len(built) == 1 else built
             got = shape[0] if len(shape) == 1 else shape
-            raise ValueError(
-                f"{type(self).__name__}(axis={self.axis!r}) built for {want} features, "
-                f"got {got} (input shape {tuple(x.shape)})"
-            )
+            raise ValueError(f"{type(self).__name__}(axis={self.axis!r}) built for {want} features, "
+                             f"got {got} (input shape {tuple(x.shape)})")
+        return feat
 
     def forward(self, x: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``x``; see the class docstring for the formulas.
 
         ``training=None`` follows the module's mode (``train()``/``eval()``).
-        ``mask``: bool, ``x.shape`` without the feature axes; only True
-        positions enter the training statistics, every position is normalized.
+        ``mask``: bool, broadcastable to ``x.shape`` without the feature axes;
+        only True positions enter the training statistics, every position is
+        normalized (inference checks the mask and ignores it).
         """
-        plan = self._small_plan
-        if plan is not None and training is None and mask is None and self.training and type(x) is Tensor:
-            # A small training batch like the last one that took the shortcut below: that call checked
-            # the layer's buffers, and they are still the same tensors at the same addresses, so only
-            # what may differ between calls is checked again. From cold caches (a network's step) the
-            # full checks cost about as much as the arithmetic of a (32, 128) layer.
-            ndim, xdtype, c, mm, mv, counter, p_mm, p_mv, p_counter, mean, var, p_mean, p_var, pdt = plan
-            buffers = self._buffers
-            momentum = self._old_weight()
-            if (x.dtype is xdtype and x.ndim == ndim and x.shape[1] == c and self._trainable and momentum is not None
-                    and buffers["running_mean"] is mm and buffers["running_var"] is mv
-                    and buffers["num_batches_tracked"] is counter and mm.data_ptr() == p_mm
-                    and mv.data_ptr() == p_mv and counter.data_ptr() == p_counter and x.is_cpu
-                    and mm.dtype is pdt and mv.dtype is pdt and counter.dtype is torch.int64
-                    and not (self.renorm or self.virtual_batch_size or self.synchronized)):
-                n = x.numel() // c  # values per feature
-                params = self._parameters
-                gamma, beta = params["weight"], params["bias"]
-                if 1 < n and n * c <= F.SMALL_ROWS_NUMEL and (ndim == 2 or F._small_layout(x)) \
-                        and torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
-                                                         or (beta is not None and beta.requires_grad)) \
-                        and F._loaded_kernels() is not None:  # (as _small_rows_train: a graph to record)
-                    y = torch.batch_norm(x, gamma, beta, mean, var, True, 1.0, self._epsilon(), False)
-                    factor = 1.0 if self.moving_variance_estimator == "unbiased" else (n - 1) / n
-                    F._kernels._state["kernels"].update_moving[pdt](p_mm, p_mv, p_mean, p_var, c, float(momentum),
-                                                                    factor, p_counter)
-                    return y
-        plan = self._kernel_plan
-        if plan is not None and training is None and mask is None and self.training and type(x) is Tensor:
-            # A training batch of the shape, strides and dtype of the last plain one that went to the
-            # kernels, with the same buffers and parameters at the same addresses: their checks
-            # (routing, layout, per-feature tensors, counter) hold again; the rest may change per call.
-            shape, stride, xdtype, feat, dims, mm, mv, counter, gamma, beta, pdt, addresses = plan
-            buffers, params = self._buffers, self._parameters
-            momentum = self._old_weight()
-            kernels = F._loaded_kernels()  # first: None under torch.compile, which cannot compare addresses
-            if (kernels is not None and x.dtype is xdtype and x.shape == shape and x.stride() == stride and x.is_cpu
-                    and self._trainable and momentum is not None and buffers["running_mean"] is mm
-                    and buffers["running_var"] is mv and buffers["num_batches_tracked"] is counter
-                    and params["weight"] is gamma and params["bias"] is beta
-                    and not (self.renorm or self.virtual_batch_size or self.synchronized)
-                    and mm.dtype is pdt and mv.dtype is pdt and counter.dtype is torch.int64
-                    and (gamma is None or gamma.dtype is pdt) and (beta is None or beta.dtype is pdt)
-                    and addresses == (mm.data_ptr(), mv.data_ptr(), counter.data_ptr(), F._ptr(gamma), F._ptr(beta))):
-                moving = F._moving_plan(mm, mv, momentum, dims[0] * dims[2],
-                                        self.moving_variance_estimator == "unbiased", counter)
-                run = (feat, dims, self._epsilon(), moving, None, 0.01, False, kernels)
-                if F._records_graph(x, gamma, beta):
-                    return F._KernelTrain.apply(x, gamma, beta, run)
-                return F._kernel_train_forward(x, gamma, beta, run)[0]
-        ranks = _SHORTCUT_RANKS.get(type(self))
-        if ranks is not None and training is None and mask is None and isinstance(x, Tensor) and x.ndim in ranks:
-            # The two commonest calls of a built layer go straight to their transform: what the rest
-            # of this method would do, minus its checks for the other cases. On small layers those
-            # checks are a visible share of a step (a network's step leaves them to run from cold
-            # caches); the transforms check what they need themselves and return None to decline,
-            # and anything unusual (other ranks or sizes, masks, renorm, ...) takes the full path.
-            feat, buffers = self._feat_cache.get(x.ndim), self._buffers
-            running_mean = buffers["running_mean"]
-            built = self.feature_shape
-            if feat is not None and running_mean is not None and len(feat) == 1 and x.shape[feat[0]] == built[0]:
-                params = self._parameters
-                if not (self.training and self._trainable):  # inference
-                    return F._inference(x, feat, running_mean, buffers["running_var"], params["weight"],
-                                        params["bias"], self._epsilon(), None, 0.01)
-                momentum = self._old_weight()
-                if feat == (1,) and momentum is not None and not (self.renorm or self.virtual_batch_size
-                                                                  or self.synchronized):
-                    n, unbiased = x.numel(), self.moving_variance_estimator == "unbiased"
-                    if 0 < n <= F.SMALL_ROWS_NUMEL and F._small_layout(x):
-                        # a small batch: PyTorch's op + the kernels' update
-                        counter = buffers["num_batches_tracked"]
-                        y = F._small_rows_train(x, params["weight"], params["bias"], running_mean,
-                                                buffers["running_var"], momentum, self._epsilon(), unbiased,
-                                                self._scratch, counter)
-                        if y is not None:
-                            if counter is not None and type(x) is Tensor:  # checked: keep for the next batch
-                                self._keep_small_plan(x, running_mean, buffers["running_var"], counter)
-                            return y
-                    elif n // built[0] > 1:  # the kernels, or the general transforms
-                        counter = buffers["num_batches_tracked"]
-                        y = F._batch_norm_train_update(x, feat, running_mean, buffers["running_var"],
-                                                       params["weight"], params["bias"], momentum, self._epsilon(),
-                                                       None, unbiased, "auto", None, 0.01, self._scratch, counter)
-                        if counter is not None and type(x) is Tensor:
-                            self._keep_kernel_plan(x, feat, running_mean, buffers["running_var"], counter,
-                                                   params["weight"], params["bias"])
-                        return y
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        feat = self._feat_cache.get(x.ndim)
-        if feat is None:
-            feat = self._feat_cache[x.ndim] = F.normalize_axes(self.axis, x.ndim)
-        training = self.training if training is None else bool(training)
-        if not self._trainable:
-            training = False  # Keras: a frozen BN layer runs in inference mode
-        buffers = self._buffers  # direct dict access: nn.Module.__getattr__ is slow on small layers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        batch_stats = training or running_mean is None
-        built = self.feature_shape
-        if built is None or len(feat) != 1 or x.shape[feat[0]] != built[0] or type(self) is not BatchNorm:
-            self._check_input(x, feat, batch_stats)  # the full check (and the drop-ins' own) off the common path
-        if self.feature_shape is None:
-            self.build(tuple(x.shape[a] for a in feat), device=x.device)
-            running_mean, running_var = self.running_mean, self.running_var
-        if mask is not None and not batch_stats:
-            F._mask_as_acb(mask, x, feat, torch.float32)  # validate only: inference ignores the mask
-            mask = None
-        params = self._parameters
-        if not batch_stats:
-            return F._inference(x, feat, running_mean, running_var, params["weight"], params["bias"], self._epsilon(),
-                                self._act, self._slope)
-        if self.renorm and training and running_mean is not None:
-            return F._activate(self._renorm_forward(x, feat, mask), self._act, self._slope)
-        if self.virtual_batch_size and training and running_mean is not None:
-            return F._activate(self._ghost_forward(x, feat, mask), self._act, self._slope)
+        training = (self.training if training is None else bool(training)) and self._trainable  # Keras: frozen = inference
+        feat = self._check_input(x, mask, training)
+        gamma, beta = self._parameters["weight"], self._parameters["bias"]
+        mean, var = self._buffers["running_mean"], self._buffers["running_var"]
+        eps, act, slope = self._epsilon(), self._act, self._slope
+        if not training and mean is not None:  # inference: the moving statistics (a mask is checked, unused)
+            return F.batch_norm_inference(x, mean, var, gamma, beta, axis=feat, epsilon=eps, mask=mask,
+                                          activation=act, negative_slope=slope)
+        update = training and mean is not None  # else: batch statistics, nothing tracked
+        if update and (self.renorm or self.virtual_batch_size):
+            y = self._renorm_forward(x, feat, mask) if self.renorm else self._ghost_forward(x, feat, mask)
+            return F.apply_activation(y, act, slope)
         if self.synchronized and _distributed(self.process_group):
-            return F._activate(self._sync_forward(x, feat, mask, training and running_mean is not None), self._act, self._slope)
-        momentum, counter = 0.0, None
-        if training and running_mean is not None:
-            momentum = self._old_weight()
-            if momentum is None or x.numel() == 0:  # cumulative average (needs the new count) or nothing to count
-                momentum = self._count_batch(x.numel() > 0)
-            else:  # counted by the call below, in C on small batches
-                counter = buffers["num_batches_tracked"]
-        else:
-            running_mean = running_var = None
-        y = F._batch_norm_train_update(
-            x,
-            feat,
-            running_mean,
-            running_var,
-            params["weight"],
-            params["bias"],
-            momentum,
-            self._epsilon(),
-            mask,
-            self.moving_variance_estimator == "unbiased",
-            "auto",
-            self._act,
-            self._slope,
-            self._scratch,
-            counter,
-        )
-        if counter is not None and mask is None and type(x) is Tensor and type(self) in _SHORTCUT_RANKS:
-            # (NHWC with axis=-1, for one, comes here: the shortcut takes features on axis 1 only)
-            self._keep_kernel_plan(x, feat, running_mean, running_var, counter, params["weight"], params["bias"])
-        return y
-
-    def _keep_small_plan(self, x: Tensor, running_mean: Tensor, running_var: Tensor, counter: Tensor) -> None:
-        """Remember what a small training batch's full checks found (see the top of :meth:`forward`)."""
-        pdt = running_mean.dtype
-        mean, var = self._scratch[pdt]
-        self.__dict__["_small_plan"] = (
-            x.ndim, x.dtype, x.shape[1], running_mean, running_var, counter, running_mean.data_ptr(),
-            running_var.data_ptr(), counter.data_ptr(), mean, var, mean.data_ptr(), var.data_ptr(), pdt,
-        )
-
-    def _keep_kernel_plan(self, x, feat, running_mean, running_var, counter, gamma, beta) -> None:
-        """Remember, after a plain training batch (no mask, moving statistics, a fixed momentum)
-        went to the kernels, what that route checked.
-
-        The route's own decision is taken again here (the kernels take ``x`` as it is,
-        with no copy, and increment ``counter`` in C); anything else drops the plan. The
-        top of :meth:`forward` then serves batches of the same shape, strides and dtype
-        with the per-call checks only. Measured in ``benchmarks/bench_floor.py``: the
-        layer's training forward at 4-8 MB took 1.07-1.25x the time of a bare
-        ``autograd.Function`` around the same kernel call, most of it these checks run
-        from caches the previous step's kernels had swept.
-        """
-        small = feat == (1,) and x.numel() <= F.SMALL_ROWS_NUMEL and F._small_layout(x)  # not the kernels' batch
-        route = None if small else F._kernel_route(x, feat, gamma, beta, running_mean, running_var)
-        if route is None or route[0] is not x or not F._c_counter(counter):
-            self.__dict__["_kernel_plan"] = None
-            return
-        addresses = (running_mean.data_ptr(), running_var.data_ptr(), counter.data_ptr(), F._ptr(gamma), F._ptr(beta))
-        self.__dict__["_kernel_plan"] = (
-            x.shape, x.stride(), x.dtype, feat, route[1], running_mean, running_var, counter, gamma, beta,
-            running_mean.dtype, addresses,
-        )
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        plans = [k for k in ("_small_plan", "_kernel_plan") if k in state]
-        if plans:  # addresses mean nothing in another process or copy
-            state = dict(state)
-            for k in plans:
-                del state[k]
-        return state
-
-    def _count_batch(self, counted: bool = True):
-        """Count a training batch in ``num_batches_tracked``; return the weight of the old moving value.
-
-        A face's ``momentum=None`` means a cumulative average: the new value
-        weighs ``1 / num_batches`` (a tensor, so no host sync).
-        """
-        nbt = self._buffers["num_batches_tracked"]
-        if counted:
-            nbt.add_(1)
-        momentum = self._old_weight()
-        if momentum is None:
-            momentum = 1.0 - 1.0 / nbt.clamp(min=1).to(self._buffers["running_mean"].dtype)
-        return momentum
+            return F.apply_activation(self._sync_forward(x, feat, mask, update), act, slope)
+        if not update:
+            mean = var = None
+        return F.batch_norm(x, mean, var, gamma, beta, training=True, axis=feat, momentum=self._old_weight(),
+                            epsilon=eps, mask=mask, unbiased_moving_variance=self.moving_variance_estimator == "unbiased",
+                            activation=act, negative_slope=slope,
+                            num_batches_tracked=self._buffers["num_batches_tracked"] if update else None)
 
     def _sync_forward(self, x: Tensor, feat: tuple[int, ...], mask, update: bool) -> Tensor:
         """Training with statistics over all processes of ``process_group`` (exact merge)."""
         if mask is not None:
             raise ValueError("synchronized=True does not support masks")
-        y, mean, var, count = F.sync_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(), group=self.process_group)
+        y, mean, var, count = F.sync_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(),
+                                                      group=self.process_group)
         if update:
-            momentum = self._count_batch()
-            factor = count / (count - 1) if self.moving_variance_estimator == "unbiased" else torch.ones_like(count)
-            valid = count > (1 if self.moving_variance_estimator == "unbiased" else 0)
-            F._update_(self.running_mean, self.running_var, mean.reshape(-1), var.reshape(-1), momentum,
-                       factor.to(self.running_mean.dtype), valid)
+            unbiased = self.moving_variance_estimator == "unbiased"
+            F.update_moving_stats_(self.running_mean, self.running_var, mean, var, self._old_weight(),
+                                   count > (1 if unbiased else 0), num_batches_tracked=self.num_batches_tracked,
+                                   variance_factor=F.variance_factor(count, "biased", self.moving_variance_estimator))
         return y
 
     def _ghost_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
@@ -519,35 +331,39 @@ class _BatchNormBase(nn.Module):
         if mask is not None:
             raise ValueError("virtual_batch_size does not support masks")
         if x.numel() == 0:
-            return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, self._epsilon())
-        momentum = self._count_batch()
+            return F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, axis=feat,
+                                          epsilon=self._epsilon())
         y, mean, var = F.ghost_batch_norm_train(x, self.weight, self.bias, axis=feat, epsilon=self._epsilon(),
                                                 virtual_batch_size=self.virtual_batch_size)
-        F._update_(self.running_mean, self.running_var, mean, var, momentum, 1.0)
+        F.update_moving_stats_(self.running_mean, self.running_var, mean, var, self._old_weight(),
+                               num_batches_tracked=self.num_batches_tracked)
         return y
 
     def _renorm_forward(self, x: Tensor, feat: tuple[int, ...], mask) -> Tensor:
         """Training with batch renormalization (Keras 3's semantics; see ``BatchNorm``'s ``renorm``)."""
         eps = self._epsilon()
         if x.numel() == 0:
-            return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, eps)
-        momentum = self._count_batch()  # a float: renorm refuses momentum=None
+            return F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, axis=feat,
+                                          epsilon=eps)
+        self.num_batches_tracked.add_(1)
         with torch.no_grad():
-            mean_b, var_b = F.moments(x.detach().float() if x.dtype in F._LOW_PRECISION else x.detach(), feat, mask)
+            xd = x.detach()
+            mean_b, var_b = F.moments(xd.float() if xd.dtype in (torch.float16, torch.bfloat16) else xd, feat, mask)
         step = self.num_batches_tracked
         clips = {k: (v(step) if callable(v) else v) for k, v in self.renorm_clipping.items()}
         r, d = F.renorm_correction(mean_b.reshape(-1), var_b.reshape(-1), self.renorm_mean.reshape(-1),
-                                   self.renorm_stddev.reshape(-1), eps, clips.get("rmin"), clips.get("rmax"), clips.get("dmax"))
+                                   self.renorm_stddev.reshape(-1), eps, clips.get("rmin"), clips.get("rmax"),
+                                   clips.get("dmax"))
         g = None if self.weight is None else self.weight.reshape(-1)
         b = None if self.bias is None else self.bias.reshape(-1)
         g_eff = r if g is None else r * g  # (x_hat * r + d) * gamma + beta
         b_eff = d if g is None else d * g
         b_eff = b_eff if b is None else b_eff + b
-        y = F._batch_norm_train_update(x, feat, None, None, g_eff, b_eff, 0.0, eps, mask, False)
+        y = F.batch_norm(x, None, None, g_eff, b_eff, training=True, axis=feat, epsilon=eps, mask=mask)
         valid = None if mask is None else mask.any()
-        F.update_renorm_stats_(self.running_mean, self.running_var, self.moving_stddev, self.renorm_mean, self.renorm_stddev,
-                               torch.where(valid, mean_b, torch.nan) if valid is not None else mean_b, var_b, eps,
-                               momentum, self.renorm_momentum)
+        F.update_renorm_stats_(self.running_mean, self.running_var, self.moving_stddev, self.renorm_mean,
+                               self.renorm_stddev, torch.where(valid, mean_b, torch.nan) if valid is not None else mean_b,
+                               var_b, eps, self.momentum, self.renorm_momentum)
         return y
 
     # ------------------------------------------------------------------ checkpoints
@@ -556,8 +372,10 @@ class _BatchNormBase(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before num_batches_tracked existed (PyTorch < 0.4.1 style).
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # Checkpoints from before num_batches_tracked existed (PyTorch < 0.4.1 style), or a partial
+            # dict (strict=False): the layer keeps its own count, as PyTorch's layers do.
+            nbt = self._buffers.get("num_batches_tracked")
+            state_dict[key] = nbt if nbt is not None else torch.tensor(0, dtype=torch.long)
         if not self.built:
             for name in ("running_mean", "weight", "bias"):
                 if prefix + name in state_dict:
@@ -838,13 +656,15 @@ class _TorchBatchNorm(_BatchNormBase):
     def _epsilon(self) -> float:
         return self.eps
 
-    def _check_input(self, x, feat, batch_stats):
-        if x.dim() not in self._expected_dims:
-            dims = " or ".join(f"{d}D" for d in self._expected_dims)
+    def _check_input(self, x, mask, training):
+        if isinstance(x, Tensor) and x.dim() not in self._expected_dims:
+            dims = " or ".join(f"{d}D" for d in self._expected_dims) if len(self._expected_dims) < 5 else \
+                f"at least {self._expected_dims[0]}D"
             raise ValueError(f"expected {dims} input (got {x.dim()}D input)")
-        super()._check_input(x, feat, batch_stats)
-        if batch_stats and x.numel() > 0 and x.numel() // x.shape[1] == 1:
+        feat = super()._check_input(x, mask, training)
+        if (training or self.running_mean is None) and x.numel() > 0 and x.numel() // x.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        return feat
 
     def extra_repr(self) -> str:
         return (
@@ -858,11 +678,6 @@ class BatchNormNd(_TorchBatchNorm):
     ``torch.nn.SyncBatchNorm``'s single-process behaviour)."""
 
     _expected_dims = tuple(range(2, 33))
-
-    def _check_input(self, x, feat, batch_stats):
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
-        _TorchBatchNorm._check_input(self, x, feat, batch_stats)
 
 
 class BatchNorm1d(_TorchBatchNorm):
@@ -882,13 +697,3 @@ class BatchNorm3d(_TorchBatchNorm):
 
     _expected_dims = (5,)
 
-
-#: Classes whose built layers take the shortcut at the top of ``forward``, with the input ranks it
-#: takes for each (exact classes: a subclass may change what the full path does).
-_SHORTCUT_RANKS = {
-    BatchNorm: range(1, 1 << 16),
-    BatchNormNd: BatchNormNd._expected_dims,
-    BatchNorm1d: BatchNorm1d._expected_dims,
-    BatchNorm2d: BatchNorm2d._expected_dims,
-    BatchNorm3d: BatchNorm3d._expected_dims,
-}

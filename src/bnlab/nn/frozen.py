@@ -48,7 +48,8 @@ class FrozenBatchNorm(nn.Module):
         got = tuple(x.shape[a] for a in feat)
         if got != self.feature_shape:
             raise ValueError(f"FrozenBatchNorm(axis={self.axis!r}) holds {self.feature_shape} features, got {got} (input shape {tuple(x.shape)})")
-        return F._inference(x, feat, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        return F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, axis=feat,
+                                      epsilon=self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "num_batches_tracked"
