@@ -80,6 +80,26 @@ def test_measurement_equals_a_brute_force_computation():
     assert len(set(got.losses)) == len(etas)  # the steps really moved the weights
 
 
+def test_least_squares_matches_the_closed_form():
+    # L(theta) = mean((X~ theta - y)^2) with X~ = [X, 1]: H = 2/N X~'X~, L(theta - eta g) = L - eta |g|^2 + eta^2/2 g'Hg,
+    # grad(theta - eta g) - g = -eta H g, so beta = |Hg| / |g| at every step size.
+    torch.manual_seed(2)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    xt = torch.cat([x, torch.ones(20, 1, dtype=torch.float64)], 1)
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    H = 2 / 20 * xt.T @ xt
+    g = H @ theta - 2 / 20 * xt.T @ y.reshape(-1)
+    loss0 = ((xt @ theta - y.reshape(-1)) ** 2).mean().item()
+    etas = [0.01, 0.3, 1.0]
+    got = L.measure(model, x, y, loss="mse", etas=etas)
+    assert got.loss == pytest.approx(loss0, rel=1e-12) and got.grad_norm == pytest.approx(g.norm().item(), rel=1e-12)
+    expect = [loss0 - e * (g @ g).item() + e**2 / 2 * (g @ H @ g).item() for e in etas]
+    np.testing.assert_allclose(got.losses, expect, rtol=1e-10)
+    np.testing.assert_allclose(got.grad_diffs, [e * (H @ g).norm().item() for e in etas], rtol=1e-10)
+    assert got.beta == pytest.approx(((H @ g).norm() / g.norm()).item(), rel=1e-10)
+
+
 def test_measuring_disturbs_neither_parameters_nor_buffers_nor_gradients_nor_rng_nor_mode():
     model = _model()
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))

@@ -130,6 +130,15 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss="mse", e
     ``loss``: a loss name or per-sample function ``fn(y_true, y_pred)``, as
     ``fit`` takes it. Norms are over all parameters that require gradients,
     computed in float64.
+
+    Example (least squares: the gradient is linear in ``w``, so the gradient
+    change per unit distance is the same at every step size)::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> point = measure(model, torch.randn(32, 3), torch.randn(32, 1), loss="mse", etas=[0.01, 0.1])
+        >>> [round(d / (e * point.grad_norm) / point.beta, 4) for e, d in zip(point.etas, point.grad_diffs)]
+        [1.0, 1.0]
     """
     etas = [float(e) for e in etas]
     if not etas or any(not math.isfinite(e) or e < 0 for e in etas):

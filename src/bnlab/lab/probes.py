@@ -253,6 +253,19 @@ class Probes:
             (channels-first; use -1 for channels-last).
         max_values (int, default 2**20): percentiles of all values use every
             k-th value when a layer has more (deterministic, no random draw).
+
+    Example::
+
+        >>> import torch, bnlab
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), bnlab.BatchNorm(num_features=8), nn.Sigmoid())
+        >>> with Probes(model, every=2) as probes:  # rows in memory; give a path to write probes.csv
+        ...     for _ in range(5):
+        ...         _ = model(torch.randn(16, 4))
+        >>> sorted({step for step, *_ in probes.rows})
+        [0, 2, 4]
+        >>> [q for step, layer, q, _ in probes.rows if step == 0 and layer == "2"]
+        ['p15', 'p50', 'p85', 'unit_p15', 'unit_p50', 'unit_p85', 'mean', 'std', 'saturated']
     """
 
     def __init__(self, model: nn.Module, path: Path | str | None = None, *, every: int = 100,
