@@ -215,6 +215,26 @@ def test_detaching_leaves_no_hooks_even_after_a_pass_that_raised():
     assert hooks() == 0
 
 
+class _Boom(nn.Module):
+    armed = True
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("boom")
+        return x
+
+
+def test_a_pass_that_raised_leaves_no_partial_figures():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), _Boom(), nn.Tanh())
+    probe = Probes(model, every=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(5, 3))  # step 0: the sigmoid's figures are taken, then the pass fails
+    model[2].armed = False
+    model(torch.randn(5, 3))  # step 1
+    probe.remove()
+    assert {(step, layer) for step, layer, *_ in probe.rows} == {(1, "1"), (1, "3")}
+
+
 def _train(model, x, y, probe_path=None, every=1, epochs=3):
     probe = Probes(model, probe_path, every=every) if probe_path is not None else None
     try:

@@ -351,7 +351,7 @@ class Probes:
         if self.path is None:
             self.rows = [r for r in self.rows if r[0] < step]
         elif step > 0 and self._meta_path().exists():
-            meta = json.loads(json.dumps(records._jsonable(self.meta())))  # as it reads back
+            meta = json.loads(json.dumps(self.meta()))  # as it reads back (tuples as lists)
             if records.read_json(self._meta_path()) != meta:
                 raise ValueError(f"{self._meta_path()} was written with other probe settings or layers; resuming needs the same ones")
 
@@ -373,7 +373,7 @@ class Probes:
 
     def _on_root(self, module, args) -> None:
         if self._armed_step is not None:
-            self._disarm()  # a pass that raised before its end left its hooks behind
+            self._disarm(record=False)  # a pass that raised before its end: its hooks go, its partial figures too
         if _suspended:
             return
         if self.count != "all" and not (module.training and torch.is_grad_enabled()):
@@ -402,7 +402,8 @@ class Probes:
         self._recorded = step
         if not record or not pending:
             return
-        values = torch.stack([v.detach().double().cpu() for _, _, v in pending]).tolist()  # one sync per recorded pass
+        device = pending[0][2].device
+        values = torch.stack([v.detach().to(device, torch.float64) for _, _, v in pending]).tolist()  # one sync per pass
         rows = [(step, layer, q, v) for (layer, q, _), v in zip(pending, values, strict=True)]
         if self._log is None:
             self.rows.extend(rows)
