@@ -42,6 +42,7 @@ def test_cells_map_norms_to_layers_and_arms_and_scale_the_learning_rate_linearly
     assert (c.arm, c.recipe.norm, c.recipe.batch_size, c.same_as) == ("bn", "ghost:16", 128, None)
     assert c.recipe.learning_rate == pytest.approx(1e-3 * 128 / 250)
     assert by_id["batch_size=16+norm=ghost"].same_as == "batch_size=16+norm=bn"  # ghost batch >= batch: plain BN
+    assert all(c.same_as is None for c in sweep.plan(recipe, "batch_size=2,16 norm=ghost,none"))  # no bn cell to point at
     assert (by_id["batch_size=2+norm=none"].arm, by_id["batch_size=2+norm=bn"].recipe.norm) == ("no_bn", "bnlab")
     assert by_id["batch_size=2+norm=renorm"].recipe.norm == "renorm"
     assert by_id["batch_size=2+norm=bn"].settings == {"batch_size": 2, "norm": "bn"}

@@ -142,7 +142,7 @@ def cell_id(settings: Mapping[str, object]) -> str:
     return "+".join(f"{k}={re.sub(r'[^A-Za-z0-9._-]', '-', str(v))}" for k, v in settings.items())
 
 
-def plan(recipe: Recipe, spec, *, lr_scaling: str = "linear", base_batch_size: int | None = None,
+def plan(recipe: Recipe, spec: str | Sequence[str], *, lr_scaling: str = "linear", base_batch_size: int | None = None,
          ghost_batch: int = GHOST_BATCH) -> list[Cell]:
     """The cells of ``spec`` for ``recipe``, in grid order (the first key varies slowest).
 
@@ -150,11 +150,12 @@ def plan(recipe: Recipe, spec, *, lr_scaling: str = "linear", base_batch_size: i
     ``key=value`` overrides are), the norm's layer, and the scaled learning
     rate (see the module docstring); bad values raise :class:`SweepError`.
     """
-    grid = parse_grid(spec) if not isinstance(spec, dict) else {k: [str(v) for v in vs] for k, vs in spec.items()}
+    grid = parse_grid(spec)
     if not isinstance(ghost_batch, int) or ghost_batch < 1:
         raise SweepError(f"ghost_batch must be a positive int, got {ghost_batch!r}")
+    if lr_scaling not in _SCALINGS:
+        raise SweepError(f"lr_scaling must be one of {_SCALINGS}, got {lr_scaling!r}")
     scaled_lr = lr_scaling != "none" and "learning_rate" not in grid
-    scaled_learning_rate(1.0, 1, 1, lr_scaling)  # checks the name
     base_bs = base_batch_size or recipe.batch_size
     base_lr = base_learning_rate(recipe)
     cells, by_id = [], {}
@@ -177,10 +178,11 @@ def plan(recipe: Recipe, spec, *, lr_scaling: str = "linear", base_batch_size: i
         if cid in by_id:
             raise SweepError(f"two cells have the id {cid!r}: {by_id[cid]} and {raw}")
         by_id[cid] = raw
-        same = None
-        if raw.get("norm") == "ghost" and r.batch_size <= ghost_batch:
-            same = cell_id({k: ("bn" if k == "norm" else v) for k, v in settings.items()})
-        cells.append(Cell(cid, settings, r, arm, same))
+        cells.append(Cell(cid, settings, r, arm))
+    for i, c in enumerate(cells):  # a ghost batch that holds the whole batch is plain BN: point at its bn cell
+        twin = cell_id({**c.settings, "norm": "bn"})
+        if c.settings.get("norm") == "ghost" and c.recipe.batch_size <= ghost_batch and twin in by_id:
+            cells[i] = dataclasses.replace(c, same_as=twin)
     return cells
 
 
