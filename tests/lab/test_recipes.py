@@ -8,9 +8,9 @@ from bnlab.data import OFFLINE
 
 def test_registry_covers_every_tutorial_experiment():
     expected = {"diabetes", "cifar10-sigmoid", "bn-params", "blobs", "blobs-scratch", "blobs-deep",
-                "kmnist-cnn", "mnist-mlp", "digits28-mlp", "digits28-cnn"}
+                "kmnist-cnn", "mnist-mlp", "digits28-mlp", "digits28-cnn", "paper-fig1", "paper-fig1-digits28"}
     assert set(lab.names()) == expected
-    assert {r.tutorial for r in lab.RECIPES.values()} == {"000", "001", "002", "003", "004"}
+    assert {r.tutorial for r in lab.RECIPES.values()} == {"000", "001", "002", "003", "004", "paper"}
     d = lab.get("diabetes")
     assert (d.epochs, d.batch_size, d.validation_split, d.optimizer, d.loss) == (100, 64, 0.15, "adam", "mse")
     assert d.reported["bn"]["val_loss"] == 0.6657

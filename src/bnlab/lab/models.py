@@ -215,6 +215,37 @@ def cifar_cnn(norm_layer="bnlab", activation: str = "sigmoid", num_classes: int 
     )
 
 
+def paper_mlp(norm_layer="bnlab", in_shape=(1, 28, 28), hidden: tuple[int, ...] = (100, 100, 100),
+              num_classes: int = 10) -> nn.Sequential:
+    """Ioffe & Szegedy (2015, arXiv:1502.03167), Figure 1: Flatten, 3 x [Dense(100) (BN) sigmoid], Dense(10, softmax).
+
+    The paper's words (section 4.1): "3 fully-connected hidden layers with 100
+    activations each. Each hidden layer computes y = g(Wu + b) with sigmoid
+    nonlinearity, and the weights W initialized to small random Gaussian
+    values", then a 10-way layer with cross-entropy; BN goes before each
+    sigmoid, ``g(BN(Wu))``, where the bias is dropped ("its effect will be
+    canceled by the subsequent mean subtraction", section 3.2). The scale of
+    "small" is not given; we draw the weights from Glorot's Gaussian
+    ``N(0, 2 / (fan_in + fan_out))`` (std 0.049 for the first layer, 0.1 for
+    the others), biases zero. 784-100-100-100-10: 99,710 parameters without
+    BN; with BN 99,410 weights and biases, plus gamma and beta (600 trainable)
+    and the moving statistics (600 not trainable) of three BN layers.
+    """
+    nl = _norm_factory(norm_layer)
+    layers, n_in = [nn.Flatten()], int(torch.tensor(in_shape).prod())
+    for width in hidden:
+        linear = nn.Linear(n_in, width, bias=nl is None)
+        layers += [linear, nl(width, axis=-1) if nl else None, nn.Sigmoid()]
+        n_in = width
+    layers += [nn.Linear(n_in, num_classes), nn.Softmax(dim=-1)]
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return _seq(*layers)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "diabetes_mlp": diabetes_mlp,
     "bn_params_mlp": bn_params_mlp,
@@ -222,6 +253,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mnist_mlp": mnist_mlp,
     "kmnist_cnn": kmnist_cnn,
     "cifar_cnn": cifar_cnn,
+    "paper_mlp": paper_mlp,
 }
 
 

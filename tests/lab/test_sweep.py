@@ -1,0 +1,135 @@
+"""Sweeps: grid parsing (and its errors), the norm mapping, learning-rate scaling, cell ids, aggregation against
+a direct t interval, and the batch-size plot."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from bnlab import lab
+from bnlab.lab import plots, sweep
+from bnlab.lab.sweep import SweepError
+
+
+def test_a_grid_spec_parses_into_ordered_keys_and_values():
+    assert sweep.parse_grid("batch_size=2,4,8 norm=bn,renorm,ghost,none") == {
+        "batch_size": ["2", "4", "8"], "norm": ["bn", "renorm", "ghost", "none"]}
+    assert sweep.parse_grid(["batch_size=2,4", "epochs=3"]) == {"batch_size": ["2", "4"], "epochs": ["3"]}
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("", "empty grid"),
+    ("batch_size", r"grid item 'batch_size': expected key=v1,v2"),
+    ("=2,4", "expected key=v1,v2"),
+    ("batchsize=2,4", "grid key 'batchsize': expected norm or a recipe field"),
+    ("batch_size=2,,4", "empty value"),
+    ("batch_size=2,4 batch_size=8", "given twice"),
+    ("norm=bn,bn", r"repeats \['bn'\]"),
+])
+def test_bad_grid_specs_say_what_was_expected(spec, error):
+    with pytest.raises(SweepError, match=error):
+        sweep.parse_grid(spec)
+
+
+def test_cells_map_norms_to_layers_and_arms_and_scale_the_learning_rate_linearly():
+    recipe = lab.get("digits28-cnn")  # Adam with Keras' default rate 1e-3 at batch 250
+    cells = sweep.plan(recipe, "batch_size=2,16,128 norm=bn,renorm,ghost,none")
+    assert len(cells) == 12
+    by_id = {c.id: c for c in cells}
+    assert list(by_id)[:4] == ["batch_size=2+norm=bn", "batch_size=2+norm=renorm", "batch_size=2+norm=ghost", "batch_size=2+norm=none"]
+    c = by_id["batch_size=128+norm=ghost"]
+    assert (c.arm, c.recipe.norm, c.recipe.batch_size, c.same_as) == ("bn", "ghost:16", 128, None)
+    assert c.recipe.learning_rate == pytest.approx(1e-3 * 128 / 250)
+    assert by_id["batch_size=16+norm=ghost"].same_as == "batch_size=16+norm=bn"  # ghost batch >= batch: plain BN
+    assert all(c.same_as is None for c in sweep.plan(recipe, "batch_size=2,16 norm=ghost,none"))  # no bn cell to point at
+    assert (by_id["batch_size=2+norm=none"].arm, by_id["batch_size=2+norm=bn"].recipe.norm) == ("no_bn", "bnlab")
+    assert by_id["batch_size=2+norm=renorm"].recipe.norm == "renorm"
+    assert by_id["batch_size=2+norm=bn"].settings == {"batch_size": 2, "norm": "bn"}
+    assert recipe.learning_rate is None  # the registry's recipe is untouched
+
+
+def test_learning_rate_scaling_options():
+    recipe = lab.with_overrides(lab.get("blobs"), {"learning_rate": 0.01, "batch_size": 300})
+    lr = lambda cells: [c.recipe.learning_rate for c in cells]  # noqa: E731
+    assert lr(sweep.plan(recipe, "batch_size=75,1200")) == pytest.approx([0.0025, 0.04])
+    assert lr(sweep.plan(recipe, "batch_size=75,1200", lr_scaling="sqrt")) == pytest.approx([0.005, 0.02])
+    assert lr(sweep.plan(recipe, "batch_size=75,1200", lr_scaling="none")) == pytest.approx([0.01, 0.01])
+    assert lr(sweep.plan(recipe, "batch_size=75", base_batch_size=150)) == pytest.approx([0.005])
+    assert lr(sweep.plan(recipe, "batch_size=75,1200 learning_rate=0.3")) == pytest.approx([0.3, 0.3])  # set: not scaled
+    with pytest.raises(SweepError, match="lr_scaling must be one of"):
+        sweep.plan(recipe, "batch_size=75", lr_scaling="cubic")
+    assert sweep.base_learning_rate(lab.get("diabetes")) == pytest.approx(1e-3)  # Adam's Keras default
+    assert sweep.base_learning_rate(lab.get("paper-fig1")) == pytest.approx(0.1)
+
+
+def test_without_norm_in_the_grid_the_recipes_own_layer_stays():
+    recipe = lab.with_overrides(lab.get("blobs"), {"norm": "torch"})
+    (cell,) = sweep.plan(recipe, "epochs=3")
+    assert (cell.arm, cell.recipe.norm, cell.recipe.epochs, cell.id) == ("bn", "torch", 3, "epochs=3")
+
+
+def test_bad_cell_values_are_refused_with_the_cell_named():
+    with pytest.raises(SweepError, match=r"cell batch_size=two: batch_size='two': expected an int"):
+        sweep.plan(lab.get("blobs"), "batch_size=two")
+    with pytest.raises(SweepError, match="norm='layernorm': expected one of"):
+        sweep.plan(lab.get("blobs"), "norm=bn,layernorm")
+    with pytest.raises(SweepError, match="ghost_batch must be a positive int"):
+        sweep.plan(lab.get("blobs"), "norm=ghost", ghost_batch=0)
+
+
+def test_cell_ids_are_safe_directory_names_and_unique():
+    (cell,) = sweep.plan(lab.get("blobs"), "norm=ghost:8")
+    assert cell.id == "norm=ghost-8" and cell.recipe.norm == "ghost:8"
+    assert sweep.cell_id({"batch_size": 4, "norm": "a/b c"}) == "batch_size=4+norm=a-b-c"
+    with pytest.raises(SweepError, match="two cells have the id 'learning_rate=0.1'"):
+        sweep.plan(lab.get("blobs"), "learning_rate=0.1,0.10")  # two spellings, one value, one directory
+
+
+def _t_interval(v, level=0.95):
+    v = np.asarray(v, float)
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return v.mean(), v.mean() - half, v.mean() + half
+
+
+def test_aggregation_gives_mean_and_t_interval_per_group_and_counts_diverged_runs():
+    runs = []
+    rng = np.random.default_rng(0)
+    for norm in ("bn", "none"):
+        for bs in (2, 8):
+            for seed in range(4):
+                acc = float(rng.uniform(0.5, 1.0))
+                runs.append(({"batch_size": bs, "norm": norm}, seed, {"val_accuracy": acc, "loss": 1.0}))
+    runs.append(({"batch_size": 2, "norm": "bn"}, 4, {"val_accuracy": math.nan}))  # a diverged seed
+    rows = sweep.aggregate(runs, "val_accuracy")
+    assert [(r["norm"], r["batch_size"]) for r in rows] == [("bn", 2), ("bn", 8), ("none", 2), ("none", 8)]
+    for r in rows:
+        vals = [f["val_accuracy"] for s, _, f in runs if (s["norm"], s["batch_size"]) == (r["norm"], r["batch_size"])]
+        finite = [v for v in vals if math.isfinite(v)]
+        assert (r["mean"], r["low"], r["high"]) == pytest.approx(_t_interval(finite), rel=1e-12)
+        assert r["n"] == len(vals) and r["nonfinite"] == len(vals) - len(finite)
+    assert rows[0]["nonfinite"] == 1 and math.isnan(rows[0]["values"][-1])
+    one = sweep.aggregate(runs[:1], "val_accuracy")[0]
+    assert one["mean"] == runs[0][2]["val_accuracy"] and math.isnan(one["low"])  # one seed: no interval
+    with pytest.raises(SweepError, match="has no final 'test_accuracy'"):
+        sweep.aggregate(runs, "test_accuracy")
+
+
+def test_mean_interval_is_the_one_sample_t_interval():
+    v = [0.91, 0.93, 0.88, 0.95, 0.9]
+    assert sweep.mean_interval(v) == pytest.approx(_t_interval(v), rel=1e-12)
+    assert sweep.mean_interval(v, 0.8) == pytest.approx(_t_interval(v, 0.8), rel=1e-12)
+
+
+def test_batch_size_plot_has_a_log2_axis_and_one_line_per_norm(tmp_path):
+    rows = sweep.aggregate(
+        [({"batch_size": bs, "norm": n}, s, {"acc": 0.9 - 0.1 / bs + 0.01 * s}) for n in ("bn", "renorm", "none")
+         for bs in (2, 4, 8) for s in range(3)], "acc")
+    fig = plots.batch_size_figure(rows, "acc")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["BN (n=3)", "batch renorm (n=3)", "no BN (n=3)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8"]
+    paths = plots.plot_batch_size(rows, "acc", tmp_path)
+    assert [p.name for p in paths] == ["batch-size-acc.png", "batch-size-acc.svg"] and all(p.stat().st_size for p in paths)
