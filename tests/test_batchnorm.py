@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bnlab
+from bnlab import functional as F
 from bnlab import constraints, initializers, reference as R, regularizers
 
 
@@ -576,3 +577,135 @@ def test_ghost_batch_norm_with_cumulative_momentum():
         bn(b)
     np.testing.assert_allclose(bn.moving_mean.numpy(), expected, atol=1e-12)
     assert bn.num_batches_tracked.item() == 3
+
+
+# ---------------------------------------------------------------- inputs and state the layer must not get wrong
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (20, 8, 30, 30)])  # the small route and the kernels' route
+@pytest.mark.parametrize("where", ["input", "gamma", "moving_mean"])
+def test_negative_bit_views_give_their_values(shape, where):
+    # torch._neg_view(t) holds -t's memory with a bit saying "negate on read"; handed to C as memory
+    # it would be read with the wrong sign. Every path must see the values the view stands for.
+    torch.manual_seed(0)
+    axis = 1
+    x = torch.randn(shape) * 2 + 1
+    layers = [bnlab.BatchNorm(axis=axis, num_features=8, momentum=0.5) for _ in range(2)]
+    gamma, moving_mean = torch.rand(8) + 0.5, torch.randn(8)
+    with torch.no_grad():
+        for layer in layers:
+            layer.gamma.copy_(gamma)
+            layer.moving_mean.copy_(moving_mean)
+    plain, viewed = layers
+    if where == "gamma":
+        viewed.weight.data = torch._neg_view(-viewed.weight.data)
+    if where == "moving_mean":
+        viewed.running_mean.data = torch._neg_view(-viewed.running_mean.data)
+    xv = torch._neg_view(-x) if where == "input" else x
+    assert xv.is_neg() or where != "input"
+    for layer, xi in ((plain, x), (viewed, xv)):
+        layer.train()
+        layer(xi)  # training: statistics and an update through the views
+    torch.testing.assert_close(viewed.moving_mean.resolve_neg(), plain.moving_mean)
+    torch.testing.assert_close(viewed(xv.resolve_neg() if where != "input" else xv), plain(x), rtol=1e-5, atol=1e-5)
+    plain.eval()
+    viewed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(viewed(xv), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 3e38, -3e38])
+@pytest.mark.parametrize("shape,axis", [((6, 5, 4), -1), ((6, 4, 5, 5), 1)])
+def test_masked_out_positions_never_reach_the_statistics(garbage, shape, axis):
+    # Keras' contract for masks: what the mask excludes is not used for the mean or variance. With
+    # 0/1 weights multiplied in, 0 * NaN and (3e38 - mean)^2 * 0 poisoned the statistics.
+    torch.manual_seed(1)
+    feat = F.normalize_axes(axis, len(shape))
+    mshape = [s for d, s in enumerate(shape) if d not in feat]
+    mask = torch.rand(mshape) > 0.4
+    mask.view(-1)[:3] = True
+    mask.view(-1)[-1] = False
+    x = torch.randn(shape) * 2 + 1
+    dirty = x.clone()
+    m_full = mask
+    for a in feat:
+        m_full = m_full.unsqueeze(a)
+    dirty = torch.where(m_full.expand(shape), dirty, torch.full_like(dirty, garbage))
+    clean_layer, dirty_layer = bnlab.BatchNorm(axis=axis), bnlab.BatchNorm(axis=axis)
+    y_clean = clean_layer(x, mask=mask)
+    y_dirty = dirty_layer(dirty, mask=mask)
+    assert torch.isfinite(dirty_layer.moving_mean).all() and torch.isfinite(dirty_layer.moving_variance).all()
+    torch.testing.assert_close(dirty_layer.moving_mean, clean_layer.moving_mean)
+    torch.testing.assert_close(dirty_layer.moving_variance, clean_layer.moving_variance)
+    keep = m_full.expand(shape)
+    torch.testing.assert_close(y_dirty[keep], y_clean[keep])  # the included positions: same outputs
+    mean, var = F.moments(dirty, axis, mask)
+    ref_mean, ref_var = F.moments(x, axis, mask)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    # a loss that ignores the masked outputs (dy = 0 there) gets finite gradients
+    xr = dirty.clone().requires_grad_()
+    y = bnlab.BatchNorm(axis=axis)(xr, mask=mask)
+    (torch.where(keep, y, torch.zeros_like(y)) ** 2).sum().backward()
+    assert torch.isfinite(xr.grad[keep]).all()
+
+
+def test_masks_broadcast_over_size_one_axes_like_keras():
+    # Keras: a mask of the input's rank minus one, broadcast against it; e.g. (N, H, 1) for an
+    # (N, H, W, C) input masks whole rows of W. The result equals the explicitly expanded mask.
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, 6, 3)
+    row = torch.rand(4, 5, 1) > 0.3
+    row[0, 0, 0] = True
+    a, b = bnlab.BatchNorm(axis=-1), bnlab.BatchNorm(axis=-1)
+    ya = a(x, mask=row)
+    yb = b(x, mask=row.expand(4, 5, 6))
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(a.moving_mean, b.moving_mean)
+    torch.testing.assert_close(a.moving_variance, b.moving_variance)
+    per_sample = torch.tensor([True, False, True, True]).view(4, 1, 1)
+    c, d = bnlab.BatchNorm(axis=-1), bnlab.BatchNorm(axis=-1)
+    torch.testing.assert_close(c(x, mask=per_sample), d(x, mask=per_sample.expand(4, 5, 6)))
+    with pytest.raises(ValueError, match=r"expected \(4, 5, 6\), got \(5, 6\)"):  # fewer axes: refused, not aligned
+        bnlab.BatchNorm(axis=-1)(x, mask=torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(4, 5, 2\)"):
+        bnlab.BatchNorm(axis=-1)(x, mask=torch.ones(4, 5, 2, dtype=torch.bool))
+
+
+def test_trainable_false_before_the_first_call_of_a_lazy_layer():
+    # Keras: trainable=False means inference, also on the call that builds the layer: the moving
+    # statistics (their initial values) normalize the batch, nothing is updated or counted.
+    layer = bnlab.BatchNorm(axis=-1, moving_mean_initializer=bnlab.initializers.Constant(0.5),
+                            moving_variance_initializer=bnlab.initializers.Constant(4.0))
+    layer.trainable = False
+    x = torch.randn(16, 3) * 3 + 2
+    y = layer(x)
+    torch.testing.assert_close(y, (x - 0.5) / torch.sqrt(torch.tensor(4.0 + 1e-3)))
+    assert torch.equal(layer.moving_mean, torch.full((3,), 0.5))
+    assert torch.equal(layer.moving_variance, torch.full((3,), 4.0))
+    assert layer.num_batches_tracked.item() == 0
+    assert not layer.gamma.requires_grad and not layer.beta.requires_grad
+
+
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm(num_features=4), lambda: bnlab.nn.BatchNorm1d(4)])
+def test_a_partial_state_dict_keeps_the_batch_counter(make):
+    # PyTorch keeps every buffer a non-strict load does not name; bnlab used to reset
+    # num_batches_tracked to 0 (the path for checkpoints older than the counter).
+    layer = make()
+    for _ in range(3):
+        layer(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    result = layer.load_state_dict({}, strict=False)
+    native = torch.nn.BatchNorm1d(4)
+    assert result.missing_keys == native.load_state_dict({}, strict=False).missing_keys
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for _ in range(3):
+        native(torch.randn(8, 4))
+    native.load_state_dict({}, strict=False)
+    assert native.num_batches_tracked.item() == 3 == layer.num_batches_tracked.item()
+    # a checkpoint from before the counter existed (no version, no key) still loads, counting from 0
+    old = {k: v for k, v in before.items() if k != "num_batches_tracked"}
+    fresh = make()
+    fresh.load_state_dict(old, strict=False)
+    assert fresh.num_batches_tracked.item() == 0
