@@ -60,16 +60,21 @@ class Route(NamedTuple):
     ``impl``: ``"kernels"``, ``"aten"`` or ``"composite"``. ``dims``: ``(A, C, B)``
     of the input's memory for the kernels. ``copy``: the kernels need a dense copy
     of the input first (strided input, or feature axes apart in memory; see
-    :func:`dense_acb`), whose dims are then the copy's.
+    :func:`dense_acb`), whose dims are then the copy's. ``native``: PyTorch's op
+    takes the input as it is (features on dim 1, in a layout and dtype it
+    reads), else it gets the ``(A, C, B)`` view.
     """
 
     impl: str
     dims: tuple[int, int, int] | None = None
     copy: bool = False
+    native: bool = False
 
 
 _ATEN = Route("aten")
+_ATEN_NATIVE = Route("aten", native=True)
 _COMPOSITE = Route("composite")
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -172,10 +177,10 @@ def train_route(x: Tensor, feature_axes: tuple[int, ...], n: int, c: int, kernel
         if masked:
             return _COMPOSITE
         if graph and feature_axes == (1,) and n <= SMALL_ROWS_NUMEL and (x.ndim == 2 or _small(x, feature_axes, n)):
-            return _ATEN if n > c else _COMPOSITE  # a small batch: PyTorch's op, whose autograd node is C++
+            return _aten(x, feature_axes) if n > c else _COMPOSITE  # small: PyTorch's op, its autograd node is C++
         if kernels is not None and n and _kernel_dtypes(x, per_feature):
             return _kernels_route(x, feature_axes)
-        return _ATEN if n > c else _COMPOSITE  # (one value per feature: the composite path)
+        return _aten(x, feature_axes) if n > c else _COMPOSITE  # (one value per feature: the composite path)
     if impl == "kernel":
         if masked or not n or kernels is None or not _kernel_dtypes(x, per_feature):
             raise ValueError(f"impl='kernel' cannot run here: {_kernel_refusal(x, masked, kernels)}")
@@ -184,7 +189,7 @@ def train_route(x: Tensor, feature_axes: tuple[int, ...], n: int, c: int, kernel
         if masked or n // max(c, 1) < 2:
             raise ValueError("impl='aten' needs no mask and at least 2 values per feature "
                              f"(got mask={'set' if masked else None}, {n // max(c, 1)} values)")
-        return _ATEN
+        return _aten(x, feature_axes)
     if impl == "composite":
         return _COMPOSITE
     raise ValueError(f"impl must be 'auto', 'kernel', 'aten' or 'composite', got {impl!r}")
@@ -194,8 +199,17 @@ def inference_route(x: Tensor, feature_axes: tuple[int, ...], n: int, kernels, p
     """How to compute an inference batch of ``n`` values: the kernels when they take it, no graph is
     recorded and the batch is not small; else PyTorch's op."""
     if graph or kernels is None or not n or _small(x, feature_axes, n) or not _kernel_dtypes(x, per_feature):
-        return _ATEN
+        return _aten(x, feature_axes)
     return _kernels_route(x, feature_axes)
+
+
+def _aten(x: Tensor, feature_axes: tuple[int, ...]) -> Route:
+    """PyTorch's op: on ``x`` as it is when the features are on dim 1 in a layout and dtype it takes
+    (bfloat16 with float32 parameters on the CPU), else on the ``(A, C, B)`` view."""
+    if feature_axes == (1,) and (x.dtype in _NATIVE_DTYPES and (x.dtype is not torch.bfloat16 or x.is_cpu)) \
+            and (x.ndim == 2 or x.is_contiguous() or channels_last(x)):
+        return _ATEN_NATIVE
+    return _ATEN
 
 
 def _kernel_refusal(x: Tensor, masked: bool, kernels) -> str:

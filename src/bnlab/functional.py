@@ -505,9 +505,9 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
     weighs ``1 / num_batches`` (a tensor, so no host sync). ``scratch``: the
     :class:`bnlab._kernels.ops.Scratch` that ``mean`` and ``var`` live in, zeroed
     and given back once read. Computed by the kernels' ``update_moving`` when
-    they take every tensor; else through NumPy views of CPU buffers (about
-    1 us per op against 3-7 us for a torch op on small layers); else with
-    torch ops.
+    they take every tensor; else through NumPy views of CPU buffers (a NumPy
+    op on a few hundred values costs a fraction of a torch op's dispatch);
+    else with torch ops.
     """
     if momentum is None:
         if counter is None:
@@ -581,16 +581,9 @@ def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum
 # --------------------------------------------------------------------------- whole transforms
 
 
-def _native(x: Tensor, feat: tuple[int, ...], dtype):
-    """``x`` as PyTorch's batch-norm op takes it (``(N, C, ...)`` features on dim 1), and the map back
-    (``None``: none needed).
-
-    bfloat16 data goes as it is with float32 parameters and statistics (PyTorch's mixed-type CPU
-    kernel computes in float32, as the kernels do); float16 is converted first.
-    """
-    if feat == (1,) and (x.dtype is dtype or (x.dtype is torch.bfloat16 and x.is_cpu)) \
-            and (x.ndim == 2 or x.is_contiguous() or _dispatch.channels_last(x)):
-        return x, None
+def _acb_view(x: Tensor, feat: tuple[int, ...], dtype):
+    """``x`` (in ``dtype``) as the ``(A, C, B)`` view PyTorch's op reduces over dims 0 and 2 (``(A, C)``
+    when ``B`` is 1, where its kernel is fastest), and the map back to ``x``'s shape and layout."""
     x3, restore = as_acb(x if x.dtype == dtype else x.to(dtype), feat)
     return (x3.view(x3.shape[0], x3.shape[1]) if x3.shape[2] == 1 else x3), lambda y: restore(y.view(x3.shape))
 
@@ -660,7 +653,7 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     if x.is_cpu:
         _check_storage(gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance)
-    xn, restore = _native(x, feat, dtype)
+    xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
     y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), _flat(moving_mean, dtype), _flat(moving_variance, dtype),
               False, epsilon)
     if restore is not None:
@@ -683,73 +676,88 @@ def _train(x, feat, gamma, beta, epsilon, mask, impl, act=None, slope=0.01, movi
     if not x.is_floating_point():
         raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
     c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
-    if moving is None:
-        mm = mv = counter = momentum = None
-        unbiased = False
-    else:
-        mm, mv, momentum, unbiased, counter = moving
+    mm, mv, momentum, unbiased, counter = (None, None, None, False, None) if moving is None else moving
     if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
             or (mm is not None and (mm.numel() != c or mv.numel() != c))):
         _check_sizes(c, gamma, beta, mm, mv)  # raises, naming the tensor
-    mask3 = None if mask is None else _mask_as_acb(mask, x, feat)
     n = x.numel()
     if not n and mm is not None and not want_stats:
         # An empty batch has no statistics: nothing is counted or updated; normalize (nothing) with the moving ones
+        if mask is not None:
+            _mask_as_acb(mask, x, feat)  # checked all the same
         return _inference(x, feat, mm, mv, gamma, beta, epsilon, act, slope)
     kernels = _ops.loaded()
     graph = torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
                                          or (beta is not None and beta.requires_grad))
     route = _dispatch.train_route(x, feat, n, c, kernels, (gamma, beta, mm, mv), mask is not None, impl, graph)
+    args = (x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbiased, counter, want_stats, kernels)
     if route.impl == "kernels":
-        out = _train_kernels(kernels, route, x, feat, gamma, beta, epsilon, act, slope, mm, mv, momentum, unbiased,
-                             counter, want_stats, graph)
+        out = _train_kernels(route, *args, act, slope, graph)
         if out is not None:
             return out
         if impl == "kernel":  # their boundary refused a per-feature tensor (strided, neg bit, ...)
             raise ValueError("impl='kernel' cannot run here: a per-feature tensor is not a contiguous vector "
                              "the kernels can take")
         route = _dispatch.Route("aten" if n > c else "composite")
+    y, stats = (_train_aten(route, *args) if route.impl == "aten" else _train_composite(mask, *args))
+    if act is not None:
+        y = _activate(y, act, slope)
+    return y if stats is None else (y, *stats)
+
+
+def _train_aten(route, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbiased, counter, want_stats, kernels):
+    """PyTorch's op for the transform; the moving statistics from the batch statistics it writes."""
     dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
     scratch = None
-    if route.impl == "aten":
-        xn, restore = _native(x, feat, dtype)
-        # PyTorch's op with momentum 1 writes the batch mean and UNBIASED variance into these two
-        if mm is not None and x.is_cpu and not want_stats:
-            scratch = _ops.scratch(c, dtype)
-            mean, var = scratch.mean, scratch.var
-        else:
-            mean, var = x.new_zeros(c, dtype=dtype), x.new_zeros(c, dtype=dtype)
-        y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), mean, var, True, epsilon)
-        if restore is not None:
-            y = restore(y)
-        count, source_unbiased = n // c, True
+    if mm is not None and x.is_cpu and not want_stats:  # (see ops.Scratch: written here, read by the update)
+        scratch = _ops.scratch(c, dtype)
+        mean, var = scratch.mean, scratch.var
     else:
-        x3, restore = as_acb(x if x.dtype is dtype else x.to(dtype), feat)
-        fallback = (None, None) if mm is None else (_flat(mm, dtype), _flat(mv, dtype))
-        y3, mean, var, count = _BatchNormTrain.apply(x3, _flat(gamma, dtype), _flat(beta, dtype), mask3, epsilon,
-                                                     *fallback)
-        y = restore(y3)
-        source_unbiased = False
-        if mask is None:
-            count = x3.shape[0] * x3.shape[2]
+        mean, var = x.new_zeros(c, dtype=dtype), x.new_zeros(c, dtype=dtype)
+    # with momentum 1 the op writes the batch mean and the UNBIASED batch variance into mean and var
+    y = _aten(xn, gamma if gamma is None or gamma.ndim == 1 and gamma.dtype is dtype else _flat(gamma, dtype),
+              beta if beta is None or beta.ndim == 1 and beta.dtype is dtype else _flat(beta, dtype),
+              mean, var, True, epsilon)
+    if restore is not None:
+        y = restore(y)
     if y.dtype is not x.dtype:
         y = y.to(x.dtype)
+    count = x.numel() // c
+    if mm is not None:
+        factor = _factor(count, True, unbiased)
+        if scratch is not None and kernels is not None and isinstance(momentum, float):
+            try:  # (what _update does first; called directly here, where small layers spend their time)
+                _ops.update_moving(kernels, mm, mv, scratch, momentum, factor, counter)
+                return y, None
+            except _ops.BoundaryError:
+                pass
+        _update(mm, mv, mean, var, momentum, factor, None, counter, scratch)
+    return y, ((mean, var * _factor(count, True, False), count) if want_stats else None)
+
+
+def _train_composite(mask, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbiased, counter, want_stats, kernels):
+    """bnlab's autograd Function: masks, and batches of one value per feature."""
+    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    mask3 = None if mask is None else _mask_as_acb(mask, x, feat)
+    x3, restore = as_acb(x if x.dtype is dtype else x.to(dtype), feat)
+    fallback = (None, None) if mm is None else (_flat(mm, dtype), _flat(mv, dtype))
+    y3, mean, var, count = _BatchNormTrain.apply(x3, _flat(gamma, dtype), _flat(beta, dtype), mask3, epsilon, *fallback)
+    y = restore(y3).to(x.dtype)
+    if mask is None:
+        count = x3.shape[0] * x3.shape[2]
     if mm is not None:
         # masked: skip when nothing (or, for the unbiased variance, one value) entered
         valid = count > (1 if unbiased else 0) if isinstance(count, Tensor) else None
-        _update(mm, mv, mean, var, momentum, _factor(count, source_unbiased, unbiased), valid, counter, scratch,
-                kernels)
-    if act is not None:
-        y = _activate(y, act, slope)
-    if want_stats:
-        return y, mean, var * _factor(count, source_unbiased, False), count
-    return y
+        _update(mm, mv, mean, var, momentum, _factor(count, False, unbiased), valid, counter)
+    return y, ((mean, var, count) if want_stats else None)
 
 
-def _train_kernels(kernels, route, x, feat, gamma, beta, epsilon, act, slope, mm, mv, momentum, unbiased, counter,
-                   want_stats, graph):
-    """The kernels' training transform; the moving statistics are updated in the same call when the momentum
-    is a number. ``None`` when their boundary refuses a per-feature tensor (nothing was written then)."""
+def _train_kernels(route, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbiased, counter, want_stats, kernels,
+                   act, slope, graph):
+    """The kernels' transform (+ ReLU / leaky ReLU); the moving statistics are updated in the same call when
+    the momentum is a number. ``None`` when their boundary refuses a per-feature tensor (nothing was
+    written then)."""
     xd, dims = _dispatch.dense_acb(x, feat) if route.copy else (x, route.dims)
     count = dims[0] * dims[2]
     fused_update = mm is not None and isinstance(momentum, (int, float))

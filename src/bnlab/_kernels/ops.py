@@ -236,4 +236,6 @@ def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float,
         moving_mean.data_ptr(), moving_var.data_ptr(), s.addresses[0], s.addresses[1], c, momentum, var_factor,
         None if counter is None else counter.data_ptr(),
     )
-    give_back(s)
+    pairs = getattr(_pool, "pairs", None)  # (give_back, written out)
+    if pairs is not None:
+        pairs[(c, pdt)] = s

@@ -10,7 +10,7 @@ saved intermediate, so neither pass stores or reloads the normalized tensor
 (the memory-traffic argument of in-place activated BN, Rota Bulo et al., 2018,
 arXiv:1712.02616, without its invertibility requirement). SiLU, GELU, sigmoid
 and tanh run as PyTorch ops after the kernel (their vectorized transcendental
-functions beat scalar ones in the kernel: measured 8x), as does every
+functions beat scalar ones in the kernel), as does every
 activation where the kernels do not run (GPU, masks, renorm, ghost or
 synchronized statistics, no C compiler); the results are the same.
 """

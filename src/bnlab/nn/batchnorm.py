@@ -266,6 +266,11 @@ class _BatchNormBase(nn.Module):
     def _epsilon(self) -> float:  # pragma: no cover - defined by each face
         raise NotImplementedError
 
+    def _momentum_epsilon(self) -> tuple:
+        """``(weight of the old moving value or None, epsilon)`` in Keras' convention (each face overrides
+        this with its own attributes: one call per batch instead of two)."""
+        return self._old_weight(), self._epsilon()
+
     def _check_input(self, x: Tensor, mask: Tensor | None, training: bool) -> tuple[int, ...]:
         """The feature axes of ``x``, after checking it against the layer (built on its first batch)."""
         if not isinstance(x, Tensor):
@@ -293,10 +298,11 @@ class _BatchNormBase(nn.Module):
         normalized (inference checks the mask and ignores it).
         """
         training = (self.training if training is None else bool(training)) and self._trainable  # Keras: frozen = inference
-        feat = self._check_input(x, mask, training)
+        feat = self._check_input(x, mask, training)  # (builds a lazy layer)
         gamma, beta = self._parameters["weight"], self._parameters["bias"]
         mean, var = self._buffers["running_mean"], self._buffers["running_var"]
-        eps, act, slope = self._epsilon(), self._act, self._slope
+        momentum, eps = self._momentum_epsilon()
+        act, slope = self._act, self._slope
         if not training and mean is not None:  # inference: the moving statistics (a mask is checked, unused)
             return F.batch_norm_inference(x, mean, var, gamma, beta, axis=feat, epsilon=eps, mask=mask,
                                           activation=act, negative_slope=slope)
@@ -308,7 +314,7 @@ class _BatchNormBase(nn.Module):
             return F.apply_activation(self._sync_forward(x, feat, mask, update), act, slope)
         if not update:
             mean = var = None
-        return F.batch_norm(x, mean, var, gamma, beta, training=True, axis=feat, momentum=self._old_weight(),
+        return F.batch_norm(x, mean, var, gamma, beta, training=True, axis=feat, momentum=momentum,
                             epsilon=eps, mask=mask, unbiased_moving_variance=self.moving_variance_estimator == "unbiased",
                             activation=act, negative_slope=slope,
                             num_batches_tracked=self._buffers["num_batches_tracked"] if update else None)
@@ -577,6 +583,9 @@ class BatchNorm(_BatchNormBase):
     def _epsilon(self) -> float:
         return self.epsilon
 
+    def _momentum_epsilon(self) -> tuple:
+        return self.momentum, self.epsilon
+
     def extra_repr(self) -> str:
         parts = [f"axis={self.axis!r}", f"momentum={self.momentum}", f"epsilon={self.epsilon}"]
         if self.built:
@@ -655,6 +664,9 @@ class _TorchBatchNorm(_BatchNormBase):
 
     def _epsilon(self) -> float:
         return self.eps
+
+    def _momentum_epsilon(self) -> tuple:
+        return (None if self.momentum is None else 1.0 - self.momentum), self.eps
 
     def _check_input(self, x, mask, training):
         if isinstance(x, Tensor) and x.dim() not in self._expected_dims:
