@@ -791,9 +791,9 @@ def batch_norm_inference(
     *,
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-3,
-    mask: Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Inference transform: ``gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta``.
 
@@ -815,9 +815,9 @@ def batch_norm_train(
     gamma: Tensor | None = None,
     beta: Tensor | None = None,
     *,
+    mask: Tensor | None = None,
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-3,
-    mask: Tensor | None = None,
     fallback: tuple[Tensor, Tensor] | None = None,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:

@@ -45,6 +45,11 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _check_momentum(momentum, meaning: str) -> None:
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] ({meaning}) or None, got {momentum!r}")
+
+
 def _as_shape(num_features) -> tuple[int, ...] | None:
     if num_features is None:
         return None
@@ -66,6 +71,11 @@ class _BatchNormBase(nn.Module):
     # An activation fused after the normalization (BatchNormAct sets these); None: none.
     _act: str | None = None
     _slope: float = 0.01
+
+    # Keras' per-weight options: the Keras face sets them from its arguments, PyTorch's faces keep these.
+    beta_initializer = gamma_initializer = moving_mean_initializer = moving_variance_initializer = None
+    beta_regularizer = gamma_regularizer = beta_constraint = gamma_constraint = None
+
     def __init__(
         self,
         *,
@@ -73,14 +83,6 @@ class _BatchNormBase(nn.Module):
         num_features,
         center: bool,
         scale: bool,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
         moving_variance_estimator: str = "biased",
         track_running_stats: bool = True,
         device=None,
@@ -94,14 +96,9 @@ class _BatchNormBase(nn.Module):
         self.axis = axis if isinstance(axis, int) else tuple(axis)
         self.center = bool(center)
         self.scale = bool(scale)
-        self.beta_initializer = _initializers.get(beta_initializer)
-        self.gamma_initializer = _initializers.get(gamma_initializer)
-        self.moving_mean_initializer = _initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = _initializers.get(moving_variance_initializer)
-        self.beta_regularizer = _regularizers.get(beta_regularizer)
-        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
-        self.beta_constraint = _constraints.get(beta_constraint)
-        self.gamma_constraint = _constraints.get(gamma_constraint)
+        for name, default in (("beta_initializer", "zeros"), ("gamma_initializer", "ones"),
+                              ("moving_mean_initializer", "zeros"), ("moving_variance_initializer", "ones")):
+            setattr(self, name, _initializers.get(getattr(self, name) or default))
         self.moving_variance_estimator = moving_variance_estimator
         self.track_running_stats = bool(track_running_stats)
         self.renorm = getattr(self, "renorm", False)  # set by the Keras face before this runs
@@ -539,8 +536,7 @@ class BatchNorm(_BatchNormBase):
         device=None,
         dtype=None,
     ):
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (weight of the old moving value) or None, got {momentum!r}")
+        _check_momentum(momentum, "weight of the old moving value")
         self.renorm = bool(renorm)
         self.renorm_clipping = _check_clipping(renorm_clipping) if renorm else None
         self.renorm_momentum = float(renorm_momentum)
@@ -557,24 +553,15 @@ class BatchNorm(_BatchNormBase):
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.momentum = momentum
         self.epsilon = float(epsilon)
-        super().__init__(
-            axis=axis,
-            num_features=num_features,
-            center=center,
-            scale=scale,
-            beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
-            beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint,
-            moving_variance_estimator=moving_variance_estimator,
-            device=device,
-            dtype=dtype,
-        )
-
+        self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
+        self.moving_mean_initializer = moving_mean_initializer
+        self.moving_variance_initializer = moving_variance_initializer
+        self.beta_regularizer = _regularizers.get(beta_regularizer)
+        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
+        self.beta_constraint = _constraints.get(beta_constraint)
+        self.gamma_constraint = _constraints.get(gamma_constraint)
+        super().__init__(axis=axis, num_features=num_features, center=center, scale=scale,
+                         moving_variance_estimator=moving_variance_estimator, device=device, dtype=dtype)
         self.synchronized = sync
 
     def _old_weight(self):
@@ -642,8 +629,7 @@ class _TorchBatchNorm(_BatchNormBase):
         device=None,
         dtype=None,
     ):
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (weight of the new batch statistic) or None, got {momentum!r}")
+        _check_momentum(momentum, "weight of the new batch statistic")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
