@@ -1033,3 +1033,56 @@ def test_stream_threshold_follows_the_cache_size_and_the_environment(monkeypatch
     monkeypatch.setenv("BNLAB_STREAM_MIN_BYTES", "lots")
     with pytest.raises(ValueError, match="BNLAB_STREAM_MIN_BYTES must be a whole number of bytes, got 'lots'"):
         _kernels.stream_min_bytes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", ["numel", "dtype", "strided", "neg", "storage", "offset-past-storage", "none-x"])
+@pytest.mark.parametrize("where", ["gamma", "moving_mean", "x"])
+def test_the_boundary_refuses_what_c_must_not_see(bad, where):
+    # bnlab._kernels.ops checks every tensor it hands to C, on every call, whatever the routing
+    # decided: a tensor that is not what C is told raises BoundaryError before C runs (nothing
+    # written: moving statistics and counter unchanged), never a wrong read or write.
+    kernels = ops.loaded()
+    c, rows = 8, 512
+    x = torch.randn(rows, c)
+    gamma, beta = torch.ones(c), torch.zeros(c)
+    mm, mv, counter = torch.zeros(c), torch.ones(c), torch.tensor(0)
+
+    def spoil(t):
+        if bad == "numel":
+            return t[:1]
+        if bad == "dtype":
+            return t.double()
+        if bad == "strided":
+            return torch.zeros(2 * t.numel())[::2].view(t.shape)
+        if bad == "neg":
+            return torch._neg_view(-t)
+        if bad == "storage":
+            u = t.clone()
+            u.untyped_storage().resize_(0)
+            return u
+        if bad == "offset-past-storage":
+            u = t.clone()
+            u.untyped_storage().resize_(u.element_size() * (u.numel() - 1))
+            return u
+        return t.expand(*t.shape) if bad == "none-x" else t
+
+    if bad == "none-x":  # overlapping strides (an expanded row) as the data
+        if where != "x":
+            pytest.skip("an overlapping view only matters for the data")
+        x = torch.randn(1, c).expand(rows, c)
+    elif where == "x":
+        x = spoil(x) if bad != "numel" else x[:1]
+    elif where == "gamma":
+        gamma = spoil(gamma)
+    else:
+        mm = spoil(mm)
+    before = (mm.clone() if mm.untyped_storage().nbytes() else None, counter.item())
+    dims = (rows, c, 1) if bad != "numel" or where != "x" else (rows, c, 1)
+    with pytest.raises(ops.BoundaryError):
+        ops.train_forward(kernels, x, dims, gamma, beta, 1e-3, (mm, mv, 0.9, 1.0, counter), None, 0.01, False)
+    assert counter.item() == before[1]
+    if before[0] is not None and where != "moving_mean":
+        assert torch.equal(mm, before[0])
+    with pytest.raises(ops.BoundaryError):
+        ops.inference(kernels, x, dims, gamma, beta, mm, mv, 1e-3, None, 0.01)
