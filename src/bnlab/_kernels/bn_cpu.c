@@ -1,7 +1,7 @@
 /*
  * bnlab CPU kernels for batch normalization on an (A, C, B) contiguous view.
  *
- * Plain C (no PyTorch headers), so a stock C compiler builds it in a few seconds (see
+ * Plain C (no PyTorch headers), so a stock C compiler builds it quickly (see
  * BNLAB_UNIT below); bnlab/_kernels/__init__.py compiles it once per machine, caches the
  * shared library and calls it through ctypes. Threads come from OpenMP; loaded
  * after PyTorch, the library binds to the libgomp that PyTorch already uses
@@ -25,18 +25,16 @@
  *
  * Built in parts: the loader compiles this file once per storage type at the same time
  * (-DBNLAB_UNIT=1: float32 and the entry points that do not depend on the type, 2: float64,
- * 3: bfloat16) and links the three objects: on this 2-core machine 0.60-0.67 of the time of one
- * compilation (5.3-5.8 s against 8.3-8.9 s with gcc 12, on a day it ran slow; almost all of it
- * in GCC's optimizer). Without BNLAB_UNIT one compilation holds everything.
+ * 3: bfloat16) and links the three objects: with more than one core free this takes less time
+ * than one compilation of everything (almost all of which is spent in GCC's optimizer). Without
+ * BNLAB_UNIT one compilation holds everything.
  * Less for the optimizer to do: the per-feature code is compiled without the vectorizer
  * (PER_FEATURE below), and each row loop is inlined once where it was inlined twice (for whole
- * groups of rows and for the rows left over). Build, as the loader runs it, five builds each,
- * alternating: 2.6-3.0 s against 3.9-5.5 s before (0.54-0.68), with the kernels' speed unchanged
- * (paired rounds over float32/float64/bfloat16, rows and planes, 15 shapes, both orders).
- * The fixed-width row loops (FIXED_WIDTHS) and the float32 vector-register rows (VEC_F32) added
- * about a second: 3.3-3.9 s against 2.5-2.9 s without them (the loader's build, five builds each,
- * two alternating runs); the float32 unit is now the longest (2.7 s alone, against 1.4 s for
- * float64 and 2.1 s for bfloat16), and parsing immintrin.h takes about a second of each unit.
+ * groups of rows and for the rows left over). Together they shorten the build and leave the
+ * kernels' speed unchanged (measured; figures in CHANGELOG.md).
+ * The fixed-width row loops (FIXED_WIDTHS) and the float32 vector-register rows (VEC_F32) lengthen
+ * the build: they make the float32 unit the longest of the three, and parsing immintrin.h is a
+ * noticeable part of each unit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -63,16 +61,14 @@ typedef int64_t i64;
 /* NOJAM: a function GCC compiles without its unroll-and-jam pass (-floop-unroll-and-jam, on at
  * -O3), which, in a loop over rows around a loop over features, takes two rows per inner
  * iteration. For the backward's sums over rows of 128 or more features, kept in per-feature
- * arrays in L1, that interleaving of two rows was the slow part: measured (AMD EPYC, gcc 12,
- * float32, sums of dy and dy*(x - mean) over (60000, 128) in memory order, one thread) 4.0-4.5 ms
- * with it, 1.9 ms without. Narrower rows keep it (their inner loop is short, and without it the
- * backward of (32768, 64) and (43264, 64) took 1.00-1.14x as long); so does the forward's
- * register-blocked sums (1.10-1.17x as long without it). Other compilers do not have the pass. */
+ * arrays in L1, that interleaving of two rows was the slow part: the sums run markedly faster
+ * without it (measured; figures in CHANGELOG.md). Narrower rows keep it (their inner loop is
+ * short, and there the backward is as fast or faster with the pass); so does the forward's
+ * register-blocked sums, which are faster with it. Other compilers do not have the pass. */
 /* PER_FEATURE: code that runs once per feature per call (merging the threads' sums, the
  * factors of the second pass, the moving statistics), compiled without the loop vectorizer,
- * which is most of the compiler's time (the float64 part took 2.4 s with it, 0.9 s without)
- * and gains little on loops of C values next to passes over A*C*B. Not inlined, so the hot
- * loops around it keep their own options. */
+ * which takes most of the compiler's time on this code and gains little on loops of C values
+ * next to passes over A*C*B. Not inlined, so the hot loops around it keep their own options. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define NOJAM __attribute__((optimize("no-loop-unroll-and-jam")))
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -122,33 +118,25 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
  * input, so writing it through the cache only evicts data still to be read and costs a read
  * of each destination line first (write-allocate). Such outputs (y, dx) are computed into a
  * small staging buffer that stays in L1 and copied out with non-temporal stores, which go
- * to memory without that read. Measured (AMD EPYC, 32 MB L3, 2 threads, float32, y = x*s + t
- * on preallocated memory): 0.69x the time at (60000, 128) (31 MB), 0.80-0.83x at 16 MB, 0.92x
- * at (169000, 32) (22 MB), but 1.5x at 8 MB, where the output would have stayed in cache. The
- * threshold is set by the loader from the machine's cache size (bnlab_set_stream_min_bytes);
+ * to memory without that read. Outputs from about half the cache up gain; smaller ones, which
+ * would have stayed in cache, lose (measured; figures in CHANGELOG.md).
+ * The threshold is set by the loader from the machine's cache size (bnlab_set_stream_min_bytes);
  * 0 turns streaming off. x86-64 only (SSE2 at least); elsewhere outputs are written as usual.
- * STREAM_PLANES: in the layers' kernels (paired rounds, streaming on/off, three runs of 21),
- * the rows layouts gained on the largest rows (training forward of (60000, 128) 0.88-1.06x the
- * time, (4096, 1024) 0.75-0.86x; inference 0.80-0.96x) and were neutral on (169000, 32), while
- * NCHW planes ((250, 32, 676), 21 MB) lost in the forward (1.06-1.12x) and inference
- * (1.03-1.29x) and gained only in the backward (0.92-0.95x): planes stream in the backward only.
- * STREAM_INFER_MIN_ROW_BYTES: inference of 20.6 MB as rows of 32, 64 and 128 float32 features,
- * on/off over three runs of 21 rounds (benchmarks/bench_stream.py): 0.91-1.11 (in other runs
- * as bad as 1.35-1.38) with 32 features, 0.83-0.96 with 64, 0.83-0.98 with 128; so inference
- * streams rows of at least 256 bytes. (Staging narrow rows in 4 KB super-rows instead made
- * every width slower.)
+ * STREAM_PLANES: in the layers' kernels, the rows layouts gained from streaming on the largest
+ * rows and were neutral on narrow ones, while NCHW planes lost in the forward and inference and
+ * gained only in the backward: planes stream in the backward only.
+ * STREAM_INFER_MIN_ROW_BYTES: inference of rows of 64 and 128 float32 features gained from
+ * streaming, while rows of 32 features gained nothing reliable and at times lost much
+ * (benchmarks/bench_stream.py); so inference streams rows of at least 256 bytes. (Staging narrow
+ * rows in 4 KB super-rows instead made every width slower.)
  * STREAM_DX: the backward has three tensors of dx's size in play (x and dy, each read twice,
- * and dx), so dx streams from a quarter of the threshold, an eighth of the cache (4 MB here).
- * From 4 MB against from 8 MB (dx stored straight from the registers; layer forward+backward,
- * paired, 15-21 rounds, both orders, 4-6 MB rows of 32 and 64 features and NCHW): 0.84-0.98x the
- * time, and 0.90-1.06x (median 0.99) when a later op reads dx, as the layer below does in a
- * network. Not streaming dx at 8 MB took 1.11-1.25x the time (1.02-1.20x with dx read after).
- * Earlier, staged: dx streaming from 8 MB against from 16 MB, paired, 21-31 rounds, two runs:
- * 0.82-1.00x the time on the 8 MB rows ((32768, 64), (16384, 128), (128, 64, 16, 16) NCHW
- * and channels-last), 0.94-0.98x when a later op reads dx; 0.86-1.08x at 10-12 MB, where
- * runs disagree; 1.00-1.04x on 5-6 MB rows, where nothing changes (controls). Streaming the
- * forward's y from 8 MB as well made that step faster still (0.80-0.86x), but the forward
- * 1.36-1.46x slower once something reads y (as the next layer does), so y keeps the threshold. */
+ * and dx), so dx streams from a quarter of the threshold, an eighth of the cache. Measured
+ * against higher thresholds, both with dx stored straight from the registers and staged, the
+ * lower one makes the backward faster, and no slower when a later op reads dx (as the layer
+ * below does in a network); not streaming dx at those sizes is slower. Streaming the forward's
+ * y from the lower threshold as well made that step faster still, but the forward much slower
+ * once something reads y (as the next layer does, and a streamed y is no longer in cache for
+ * it), so y keeps the threshold. */
 #define STREAM_INFER_MIN_ROW_BYTES 256
 /* One threshold for the whole library (all units), set through its entry points in unit 1. */
 #if defined(__GNUC__)
@@ -222,11 +210,12 @@ static inline void stream_fence(void) {
  * whose width is a whole number of vectors, vec_affine_* and vec_dx_* compute each vector with
  * intrinsics and store it straight from the register, with non-temporal stores (nt = 1, destination aligned to a
  * vector) or ordinary ones (nt = 0: the non-streamed passes and the staged ones use the same
- * arithmetic, so every path gives the same bits). Measured in a stand-alone test (2 threads,
- * float32, dx = k*dy + al*x + c0 over rows of 64): 8 MB 0.40-0.49 ms stored from registers with
- * streaming stores, 0.93-1.04 ms staged and copied out, 0.66-0.87 ms with ordinary stores; 30 MB
- * 2.06-2.70, 3.43-3.92 and 3.22-4.32 ms. The callers (bn_cpu_impl.h, VEC_ROWS) take this path for
- * float32 rows of whole vectors in the two-parameter form without leaky ReLU. */
+ * arithmetic, so every path gives the same bits). Stored from the registers with streaming stores,
+ * dx over rows of 64 float32 features was the fastest of the three ways (against staging and
+ * copying out, and against ordinary stores), on outputs both near and well above the cache's
+ * size (measured in a stand-alone test; figures in CHANGELOG.md). The callers (bn_cpu_impl.h,
+ * VEC_ROWS) take this path for float32 rows of whole vectors in the two-parameter form without
+ * leaky ReLU. */
 #if defined(BNLAB_STREAM) && defined(__AVX512F__)
 #define VEC_F32 1
 #define VW 16
@@ -312,27 +301,25 @@ static inline rows_plan plan_rows(i64 A, i64 C) {
 }
 
 /* Rows per inner loop in the streaming passes (normalize and inference: at least 32 values,
- * dx: at least 64): one row when it is that long, else enough rows to make it so. Measured on
- * AMD EPYC (2 threads, float32): wide super-rows slow these passes down (inference of
- * (169000, 32) takes 1.6-2.3 copy-times in 1024-value super-rows, 1.1-1.3 row by row), while
- * rows of 3 or 8 values one at a time cost 1.5-2x in loop overhead. The per-feature arrays
+ * dx: at least 64): one row when it is that long, else enough rows to make it so. Wide
+ * super-rows (of 1024 values) slow these passes down, while rows of a few values taken one at a
+ * time lose much to loop overhead (measured; figures in CHANGELOG.md). The per-feature arrays
  * must hold that many rows' worth of values: plan_rows' k is min(ceil(1024 / C), A), at least
  * as large as any group that fits in the batch (a group is only used when A holds it). */
 #define NORM_MIN_VALUES 32
 #define DX_MIN_VALUES 64
 /* The backward's sums go through the rows in memory order, a super-row of at least
- * SUMS_MIN_VALUES values at a time (grad_sums_rows; 64 measured better than 256: 0.71-0.76x the
- * time on (169000, 32) and (43264, 64)). From SUMS_NOJAM_MIN_C features on, with GCC's
- * unroll-and-jam turned off (see NOJAM). */
+ * SUMS_MIN_VALUES values at a time (grad_sums_rows; 64 measured faster than 256 on rows of 32
+ * and 64 features). From SUMS_NOJAM_MIN_C features on, with GCC's unroll-and-jam turned off
+ * (see NOJAM). */
 #define SUMS_MIN_VALUES 64
 #define SUMS_NOJAM_MIN_C 128
 static inline i64 stream_rows(i64 C, i64 min_values) { return C >= min_values ? 1 : (min_values + C - 1) / C; }
 
 /* Bytes of x per chunk in the rows sums, between flushes of the float32 accumulators into
  * float64. Every value is read once, so the chunk need not stay in cache; it only spaces out
- * the flushes. Measured (2 threads, float32): 512 KB instead of 32 KB made the backward of
- * (43264, 64) 6.60 -> 5.77 copy-times and of (250000, 8) 7.72 -> 6.91, the forward
- * 2.56 -> 2.08 and 3.22 -> 2.31; neutral on the memory-bound (169000, 32) and (60000, 128). */
+ * the flushes. 512 KB instead of 32 KB made the backward and the forward faster on narrow rows,
+ * and was neutral on the memory-bound shapes (measured; figures in CHANGELOG.md). */
 #define SUMS_CHUNK_BYTES 524288
 
 static inline float bf16_load(const uint16_t *p) {
@@ -352,16 +339,13 @@ static inline uint16_t bf16_from_float(float f) {
 /* FIXED_WIDTHS: row widths (features per row, in the rows layout) that get loops of their own, with
  * the per-feature values and the sums' accumulators in registers (FIXED_ROWS: float32 and bfloat16
  * storage). A row of 64 or fewer float32 values is otherwise a short inner loop whose setup costs
- * about what its work does. Measured (2 threads, float32, inference on 4-22 MB of rows,
- * preallocated buffers, time / a copy into a preallocated buffer, 30 rounds): 32 features
- * 1.23-1.36 -> 1.02-1.11, 64: 1.10-1.33 -> 0.99-1.25, 8: 1.53 -> 1.24, 16: 1.53 -> 1.22; NCHW
- * planes of the same data 1.03-1.35. In the layer (paired rounds, 2 threads): forward+backward
- * 0.72-0.87x the time on 4-8 MB rows of 32 and 64 features.
+ * about what its work does. With loops of their own, inference on such rows comes markedly
+ * closer to the time of a plain copy, and the layer's forward+backward on rows of 32 and 64
+ * features is markedly faster (measured; figures in CHANGELOG.md).
  * 128 features only with AVX-512, whose 32 registers of 16 floats hold three rows' worth of
  * per-feature values (prefer-vector-width=512 for those loops alone: GCC keeps 256-bit vectors by
- * default): layer forward 0.78-0.88x the time on (60000, 128) and (16384, 128), inference
- * 0.80-1.06x (15 paired rounds, both orders); the backward kernel alone, on (16384, 128) 0.88x,
- * on (60000, 128) 0.99x (FIXED_WIDTHS_GS). */
+ * default): there the layer's forward and inference gain, and the backward kernel gains on
+ * mid-sized data and holds even on large (FIXED_WIDTHS_GS). */
 #define FIXED_ATTR_16
 #define FIXED_ATTR_32
 #define FIXED_ATTR_64
@@ -371,16 +355,16 @@ static inline uint16_t bf16_from_float(float f) {
 #else
 #define FIXED_WIDTHS(X) X(16) X(32) X(64)
 #endif
-/* The backward's sums (FIXED_WIDTHS_GS) stop at 64 features: at 128, the sums alone took 1.22-1.45
- * copy-times on (60000, 128) against 1.00-1.12 for the generic memory-order loop (kernel alone,
- * 2 threads, 20 rounds, two runs), while dx (FIXED_WIDTHS_DX) gained at 8 MB and held at 30 MB. */
+/* The backward's sums (FIXED_WIDTHS_GS) stop at 64 features: at 128, the fixed-width sums were
+ * slower than the generic memory-order loop, while dx (FIXED_WIDTHS_DX) gained on mid-sized
+ * outputs and held even on large ones (measured; figures in CHANGELOG.md). */
 #define FIXED_WIDTHS_GS(X) X(16) X(32) X(64)
 #define FIXED_WIDTHS_DX FIXED_WIDTHS
 
 #if VEC_F32 && IN_UNIT(1)
 /* vec_affine_run / vec_dx_run over n whole rows of a width in FIXED_WIDTHS, the per-feature vectors
- * loaded once (same arithmetic, so the same bits): in cache, per-feature loads on every row cost
- * 1.05-1.07x the time at (32768, 32). */
+ * loaded once (same arithmetic, so the same bits): on data in cache, loading them again on every
+ * row is measurably slower. */
 #define VEC_ROWS_FIXED(CC)                                                                                       \
     static FIXED_ATTR_##CC void vec_affine_rows_##CC(const float *x, float *y, i64 n, const float *s,            \
                                                      const float *t, int relu, int nt) {                         \

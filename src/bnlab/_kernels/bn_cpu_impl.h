@@ -479,8 +479,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
 
 /* The inference factors mu, scale, shift (each replicated to ks rows); returns whether the
  * two-parameter form holds (rows only). Vectorized, unlike the other per-feature code: on
- * small batches its square roots are a visible part of the call (scalar, inference took
- * 1.06-1.11x as long at (64, 64) and (256, 256)). */
+ * small batches its square roots are a visible part of the call, and computed one at a time
+ * they made small-batch inference measurably slower. */
 static int FN(infer_factors)(int rows, i64 C, i64 ks, const F *gamma, const F *beta, const F *mm,
                              const F *mv, double eps, F *mu, F *scale, F *shift) {
     for (i64 c = 0; c < C; c++) {
@@ -563,16 +563,13 @@ static ALWAYS_INLINE void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 
  * accumulator takes one term per super-row; they are flushed into float64 (sg, sgx: Ws
  * values) every 1024 super-rows. Rows short of a whole super-row at the end are one shorter
  * super-row. mu, s, h hold at least Ws values (replicated per feature).
- * Measured (2 threads, float32; the sums alone, in copy-times): this order against column
- * blocks of 64 values walked down 1,024-value super-rows with their accumulators in registers
- * took 0.46 vs 1.01 on (32768, 64), 0.84-0.90 vs 1.28-1.84 on (169000, 32), 0.75 vs 1.39 on
- * (250000, 8). The block walk jumps a whole super-row (4 KB) between consecutive loads of a
- * block, where the hardware prefetchers, which follow addresses within a 4 KB page, do not
- * help. Rows of 128 and more features once kept the blocks, since in memory order they gained
- * nothing; GCC's unroll-and-jam was what held them back (NOJAM). Without it, against the
- * blocks, paired rounds, 2 threads: the backward kernel 0.84-0.86x the time on (60000, 128),
- * 0.79-0.83 on (8192, 512), 0.81-0.89 on (16384, 256), 0.95-0.97 on (4096, 1024); the layer's
- * forward+backward 0.89-0.90, 0.91, 0.92-1.01 and 0.94 on the same shapes. */
+ * This order is faster than walking column blocks of 64 values down 1,024-value super-rows with
+ * their accumulators in registers (measured; figures in CHANGELOG.md): the block walk jumps a
+ * whole super-row (4 KB) between consecutive loads of a block, where the hardware prefetchers,
+ * which follow addresses within a 4 KB page, do not help. Rows of 128 and more features once
+ * kept the blocks, since in memory order they gained nothing; GCC's unroll-and-jam was what held
+ * them back (NOJAM). Without it, memory order is faster than the blocks on those rows too, in
+ * the backward kernel and, by less, in the layer's forward+backward. */
 static ALWAYS_INLINE void FN(grad_sums_rows)(const T *x, const T *dy, i64 C, i64 ks, i64 r0, i64 r1, const F *mu,
                                              const F *s, const F *h, int act, F slope, double *sg, double *sgx,
                                              F *restrict fg, F *restrict fgx) {
