@@ -431,8 +431,7 @@ class _KernelTrain(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
             return tuple(next(grads) if n else None for n in need) + (None,)
         dx, dgamma, dbeta = _ops.train_backward(kernels, x, dy, dims, gamma, beta, saved, act, slope, need)
-        return (dx, None if dgamma is None else dgamma.view(gamma.shape), None if dbeta is None else dbeta.view(beta.shape),
-                None)
+        return dx, dgamma, dbeta, None
 
 
 # --------------------------------------------------------------------------- moving statistics

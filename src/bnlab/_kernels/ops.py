@@ -50,10 +50,6 @@ def loaded():
     return _state["kernels"] if _state["tried"] else get()
 
 
-def _in_bounds(t: Tensor) -> bool:
-    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
-
-
 def _vector(t: Tensor | None, pdt, c: int, name: str):
     """Address of a per-feature tensor (``None`` -> NULL) after checking it holds ``c`` values C may use."""
     if t is None:
@@ -121,7 +117,9 @@ def give_back(s: Scratch) -> None:
 def _data(x: Tensor, dims: tuple[int, int, int], name: str) -> None:
     """Check a data tensor's dtype, device, size and storage (density is checked against its output)."""
     a, c, b = dims
-    if x.dtype not in PARAM_DTYPE or not x.is_cpu or x.numel() != a * c * b or x.is_neg() or not _in_bounds(x):
+    n = a * c * b
+    if not (x.dtype in PARAM_DTYPE and x.is_cpu and x.numel() == n and not x.is_neg()
+            and x.untyped_storage().nbytes() >= (x.storage_offset() + n) * x.element_size()):
         raise BoundaryError(
             f"{name}: expected a CPU float32/float64/bfloat16 tensor of {a}x{c}x{b} values within its storage, "
             f"got {x.dtype} on {x.device}, shape {tuple(x.shape)}, neg bit {x.is_neg()}"
@@ -140,6 +138,11 @@ def _output_like(x: Tensor, name: str) -> Tensor:
 def _failed(rc: int) -> None:
     if rc:
         raise MemoryError("bnlab kernel could not allocate its scratch memory")
+
+
+# Tensors allocated in this module for a call (outputs, gradients, the forward's saved statistics,
+# which live on the autograd context until the backward) are made with the sizes C is told and go
+# to C without a second look; everything that comes from outside is checked.
 
 
 def train_forward(kernels, x: Tensor, dims, gamma, beta, epsilon: float, moving, act, slope: float, want_var: bool):
@@ -166,16 +169,20 @@ def train_forward(kernels, x: Tensor, dims, gamma, beta, epsilon: float, moving,
         mm, mv, momentum, factor, counter = moving
     rc = kernels.train_fwd[x.dtype](
         x.data_ptr(), y.data_ptr(), a, c, b, _vector(gamma, pdt, c, "gamma"), _vector(beta, pdt, c, "beta"), epsilon,
-        p_mean, _vector(var, pdt, c, "var"), p_mean + c * saved.element_size(), _vector(mm, pdt, c, "moving_mean"),
-        _vector(mv, pdt, c, "moving_variance"), float(momentum), float(factor), ACTIVATION_CODES[act], slope,
-        threads_for(a * c * b), _vector(counter, torch.int64, 1, "num_batches_tracked"),
+        p_mean, None if var is None else var.data_ptr(), p_mean + c * saved.element_size(),
+        _vector(mm, pdt, c, "moving_mean"), _vector(mv, pdt, c, "moving_variance"), float(momentum), float(factor),
+        ACTIVATION_CODES[act], slope, threads_for(a * c * b), _vector(counter, torch.int64, 1, "num_batches_tracked"),
     )
     _failed(rc)
     return y, saved, var
 
 
 def train_backward(kernels, x: Tensor, dy: Tensor, dims, gamma, beta, saved: Tensor, act, slope: float, need):
-    """Gradients ``(dx, dgamma, dbeta)`` of the training transform; ``need`` says which (``None`` otherwise)."""
+    """Gradients ``(dx, dgamma, dbeta)`` of the training transform; ``need`` says which (``None`` otherwise).
+
+    ``saved`` is :func:`train_forward`'s (kept on the autograd context). ``dgamma``
+    and ``dbeta`` have the parameters' shapes.
+    """
     a, c, b = dims
     pdt = PARAM_DTYPE.get(x.dtype)
     _data(x, dims, "x")
@@ -186,13 +193,16 @@ def train_backward(kernels, x: Tensor, dy: Tensor, dims, gamma, beta, saved: Ten
     dx = _output_like(x, "x") if need_x else None
     if dx is not None and dy.stride() != dx.stride():
         raise BoundaryError(f"dy: expected the strides of x {x.stride()}, got {dy.stride()}")
-    dgamma = torch.empty(c, dtype=pdt) if need_g else None
-    dbeta = torch.empty(c, dtype=pdt) if need_b else None
-    p_saved = _vector(saved, pdt, 2 * c, "saved statistics")
+    dgamma = torch.empty(gamma.shape, dtype=pdt) if need_g else None  # (the parameters' shapes: no view)
+    dbeta = torch.empty(beta.shape, dtype=pdt) if need_b else None
+    if saved.numel() != 2 * c or saved.dtype is not pdt:
+        raise BoundaryError(f"saved statistics: expected {2 * c} {pdt} values, got {saved.numel()} {saved.dtype}")
+    p_saved = saved.data_ptr()
     rc = kernels.train_bwd[x.dtype](
         x.data_ptr(), dy.data_ptr(), None if dx is None else dx.data_ptr(), a, c, b, _vector(gamma, pdt, c, "gamma"),
-        _vector(beta, pdt, c, "beta"), p_saved, p_saved + c * saved.element_size(), _vector(dgamma, pdt, c, "dgamma"),
-        _vector(dbeta, pdt, c, "dbeta"), ACTIVATION_CODES[act], slope, threads_for(a * c * b),
+        _vector(beta, pdt, c, "beta"), p_saved, p_saved + c * saved.element_size(),
+        None if dgamma is None else dgamma.data_ptr(), None if dbeta is None else dbeta.data_ptr(),
+        ACTIVATION_CODES[act], slope, threads_for(a * c * b),
     )
     _failed(rc)
     return dx, dgamma, dbeta
