@@ -81,7 +81,7 @@ def main(argv=None):
                 with torch.no_grad():
                     m.running_var.uniform_(0.5, 2)
                     m.running_mean.uniform_(-1, 1)
-        folded, report = bnlab.fold(model)
+        folded, report = bnlab.fold(model, return_report=True)
         x = torch.randn(shape)
         with torch.no_grad():
             err = (folded(x) - model(x)).abs().max().item()

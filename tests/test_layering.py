@@ -8,7 +8,7 @@ HEAVY = ("matplotlib", "sklearn", "scipy", "rich", "safetensors", "h5py", "keras
 
 def test_importing_the_core_imports_no_lab_dependency():
     code = (
-        "import sys, bnlab, bnlab.functional, bnlab.nn, bnlab.tools, bnlab.reference, bnlab.conventions\n"
+        "import sys, bnlab, bnlab.functional, bnlab.nn, bnlab.tools, bnlab.tools.keras, bnlab.keras, bnlab.reference, bnlab.conventions\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m in {HEAVY!r})\n"
         "print(','.join(bad))"
     )
@@ -26,3 +26,11 @@ def test_nothing_imports_the_cli():
             continue
         text = path.read_text()
         assert "from .cli" not in text and "from ..cli" not in text and "bnlab.cli" not in text, path
+
+
+def test_keras_weights_live_under_tools_and_the_old_name_still_works():
+    import bnlab.keras
+    import bnlab.tools.keras
+
+    assert bnlab.keras.load_weights is bnlab.tools.keras.load_weights
+    assert bnlab.keras.save_weights is bnlab.tools.keras.save_weights

@@ -6,7 +6,7 @@
 """
 
 from . import constraints, conventions, functional, initializers, nn, regularizers
-from .nn import BatchNorm, BatchNormAct, BatchNormalization
+from .nn import BatchNorm, BatchNormAct, BatchNormalization, FrozenBatchNorm
 from .tools import apply_constraints, convert, convert_sync, fold, freeze, recalibrate, regularization_loss, summary, sync_running_stats, unfreeze
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormalization",
     "BatchNormAct",
+    "FrozenBatchNorm",
     "apply_constraints",
     "convert",
     "convert_sync",

@@ -90,11 +90,32 @@ def test_fold_gives_the_same_outputs(case):
     model, shape = FOLD_CASES[case]()
     model = _randomize_bn(model).eval()
     x = torch.randn(shape)
-    folded, report = bnlab.fold(model)
+    folded, report = bnlab.fold(model, return_report=True)
     assert len(report.folded) == 1 and report.left == []
     assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.batchnorm._BatchNormBase)) for m in folded.modules())
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.batchnorm._BatchNormBase)) for m in model.modules())  # input untouched
+
+
+def test_fold_returns_the_model_as_pytorchs_fuse_helpers_do():
+    """``model = bnlab.fold(model)`` gives a module (not a tuple); the report comes with ``return_report=True``."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    folded = bnlab.fold(model)
+    assert isinstance(folded, nn.Sequential) and isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    again, report = bnlab.fold(model, return_report=True)
+    assert isinstance(again, nn.Sequential) and report.folded == [("0", "1")] and report.left == []
+    model = bnlab.fold(model)  # the habit: rebinding the name keeps a model
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batch_norm_is_exported_at_the_top_level():
+    assert bnlab.FrozenBatchNorm is bnlab.nn.FrozenBatchNorm and "FrozenBatchNorm" in bnlab.__all__
+    frozen = bnlab.freeze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert isinstance(frozen[1], bnlab.FrozenBatchNorm)
 
 
 class ResBlock(nn.Module):
@@ -113,7 +134,7 @@ def test_fold_resnet_block_through_fx_and_reports_what_stays():
     torch.manual_seed(0)
     block = _randomize_bn(ResBlock()).eval()
     x = torch.randn(2, 4, 8, 8)
-    folded, report = bnlab.fold(block)
+    folded, report = bnlab.fold(block, return_report=True)
     assert sorted(report.folded) == [("conv1", "bn1"), ("conv2", "bn2")]
     assert [name for name, _ in report.left] == ["bn_out"]
     torch.testing.assert_close(folded(x), block(x), rtol=1e-5, atol=1e-5)
@@ -124,7 +145,7 @@ def test_fold_refuses_training_mode_and_skips_unsuitable_layers():
     with pytest.raises(ValueError, match="eval mode"):
         bnlab.fold(model)
     odd = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
-    folded, report = bnlab.fold(odd)
+    folded, report = bnlab.fold(odd, return_report=True)
     reasons = dict(report.left)
     assert "2" in reasons and "4" in reasons and "track_running_stats" in reasons["4"]
     x = torch.randn(5, 3)
@@ -143,7 +164,7 @@ def test_fold_into_the_next_layer_removes_every_bn_of_the_tutorial_cnn():
     # (through max pooling, a second BN and a Flatten).
     model = _kmnist_cnn()
     x = torch.randn(8, 1, 28, 28)
-    folded, report = bnlab.fold(model)
+    folded, report = bnlab.fold(model, return_report=True)
     assert report.left == []
     assert sorted(report.folded) == [("11", "7"), ("11", "9"), ("14", "13"), ("5", "2"), ("5", "4")]
     assert not any(isinstance(m, bnlab.BatchNorm) for m in folded.modules())
@@ -156,7 +177,7 @@ def test_fold_forward_refuses_what_would_change_the_outputs():
     model = _kmnist_cnn()
     with torch.no_grad():
         model[2].gamma[3] = -0.7  # a negative scale before max pooling: max would become min
-    folded, report = bnlab.fold(model)
+    folded, report = bnlab.fold(model, return_report=True)
     reasons = dict(report.left)
     assert list(reasons) == ["2"] and "max pooling" in reasons["2"]
     x = torch.randn(4, 1, 28, 28)
@@ -164,16 +185,16 @@ def test_fold_forward_refuses_what_would_change_the_outputs():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
 
     padded = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))).eval()
-    _, report = bnlab.fold(padded)
+    _, report = bnlab.fold(padded, return_report=True)
     assert "zero-padded" in dict(report.left)["1"]
     ambiguous = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2))).eval()
-    _, report = bnlab.fold(ambiguous)
+    _, report = bnlab.fold(ambiguous, return_report=True)
     assert "axis" in dict(report.left)["1"]
     override = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.AvgPool2d(2, divisor_override=3), nn.Conv2d(3, 2, 1))).eval()
-    _, report = bnlab.fold(override)
+    _, report = bnlab.fold(override, return_report=True)
     assert "divisor override" in dict(report.left)["1"]
     branching = _randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))).eval()
-    _, report = bnlab.fold(branching)
+    _, report = bnlab.fold(branching, return_report=True)
     assert dict(report.left)["1"]
 
 
@@ -193,7 +214,7 @@ def test_fold_forward_cases_give_the_same_outputs(case):
         model = nn.Sequential(nn.Sigmoid(), bnlab.BatchNorm(num_features=5), nn.Dropout(0.3), nn.Linear(5, 3, bias=False))
         x = torch.randn(6, 5)
     model = _randomize_bn(model).eval()
-    folded, report = bnlab.fold(model)
+    folded, report = bnlab.fold(model, return_report=True)
     assert report.left == [] and report.folded
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
@@ -212,7 +233,7 @@ def test_fold_forward_through_a_shared_pool_but_not_into_a_shared_layer():
             return self.conv2(self.pool(self.bn2(torch.relu(x))))
 
     net = _randomize_bn(Net()).eval()
-    folded, report = bnlab.fold(net)
+    folded, report = bnlab.fold(net, return_report=True)
     assert sorted(report.folded) == [("conv1", "bn1"), ("conv2", "bn2")] and report.left == []
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -227,7 +248,7 @@ def test_fold_forward_through_a_shared_pool_but_not_into_a_shared_layer():
             return self.lin(self.bn(torch.tanh(x))) + self.lin(x)
 
     shared = _randomize_bn(Shared()).eval()
-    folded, report = bnlab.fold(shared)
+    folded, report = bnlab.fold(shared, return_report=True)
     assert "called more than once" in dict(report.left)["bn"]
     x = torch.randn(3, 4)
     with torch.no_grad():

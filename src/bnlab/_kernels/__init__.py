@@ -6,13 +6,25 @@ Why this technology (see also the README's "Speed" section):
   headers, so a C compiler builds it in a few seconds (its three storage
   types' parts compile at the same time, then link; see ``bn_cpu.c``), and the result
   does not depend on the installed torch version.
-* It is built on first use with the system's compiler (``$CC``, else ``cc``)
-  and cached under ``$BNLAB_KERNEL_CACHE`` (default ``~/.cache/bnlab/kernels``)
-  by a hash of the source, the flags and the CPU, so the cost is paid once per
-  machine; concurrent first uses race harmlessly (atomic rename).
-* Where there is no compiler, or it fails, or ``BNLAB_KERNELS=0`` is set, bnlab
-  runs its pure-PyTorch paths (same results, tested against each other) and
-  :func:`status` says why.
+* It is built on first use with the system's compiler (``$CC``, else ``cc``;
+  split like a shell command, so ``CC="gcc -O2"`` and ``CC="ccache gcc"``
+  work as in make) and cached in a per-user directory, ``$BNLAB_KERNEL_CACHE``
+  or else ``$XDG_CACHE_HOME/bnlab/kernels`` or ``~/.cache/bnlab/kernels``
+  (created with mode 0700). The file is named by a hash of the sources, the
+  compiler (its resolved path, arguments and ``--version`` output), the flags
+  and the CPU, so the cost is paid once per machine and compiler; it is written
+  under a temporary name and renamed, so concurrent first uses race harmlessly.
+* A library runs inside the process, so it is loaded only from a file owned by
+  the current user in a directory owned by the current user, neither writable
+  by group or others (:func:`_why_unsafe`). A cache that fails this (a shared
+  or world-writable one, or a file of another user) is not loaded from: the
+  kernels are built in a private temporary directory (``mkdtemp``, 0700) for
+  this process, with a :class:`KernelWarning` saying why.
+* Where there is no compiler, the compiler fails, or the cache directory cannot
+  be used (a file in its way, a read-only or forbidden path), bnlab runs its
+  pure-PyTorch paths (same results, tested against each other) with one
+  :class:`KernelWarning` per process saying why; ``BNLAB_KERNELS=0`` turns the
+  kernels off without a word. :func:`status` says which is in use and why.
 * OpenMP threads: loaded after PyTorch, the library binds to the libgomp that
   PyTorch already uses (same soname), so the two share one thread pool.
   Work is split in fixed ranges by thread count: results are deterministic for
@@ -30,17 +42,20 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["get", "status", "cache_dir", "threads_for", "stream_min_bytes", "ACTIVATION_CODES"]
+__all__ = ["get", "status", "cache_dir", "threads_for", "stream_min_bytes", "ACTIVATION_CODES", "KernelWarning"]
 
 log = logging.getLogger("bnlab.kernels")
 
@@ -146,6 +161,13 @@ def stream_min_bytes() -> int:
 _lock = threading.Lock()
 _state: dict = {"tried": False, "kernels": None, "reason": "not loaded yet", "seconds": None}
 
+#: Mode bits that let someone other than the owner change a file or a directory's entries.
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+class KernelWarning(RuntimeWarning):
+    """The compiled kernels are not used (or not from the cache); the message says why. Once per process."""
+
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$BNLAB_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/bnlab/kernels``, else ``~/.cache/bnlab/kernels``."""
@@ -173,11 +195,43 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _library_name(cc: str, flags: list[str]) -> str:
+def _compiler() -> tuple[list[str] | None, str]:
+    """The compiler command, ``(argv, "")``, or ``(None, why not)``.
+
+    ``$CC`` (else ``cc``) is split as a shell would split it (``shlex``), so a
+    compiler with arguments (``CC="gcc -O2"``) or behind a wrapper
+    (``CC="ccache gcc"``) works as it does in make; the first word must be on
+    ``PATH`` (or a path to an executable) and is replaced by its full path.
+    """
+    raw = os.environ.get("CC", "").strip()
+    where = f"CC={raw!r}" if raw else "the default, as CC is not set"
+    try:
+        words = shlex.split(raw or "cc")
+    except ValueError as err:
+        return None, f"no C compiler: CC={raw!r} is not a command line ({err}); using the PyTorch paths"
+    exe = shutil.which(words[0]) if words else None
+    if exe is None:
+        first = words[0] if words else ""
+        return None, f"no C compiler: {first!r} ({where}) is not on PATH (set CC to use another); using the PyTorch paths"
+    return [exe, *words[1:]], ""
+
+
+def _compiler_identity(argv: list[str]) -> str:
+    """What names the compiler in the cache key: its resolved path, its arguments and what ``--version`` prints."""
+    try:
+        out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=60)
+        version = f"exit {out.returncode}: {out.stdout}{out.stderr}"
+    except (OSError, subprocess.SubprocessError) as err:
+        version = f"{type(err).__name__}: {err}"
+    return repr((os.path.realpath(argv[0]), argv[1:], version))
+
+
+def _library_name(compiler: str, flags: list[str]) -> str:
+    """``bn_cpu-<hash>.so``: the hash of the sources, the compiler (:func:`_compiler_identity`), the flags and the CPU."""
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((_HERE / name).read_bytes())
-    h.update(repr((cc, flags, _BASE_FLAGS, _UNITS, "-lm", sys.platform, platform.machine(), _cpu_signature())).encode())
+    h.update(repr((compiler, flags, _BASE_FLAGS, _UNITS, "-lm", sys.platform, platform.machine(), _cpu_signature())).encode())
     suffix = ".dll" if sys.platform == "win32" else ".so"
     return f"bn_cpu-{h.hexdigest()[:20]}{suffix}"
 
@@ -189,33 +243,37 @@ def _complaint(proc: subprocess.CompletedProcess | subprocess.Popen, text: str, 
     return (first_error or text[-300:] or f"{cc} exited with {proc.returncode}")[:300]
 
 
-def _compile(cc: str, flags: list[str], out: Path) -> str | None:
-    """Build into ``out`` atomically; return None on success, else the compiler's complaint.
+def _compile(cc: str | list[str], flags: list[str], out: Path) -> str | None:
+    """Build into ``out`` (its directory must exist) atomically; return None on success, else the complaint.
 
-    The storage types' parts are compiled by concurrent processes (one compilation
-    of the whole file takes several seconds, almost all of it in the optimizer), then
-    linked; nothing but the finished library is left in the cache directory.
+    ``cc`` is the compiler command (a string is split as a shell would). The
+    storage types' parts are compiled by concurrent processes (one compilation
+    of the whole file takes several seconds, almost all of it in the optimizer),
+    then linked under a temporary name in ``out``'s directory, made mode 0700
+    and renamed to ``out``: nothing but the finished library is left there.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    argv = shlex.split(cc) if isinstance(cc, str) else list(cc)
+    name = os.path.basename(argv[0])
     src = str(_HERE / "bn_cpu.c")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        os.close(fd)
         with tempfile.TemporaryDirectory(prefix="bnlab-build-") as work:
             objects = [os.path.join(work, f"unit{n}.o") for n in _UNITS]
             procs = []
             complaint = None
             try:
                 for n, obj in zip(_UNITS, objects):
-                    procs.append(subprocess.Popen([cc, *_BASE_FLAGS, *flags, f"-DBNLAB_UNIT={n}", "-c", "-o", obj, src],
+                    procs.append(subprocess.Popen([*argv, *_BASE_FLAGS, *flags, f"-DBNLAB_UNIT={n}", "-c", "-o", obj, src],
                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
                 deadline = time.monotonic() + 120
                 for proc in procs:
                     stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
                     if proc.returncode != 0 and complaint is None:
-                        complaint = _complaint(proc, stderr or stdout, cc)
+                        complaint = _complaint(proc, stderr or stdout, name)
             except subprocess.TimeoutExpired:
-                complaint = f"{cc} took more than 120 s"
+                complaint = f"{name} took more than 120 s"
             finally:
                 for proc in procs:  # none left running (a timeout, or a part that could not start)
                     if proc.poll() is None:
@@ -223,17 +281,48 @@ def _compile(cc: str, flags: list[str], out: Path) -> str | None:
                         proc.communicate()
             if complaint is not None:
                 return complaint
-            link = subprocess.run([cc, "-shared", *flags, "-o", tmp, *objects, "-lm"],
+            link = subprocess.run([*argv, "-shared", *flags, "-o", tmp, *objects, "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if link.returncode != 0:
-                return _complaint(link, link.stderr or link.stdout, cc)
+                return _complaint(link, link.stderr or link.stdout, name)
+        os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as err:
         return f"{type(err).__name__}: {err}"
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _why_not_private(path: Path, st: os.stat_result, what: str) -> str | None:
+    """Why ``path`` (with ``st``, its stat) is not private to the current user, or ``None``."""
+    uid = os.getuid() if hasattr(os, "getuid") else None  # (no owner check where there are no uids)
+    if uid is not None and st.st_uid != uid:
+        return f"the {what} {path} belongs to uid {st.st_uid}, not to you (uid {uid})"
+    if st.st_mode & _WRITABLE_BY_OTHERS:
+        who = " and ".join(w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "everyone")) if st.st_mode & bit)
+        return f"the {what} {path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):03o})"
+    return None
+
+
+def _why_unsafe(path: Path) -> str | None:
+    """Why the library at ``path`` must not be loaded, or ``None`` when it may be.
+
+    Loading a library runs its code in this process, so it must be this
+    user's: a regular file (not a link) owned by the current user, in a
+    directory owned by the current user, neither writable by the group or by
+    others. A directory only its owner can write also means nobody else can
+    swap the file between this check and the load.
+    """
+    try:
+        file_st = os.lstat(path)
+        dir_st = os.stat(path.parent)
+    except OSError as err:
+        return f"cannot inspect {path} ({type(err).__name__}: {err})"
+    if not stat.S_ISREG(file_st.st_mode):
+        return f"{path} is not a regular file"
+    return _why_not_private(path.parent, dir_st, "directory") or _why_not_private(path, file_st, "library")
 
 
 def _open(path: Path) -> Kernels:
@@ -243,48 +332,94 @@ def _open(path: Path) -> Kernels:
     return Kernels(lib, path)
 
 
-def _load() -> tuple[Kernels | None, str]:
-    setting = os.environ.get("BNLAB_KERNELS", "").strip().lower()
-    if setting in ("0", "off", "false", "no", "torch"):
-        return None, f"disabled by BNLAB_KERNELS={os.environ['BNLAB_KERNELS']}"
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        # A library built earlier still serves (the cache is keyed by compiler name too).
-        for flags in _FLAG_SETS:
-            path = cache_dir() / _library_name(cc, flags)
-            if path.exists():
-                try:
-                    return _open(path), f"loaded {path} (no compiler {cc!r} on PATH)"
-                except OSError:
-                    pass
-        return None, f"no C compiler: {cc!r} is not on PATH (set CC to use another); using the PyTorch paths"
+def _build_and_open(cc: list[str], compiler: str, directory: Path, writable: bool) -> tuple[Kernels | None, list[str], str | None]:
+    """Load the first flag set's library in ``directory`` that is there or builds; ``(kernels, errors, unsafe)``.
+
+    ``unsafe`` says why a library there must not be loaded (then nothing is).
+    """
     errors = []
     for flags in _FLAG_SETS:
-        path = cache_dir() / _library_name(cc, flags)
+        path = directory / _library_name(compiler, flags)
         if not path.exists():
+            if not writable:
+                continue
             err = _compile(cc, flags, path)
             if err is not None:
                 errors.append(f"{' '.join(flags) or 'no extra flags'}: {err}")
                 continue
+        unsafe = _why_unsafe(path)
+        if unsafe is not None:
+            return None, errors, unsafe
         try:
-            return _open(path), f"loaded {path}"
+            return _open(path), errors, None
         except OSError as err:
             errors.append(f"{path}: {err}")
-    return None, "could not build the kernels; using the PyTorch paths. " + " | ".join(errors)
+    return None, errors, None
+
+
+def _private_build(cc: list[str], compiler: str, why: str) -> tuple[Kernels | None, str]:
+    """Build and load in a fresh directory only this user can enter (``mkdtemp``: 0700), removed after loading."""
+    try:
+        work = Path(tempfile.mkdtemp(prefix="bnlab-kernels-"))
+    except OSError as err:
+        return None, f"{why}, and no private directory could be made to build in ({err}); using the PyTorch paths"
+    try:
+        kernels, errors, unsafe = _build_and_open(cc, compiler, work, writable=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a loaded library stays mapped
+    if kernels is not None:
+        return kernels, f"{why}: not loaded from the cache; built in a private temporary directory for this process instead"
+    problems = " | ".join(errors + ([unsafe] if unsafe else []))
+    return None, f"{why}: not loaded from the cache, and a private build failed; using the PyTorch paths. {problems}"
+
+
+def _load() -> tuple[Kernels | None, str, bool]:
+    """``(kernels or None, reason, whether to warn)``."""
+    setting = os.environ.get("BNLAB_KERNELS", "").strip().lower()
+    if setting in ("0", "off", "false", "no", "torch"):
+        return None, f"disabled by BNLAB_KERNELS={os.environ['BNLAB_KERNELS']}", False
+    cc, why = _compiler()
+    if cc is None:
+        return None, why, True
+    compiler = _compiler_identity(cc)
+    directory = cache_dir()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # (parents as the umask makes them)
+        dir_st = os.stat(directory)
+    except OSError as err:
+        return None, (f"the kernel cache {directory} cannot be used ({type(err).__name__}: {err}); "
+                      "set BNLAB_KERNEL_CACHE to a directory of yours; using the PyTorch paths"), True
+    unsafe = _why_not_private(directory, dir_st, "cache directory")
+    if unsafe is None:
+        writable = os.access(directory, os.W_OK | os.X_OK)
+        kernels, errors, unsafe = _build_and_open(cc, compiler, directory, writable)
+        if kernels is not None:
+            return kernels, f"loaded {kernels.path}", False
+        if unsafe is None:
+            if not writable and not errors:
+                return None, (f"the kernel cache {directory} is not writable and holds no build for this compiler "
+                              "and CPU; set BNLAB_KERNEL_CACHE to a directory of yours; using the PyTorch paths"), True
+            return None, "could not build the kernels; using the PyTorch paths. " + " | ".join(errors), True
+    kernels, reason = _private_build(cc, compiler, unsafe)
+    return kernels, reason, True
 
 
 def get() -> Kernels | None:
-    """The kernels, building them on first call; ``None`` where they cannot be had (see :func:`status`)."""
+    """The kernels, building them on first call; ``None`` where they cannot be had (see :func:`status`).
+
+    The first call that cannot use the cache or the kernels issues one
+    :class:`KernelWarning` saying why (none for ``BNLAB_KERNELS=0``).
+    """
     if _state["tried"]:
         return _state["kernels"]
     with _lock:
         if not _state["tried"]:
             t0 = time.perf_counter()
-            kernels, reason = _load()
+            kernels, reason, warn = _load()
             _state.update(kernels=kernels, reason=reason, seconds=time.perf_counter() - t0, tried=True)
-            # a failed build deserves a word; a deliberate BNLAB_KERNELS=0 does not
-            quiet = kernels is not None or reason.startswith("disabled")
-            (log.debug if quiet else log.warning)("bnlab kernels: %s", reason)
+            log.debug("bnlab kernels: %s", reason)
+            if warn:
+                warnings.warn(f"bnlab kernels: {reason}", KernelWarning, stacklevel=2)
     return _state["kernels"]
 
 

@@ -190,8 +190,13 @@ def _is_bn(m) -> bool:
     return isinstance(m, (_BatchNormBase, nn.modules.batchnorm._BatchNorm, FrozenBatchNorm))
 
 
-def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldReport]:
-    """Fold each eval-mode BN into a Linear/Conv1d/2d/3d next to it; returns ``(model, report)``.
+def fold(model: nn.Module, *, return_report: bool = False, verbose: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Fold each eval-mode BN into a Linear/Conv1d/2d/3d next to it; returns the folded model.
+
+    ``model = bnlab.fold(model)`` works as with PyTorch's ``fuse_conv_bn_eval``
+    and ``torch.ao.quantization.fuse_modules``. With ``return_report=True`` it
+    returns ``(folded, report)``, a :class:`FoldReport` of what was folded and
+    what stayed and why; ``verbose=True`` prints what stayed.
 
     In eval mode BN is a per-channel affine map ``u -> s * u + t`` with
     ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (computed in float64).
@@ -216,6 +221,12 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
     the layer before only). The input model is left untouched (a folded copy
     is returned); it must be in eval mode. BN layers that cannot be folded stay,
     listed in ``report.left`` with the reason.
+
+    >>> import torch, bnlab
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlab.nn.BatchNorm2d(4)).eval()
+    >>> folded, report = bnlab.fold(net, return_report=True)
+    >>> report.folded, type(bnlab.fold(net)[1]).__name__
+    ([('0', '1')], 'Identity')
     """
     if model.training:
         raise ValueError("fold() needs the model in eval mode (call model.eval()): a BN layer in training mode "
@@ -251,7 +262,7 @@ def fold(model: nn.Module, *, verbose: bool = False) -> tuple[nn.Module, FoldRep
     if verbose:
         for name, why in report.left:
             print(f"fold: left {name}: {why}")
-    return model, report
+    return (model, report) if return_report else model
 
 
 def _affine(bn: nn.Module):
