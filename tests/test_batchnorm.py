@@ -709,3 +709,21 @@ def test_a_partial_state_dict_keeps_the_batch_counter(make):
     fresh = make()
     fresh.load_state_dict(old, strict=False)
     assert fresh.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_training_leaves_the_buffers_as_pytorch_made_them(kernels, monkeypatch):
+    # The moving statistics are touched only by C or by torch ops: a NumPy view of a buffer (the old
+    # PyTorch-path update) made its storage impossible to resize afterwards, which native layers allow.
+    from bnlab._kernels import ops
+
+    if not kernels:
+        monkeypatch.setattr(ops, "loaded", lambda: None)
+    layer = bnlab.nn.BatchNorm1d(8)
+    for _ in range(2):
+        layer(torch.randn(16, 8))
+    for name in ("running_mean", "running_var"):
+        getattr(layer, name).resize_(11)  # raised "Trying to resize storage that is not resizable"
+    native = torch.nn.BatchNorm1d(8)
+    native(torch.randn(16, 8))
+    native.running_mean.resize_(11)

@@ -209,33 +209,39 @@ def test_axis_errors():
 @pytest.mark.parametrize("var_factor", [1.0, 0.75])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_update_rules_backends_agree(var_factor, dtype):
-    # One rule (functional._update), three backends: the kernels' C (scratch statistics, consumed),
-    # NumPy views (CPU buffers) and torch ops (everything else); same values, same non-finite guard.
+    # One rule (functional._update), two implementations reached three ways: the kernels' C
+    # (statistics in a scratch, zeroed once read), torch ops from a scratch (kernels off), torch ops
+    # from any tensors; same values, same non-finite guard.
     stats = torch.randn(2, 33, dtype=dtype).abs()
     stats[0, 3] = float("nan")
     stats[1, 5] = float("inf")
     bufs = []
-    for backend in ("kernels", "numpy", "torch"):
-        mm, mv = torch.linspace(-1, 1, 33, dtype=dtype), torch.linspace(0.5, 2, 33, dtype=dtype)
-        mean, var = stats[0].clone(), stats[1].clone()
-        if backend == "kernels":
-            if _kernels.get() is None:
+    for backend in ("kernels", "lerp", "torch"):
+        for finite in (False, True):
+            mm, mv = torch.linspace(-1, 1, 33, dtype=dtype), torch.linspace(0.5, 2, 33, dtype=dtype)
+            mean, var = stats[0].clone(), stats[1].clone()
+            if finite:
+                mean, var = mean.nan_to_num(0.5, 0.5, 0.5), var.nan_to_num(0.5, 0.5, 0.5)
+            if backend == "torch":
+                F._update_torch_(mm, mv, mean, var, 0.95, var_factor, None)
+            elif backend == "kernels" and _kernels.get() is None:
                 continue
-            scratch = ops.scratch(33, dtype)
-            scratch.mean.copy_(mean)
-            scratch.var.copy_(var)
-            F._update(mm, mv, scratch.mean, scratch.var, 0.95, var_factor, scratch=scratch, kernels=_kernels.get())
-            assert not scratch.mean.any() and not scratch.var.any()  # read, then zeroed for the next batch
-        elif backend == "numpy":
-            F._update_numpy_(mm, mv, mean, var, 0.95, var_factor)
-        else:
-            F._update_torch_(mm, mv, mean, var, 0.95, var_factor, None)
-        bufs.append((mm, mv))
-    (a_m, a_v) = bufs[0]
-    for b_m, b_v in bufs[1:]:
-        torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
-        torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
-        assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33, dtype=dtype)[3].item()  # skipped
-        assert a_v[5].item() == b_v[5].item() == torch.linspace(0.5, 2, 33, dtype=dtype)[5].item()
+            else:
+                scratch = ops.scratch(33, dtype)
+                scratch.mean.copy_(mean)
+                scratch.var.copy_(var)
+                F._update(mm, mv, scratch.mean, scratch.var, 0.95, var_factor, scratch=scratch,
+                          kernels=_kernels.get() if backend == "kernels" else None)
+                assert not scratch.mean.any() and not scratch.var.any()  # read, then zeroed for the next batch
+            bufs.append((backend, finite, mm, mv))
+    for finite in (False, True):
+        (_, _, a_m, a_v), *others = [b for b in bufs if b[1] == finite]
+        for _, _, b_m, b_v in others:
+            torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
+            torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
+            if not finite:
+                assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33, dtype=dtype)[3].item()  # skipped
+                assert a_v[5].item() == b_v[5].item() == torch.linspace(0.5, 2, 33, dtype=dtype)[5].item()
+    a_m = bufs[0][2]
     expected = 0.95 * torch.linspace(-1, 1, 33)[0].item() + 0.05 * stats[0, 0].item()
     assert a_m[0].item() == pytest.approx(expected, rel=1e-6)

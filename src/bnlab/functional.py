@@ -504,9 +504,9 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
     weighs ``1 / num_batches`` (a tensor, so no host sync). ``scratch``: the
     :class:`bnlab._kernels.ops.Scratch` that ``mean`` and ``var`` live in, zeroed
     and given back once read. Computed by the kernels' ``update_moving`` when
-    they take every tensor; else through NumPy views of CPU buffers (a NumPy
-    op on a few hundred values costs a fraction of a torch op's dispatch);
-    else with torch ops.
+    they take every tensor, else with torch ops (:func:`_update_torch_`). The
+    buffers are only ever touched by C or by torch ops (a NumPy view of one
+    would make its storage impossible to resize afterwards).
     """
     if momentum is None:
         if counter is None:
@@ -524,57 +524,32 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
         _check_storage(moving_mean=moving_mean, moving_variance=moving_variance)
     if counter is not None:
         counter.add_(1)
-    if (scalar and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and moving_mean.is_cpu
-            and mean.is_cpu and moving_mean.dtype in (torch.float32, torch.float64)
-            and moving_variance.dtype is moving_mean.dtype and moving_mean.is_contiguous()
-            and moving_variance.is_contiguous() and not (moving_mean.is_neg() or moving_variance.is_neg()
-                                                          or mean.is_neg() or var.is_neg())):
-        _update_numpy_(moving_mean, moving_variance, mean, var, float(momentum), float(factor))
-    else:
-        with torch.no_grad():
-            _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
+    with torch.no_grad():
+        _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
     if scratch is not None:  # zeroed through NumPy: no in-place torch op that autograd would see
         for a in scratch.arrays:
             a.fill(0)
         _ops.give_back(scratch)
 
 
-def _update_numpy_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor) -> None:
-    # NumPy views share memory with the buffers: writing them writes the buffers.
-    mm = moving_mean.detach().numpy().reshape(-1)
-    mv = moving_variance.detach().numpy().reshape(-1)
-    bm, bv = batch_mean.detach().numpy(), batch_var.detach().numpy()
-    if bm.dtype != mm.dtype:
-        bm, bv = bm.astype(mm.dtype), bv.astype(mm.dtype)
-    new_weight = 1.0 - momentum
-    new_mean = mm * momentum + bm * new_weight
-    new_var = mv * momentum + bv * (new_weight * var_factor)
-    # One test for both: the sum is finite iff both are, except when two finite values
-    # overflow together (~3e38), which then skips the update too: never writes inf/NaN.
-    ok = np.isfinite(new_mean + new_var)
-    np.copyto(mm, new_mean, where=ok)
-    np.copyto(mv, new_var, where=ok)
-
-
 def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid) -> None:
+    """The update in torch ops (any device, tensor momentum or factor, a ``valid`` mask): ``lerp`` from the
+    old value towards the batch's by ``1 - momentum``, kept only where both new values are finite."""
     if not (moving_mean.is_floating_point() and moving_variance.is_floating_point()):
         raise TypeError(f"the moving statistics must be floating-point tensors, got {moving_mean.dtype} and "
                         f"{moving_variance.dtype}")
-    old = torch.stack((moving_mean.reshape(-1), moving_variance.reshape(-1)))
-    stats = torch.stack((batch_mean, batch_var)).to(old.dtype)
-    factor = torch.as_tensor(var_factor, dtype=old.dtype, device=old.device)
-    col = torch.stack((torch.ones_like(factor), factor)) * (1.0 - torch.as_tensor(momentum, dtype=old.dtype,
-                                                                                    device=old.device))
-    new = torch.addcmul(old * momentum, stats, col.view(2, 1))
-    # Finite check per feature, mean and variance together: x * 0 is 0 for finite
-    # x and NaN for inf/NaN (one kernel, where torch.isfinite takes several).
-    zero = new * 0.0
-    ok = (zero[0] + zero[1]) == 0
+    weight = 1.0 - momentum
+    if isinstance(weight, Tensor):
+        weight = weight.to(moving_mean.dtype)
+    mean = batch_mean.reshape(moving_mean.shape).to(moving_mean.dtype)
+    var = (batch_var * var_factor).reshape(moving_variance.shape).to(moving_variance.dtype)
+    new_mean = torch.lerp(moving_mean, mean, weight)
+    new_var = torch.lerp(moving_variance, var, weight)
+    ok = torch.isfinite(new_mean + new_var)  # both finite (two finite values summing past the range: skipped too)
     if valid is not None:
         ok = ok & valid
-    new = torch.where(ok, new, old)
-    moving_mean.copy_(new[0].view_as(moving_mean))
-    moving_variance.copy_(new[1].view_as(moving_variance))
+    moving_mean.copy_(torch.where(ok, new_mean, moving_mean))
+    moving_variance.copy_(torch.where(ok, new_var, moving_variance))
 
 
 # --------------------------------------------------------------------------- whole transforms
@@ -595,7 +570,7 @@ def _aten(x, gamma, beta, mean, var, training: bool, epsilon: float) -> Tensor:
     of dispatch in between: it also takes bfloat16 data with float32 parameters); elsewhere
     ``torch.batch_norm``, which may choose cuDNN.
     """
-    if x.is_cpu:
+    if x.is_cpu and x.numel():  # (an empty batch: torch.batch_norm, whose backward handles it)
         return torch.native_batch_norm(x, gamma, beta, mean, var, training, 1.0, epsilon)[0]
     return torch.batch_norm(x, gamma, beta, mean, var, training, 1.0, epsilon, torch.backends.cudnn.enabled)
 
@@ -653,8 +628,9 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     if x.is_cpu:
         _check_storage(gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance)
     xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
-    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), _flat(moving_mean, dtype), _flat(moving_variance, dtype),
-              False, epsilon)
+    # (contiguous statistics: PyTorch's CPU op in inference gives wrong input gradients for strided ones)
+    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), _flat(moving_mean, dtype).contiguous(),
+              _flat(moving_variance, dtype).contiguous(), False, epsilon)
     if restore is not None:
         y = restore(y)
     if y.dtype is not x.dtype:
