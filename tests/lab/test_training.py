@@ -1,5 +1,7 @@
 """fit / evaluate: Keras' semantics checked against direct computation."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,23 @@ def test_fused_batch_mean_equals_the_per_sample_definition(name):
         if name == "categorical_crossentropy":
             y = torch.nn.functional.one_hot(y, 5).float()
     torch.testing.assert_close(T._mean_loss(fn)(y, p), fn(y, p).mean())
+
+
+def test_a_non_finite_loss_ends_training_at_that_epoch():
+    """Keras' TerminateOnNaN at epoch granularity: the epoch that went non-finite is logged, nothing after it runs."""
+    x = torch.randn(40, 3)
+    y = x.sum(1, keepdim=True)
+    seen = []
+    h = T.fit(_linear(), x, y, epochs=10, batch_size=8, optimizer={"name": "sgd", "lr": 1e10}, verbose=0,
+              callbacks=[lambda epoch, logs, *rest: seen.append(epoch)])
+    k = h.diverged_epoch
+    assert k is not None and 1 <= k < 10
+    assert len(h.history["loss"]) == k and seen == list(range(k))  # the history up to it, callbacks for each epoch
+    assert not math.isfinite(h.history["loss"][-1]) and all(math.isfinite(v) for v in h.history["loss"][:-1])
+    again = T.fit(_linear(), x, y, epochs=10, batch_size=8, optimizer={"name": "sgd", "lr": 1e10}, verbose=0, history=h, initial_epoch=k)
+    assert again.history["loss"] == h.history["loss"] and len(again.history["loss"]) == k  # a diverged run does not go on
+
+
+def test_a_finite_run_has_no_divergence():
+    h = T.fit(_linear(), torch.randn(20, 3), torch.randn(20, 1), epochs=2, batch_size=5, verbose=0)
+    assert h.diverged_epoch is None
