@@ -93,8 +93,12 @@ def _final_table(exp, cmp, title: str):
         row = [key] + [_fmt(per_arm[a]["mean"], per_arm[a]["std"], per_arm[a]["n"]) for a in arms]
         if len(arms) == 2:
             d = cmp["diffs"][key]
-            row.append("—" if math.isnan(d["diff"]) else f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
-                       if not math.isnan(d["low"]) else f"{d['diff']:+.4f}")
+            if math.isnan(d["diff"]):  # an arm without finished runs
+                row.append("—")
+            elif math.isnan(d["low"]):  # fewer than two seeds in an arm: no interval
+                row.append(f"{d['diff']:+.4f}")
+            else:
+                row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
         t.add_row(*row)
     return t
 

@@ -103,7 +103,12 @@ def test_verbose_prints_one_keras_style_line_per_epoch(capsys):
 
 
 def test_thread_policy():
+    from bnlab import lab
+
     assert T.thread_policy(_linear(), 32) == 1
+    for name in ("blobs-deep", "digits28-cnn"):  # 5e7 and 1.1e8 parameters x batch: one thread (see the module docstring)
+        r = lab.get(name)
+        assert T.thread_policy(lab.build_model(r, "bn", 0), r.batch_size) == 1
     assert T.thread_policy(nn.Linear(3000, 3000), 256) is None
     assert T.thread_policy(_linear(), 32, threads=2) == 2
 
