@@ -30,7 +30,7 @@ def test_a_reduced_demo_writes_every_report_and_the_index(tmp_path, capsys, monk
     # again (every run is skipped: --resume) with a calibration like the reference machine's and steps predicted
     # to take an hour: no warning
     monkeypatch.setattr(demo, "calibrate", lambda: demo.REFERENCE_UNIT)
-    monkeypatch.setattr(demo, "COST", {name: 3600 / demo.REFERENCE_UNIT for name in demo.COST})
+    monkeypatch.setattr(demo, "REPORT", {name: 3600 / demo.REFERENCE_UNIT for name in demo.REPORT})
     assert main(["demo", "--out", str(root), "--seeds", "2", "epochs=1", "--quiet", "--resume"]) == 0
     assert capsys.readouterr().err == ""
 
@@ -40,10 +40,10 @@ def test_pace_and_calibration_warnings():
     slow = demo.pace_warning("diabetes", 30.0, 5.0)
     assert slow.startswith("diabetes took 30.0 s, 6.0x the 5.0 s expected from this machine's calibration")
     assert demo.calibration_warning(demo.REFERENCE_UNIT * 1.5) is None
-    assert "3.0x the" in demo.calibration_warning(demo.REFERENCE_UNIT * 3)
+    assert "3.0x its" in demo.calibration_warning(demo.REFERENCE_UNIT * 3)
     # the prediction scales with seeds and epochs
     unit = 0.01
-    assert demo.expected_seconds("diabetes", 50, 100, 3, unit) == pytest.approx(demo.COST["diabetes"] * unit * 3 * 0.5)
+    assert demo.expected_seconds("diabetes", 50, 100, 3, unit) == pytest.approx(unit * (demo.COST["diabetes"] * 3 * 0.5 + demo.REPORT["diabetes"]))
 
 
 def test_calibration_is_quick_and_leaves_the_generator_alone():
