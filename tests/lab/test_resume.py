@@ -142,3 +142,14 @@ def test_a_damaged_checkpoint_stops_the_resume_with_its_name(tmp_path, capsys):
     assert main([*args, "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"bnlab: error: {ckpt}: is not a readable checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_checkpoint_restores_the_cuda_generators(tmp_path):
+    torch.cuda.manual_seed_all(3)
+    records.save_checkpoint(tmp_path / "c.pt", {"rng": experiment.rng_state()})
+    want = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(0)
+    experiment.set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3, device="cuda"), want)
