@@ -190,9 +190,9 @@ _add(Recipe(
 _FIG1_NOTES = (
     "Ioffe & Szegedy 2015 (arXiv:1502.03167), section 4.1 and Figure 1: three fully connected hidden layers of 100 "
     "sigmoid units, 50,000 steps of 60 examples, cross-entropy, with and without BN (before each sigmoid). An 'epoch' "
-    "here is a block of 500 steps drawn from an endlessly reshuffled stream (steps_per_epoch), so epochs=100 is the "
-    "paper's 50,000 steps and val_accuracy, measured on the test set after every block, is test accuracy against "
-    "steps (Figure 1 (a)); probes on the last hidden layer's sigmoid give Figure 1 (b, c). The paper gives no "
+    "here is a block of {steps_per_epoch} steps drawn from an endlessly reshuffled stream (steps_per_epoch), so this "
+    "run's {epochs} epochs are {updates:,} steps of {batch_size} (the recipe's 100 x 500 of 60 are the paper's 50,000) and "
+    "val_accuracy, measured on the test set after every block, is test accuracy against steps (Figure 1 (a)); probes on the last hidden layer's sigmoid give Figure 1 (b, c). The paper gives no "
     "optimizer settings for this figure beyond mini-batches of 60; we use plain SGD with learning rate 0.1 for both "
     "arms, a conventional rate for MNIST MLPs (Keras' default SGD rate 0.01 barely trains the sigmoid network "
     "without BN in 10,000 steps). Weights: Glorot's Gaussian ('small random Gaussian values', scale not given)."
@@ -207,8 +207,8 @@ _add(Recipe(
     name="paper-fig1-digits28", tutorial="paper", title="The paper's Figure 1 network on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="paper_mlp", loss="sparse_categorical_crossentropy", optimizer="sgd", learning_rate=0.1,
     metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test",
-    notes="Stands in for paper-fig1 where MNIST cannot be downloaded: 1,437 training and 360 test images, so 50,000 "
-          "steps of 60 pass over the training set about 2,100 times; it shows the mechanics and the qualitative "
+    notes="Stands in for paper-fig1 where MNIST cannot be downloaded: {train:,} training and {test} test images, so "
+          "{updates:,} steps of {batch_size} pass over the training set about {passes:,.0f} times; it shows the mechanics and the qualitative "
           "picture, not the paper's MNIST figures. " + _FIG1_NOTES,
 ))
 

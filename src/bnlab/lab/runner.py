@@ -98,7 +98,8 @@ def check_runnable(recipe: Recipe, dataset: _data.Dataset | None = None) -> None
 def facts(recipe: Recipe, dataset: _data.Dataset) -> dict:
     """What the configuration that runs means in numbers: rows to train and validate on, steps, updates, BN momentum.
 
-    Reports fill the recipe's notes with these (``recipes.render_notes``).
+    Reports fill the recipe's notes with these (``recipes.render_notes``). ``passes``: how many
+    times the updates go over the training rows.
     ``bn_momentum`` is the BN arm's weight of the old moving value (Keras'
     convention), when every BN layer shares one; ``moving_kept`` =
     ``bn_momentum ** updates``, the share of the initial moving statistics left
@@ -114,6 +115,7 @@ def facts(recipe: Recipe, dataset: _data.Dataset) -> dict:
     return {
         "training_rows": n, "train": train, "validation": validation, "test": len(dataset.x_test),
         "steps_per_epoch": steps, "updates": updates, "epoch_fraction": min(1.0, steps * recipe.batch_size / max(train, 1)),
+        "passes": updates * recipe.batch_size / max(train, 1),
         "bn_momentum": momentum, "moving_kept": momentum**updates if momentum is not None else None,
     }
 
