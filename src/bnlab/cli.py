@@ -2,12 +2,17 @@
 
 Each sub-command is a few lines that call the library; errors all pass through
 :func:`main`, which prints ``bnlab: error: ...`` and returns a non-zero code
-instead of a traceback. Output goes through one rich console.
+instead of a traceback: usage errors (a bad command line, an unknown recipe, an
+override the recipe cannot take) exit 2, requests that cannot be carried out
+(damaged records, a busy output directory, a missing dataset) exit 1. Output
+goes through one rich console; written to a file or a pipe it is plain text
+with whole lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import math
 import sys
 import time
@@ -26,23 +31,38 @@ class CLIError(Exception):
 
 
 def _console(stderr=False):
+    """The rich console for stdout (or stderr). Writing to a file, a pipe or CI it never cuts a line at 80 columns."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    con = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not con.is_terminal:
+        con = Console(stderr=stderr, highlight=False, soft_wrap=True, width=1000)
+    return con
+
+
+def _warn(message: str) -> None:
+    print(f"bnlab: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _recipe(name: str, overrides=()):
+def _recipe(name: str | None, overrides=(), command: str = "run"):
+    """The recipe ``name`` with ``key=value`` overrides, validated (usage errors exit 2)."""
     from .lab import recipes
 
+    if name is None or "=" in name:
+        raise CLIError(f"'{command}' needs a recipe name first, e.g. 'bnlab {command} diabetes epochs=20'; "
+                       f"'bnlab list' shows the recipes: {', '.join(recipes.RECIPES)}", EXIT_USAGE)
     try:
         return recipes.with_overrides(recipes.get(name), list(overrides))
-    except recipes.OverrideError as exc:
+    except ValueError as exc:  # OverrideError, or an unknown recipe
         raise CLIError(str(exc), EXIT_USAGE) from None
-    except ValueError as exc:
-        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def _at_least_one(option: str, value: int) -> None:
+    if value < 1:
+        raise CLIError(f"{option} must be >= 1, got {value}", EXIT_USAGE)
 
 
 def _fmt(mean, std=None, n=None):
@@ -54,12 +74,11 @@ def _fmt(mean, std=None, n=None):
     return s + (f" (n={n})" if n else "")
 
 
-def _final_table(exp, title: str):
+def _final_table(exp, cmp, title: str):
     from rich.table import Table
 
     from .lab import analysis
 
-    cmp = analysis.compare(exp)
     t = Table(title=title, title_justify="left")
     t.add_column("figure")
     arms = list(exp.arms)
@@ -74,42 +93,99 @@ def _final_table(exp, title: str):
         row = [key] + [_fmt(per_arm[a]["mean"], per_arm[a]["std"], per_arm[a]["n"]) for a in arms]
         if len(arms) == 2:
             d = cmp["diffs"][key]
-            row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if not math.isnan(d["low"]) else f"{d['diff']:+.4f}")
+            if math.isnan(d["diff"]):  # an arm without finished runs
+                row.append("—")
+            elif math.isnan(d["low"]):  # fewer than two seeds in an arm: no interval
+                row.append(f"{d['diff']:+.4f}")
+            else:
+                row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
         t.add_row(*row)
-    return t, cmp
+    return t
+
+
+def _report(out: Path):
+    """Read the records once, build the report; ``(experiment, comparison, report paths)``."""
+    from .lab import analysis, report
+
+    exp = analysis.load(out)
+    paths = report.build_report(out, exp)
+    return exp, analysis.compare(exp), paths
+
+
+def _show(exp, cmp, title: str) -> int:
+    """Print the final figures and the verdict; warn about unreadable records. 1 if there were any, else 0."""
+    from .lab import analysis
+
+    for problem in exp.problems:
+        _warn(problem)
+    con = _console()
+    if cmp["table"]:
+        con.print(_final_table(exp, cmp, title))
+    for sentence in analysis.verdict_sentences(exp, cmp):
+        con.print(sentence, markup=False)
+    return EXIT_FAILURE if exp.problems else 0
+
+
+_SHOWN = ("loss", "val_loss", "accuracy", "val_accuracy", "mae", "val_mae")
 
 
 class _Progress:
-    """Live progress over all runs and epochs (rich), with the last epoch's figures."""
+    """Progress over all runs and epochs: a live rich bar on a terminal, one plain line per epoch otherwise.
+
+    Nothing is shown before the first run starts, so a configuration refused
+    before training prints no progress.
+    """
 
     def __init__(self, recipe, n_runs: int, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.recipe = recipe
-        self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-            console=_console(stderr=True), disable=not enabled, transient=False,
-        )
-        self.task = self.progress.add_task(f"{recipe.name}", total=n_runs * recipe.epochs, status="")
+        self.recipe, self.n_runs = recipe, n_runs
+        self.console = _console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.plain = enabled and not self.live
+        self.progress = None
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.progress is not None:
+            return self.progress.__exit__(*exc)
+        return None
+
+    def _start_live(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            console=self.console, transient=False,
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.recipe.name, total=self.n_runs * self.recipe.epochs, status="")
 
     def run_start(self, arm, seed, done):
-        self.progress.update(self.task, description=f"{self.recipe.name} [{arm}, seed {seed}]", advance=done)
+        if self.live:
+            if self.progress is None:
+                self._start_live()
+            self.progress.update(self.task, description=f"{self.recipe.name} [{arm}, seed {seed}]", advance=done)
+        elif self.plain and done:
+            print(f"{self.recipe.name} {arm} seed {seed}: resumed after epoch {done}", file=sys.stderr, flush=True)
 
     def epoch(self, arm, seed, epoch, logs):
-        shown = {k: v for k, v in logs.items() if k in ("loss", "val_loss", "accuracy", "val_accuracy", "mae", "val_mae")}
-        self.progress.update(self.task, advance=1, status=" ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        status = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in _SHOWN)
+        if self.live:
+            self.progress.update(self.task, advance=1, status=status)
+        elif self.plain:
+            print(f"{self.recipe.name} {arm} seed {seed}: epoch {epoch + 1}/{self.recipe.epochs} {status}", file=sys.stderr, flush=True)
 
     def run_end(self, arm, seed, final):
-        pass
+        if final.get("diverged_epoch") is None:
+            return
+        line = f"{self.recipe.name} {arm} seed {seed}: diverged at epoch {final['diverged_epoch']} (non-finite figures)"
+        if self.live:
+            self.progress.update(self.task, advance=self.recipe.epochs - final["epochs"])
+            self.progress.console.print(line, markup=False)
+        elif self.plain:
+            print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -141,8 +217,11 @@ def _arms(args):
 
 
 def _missing_dataset(recipe, exc) -> CLIError:
+    from .lab import recipes
+
+    offline = ", ".join(n for n, r in recipes.RECIPES.items() if r.offline)
     return CLIError(f"recipe {recipe.name!r} needs the {recipe.dataset} dataset, which is not available here: {exc} "
-                    f"Recipes that run offline: digits28-mlp, digits28-cnn, diabetes, blobs, blobs-deep.")
+                    f"Recipes that run offline: {offline}.")
 
 
 def _run_one(recipe, out: Path, seeds, arms, *, resume, overwrite, quiet, argv):
@@ -188,8 +267,8 @@ def _run_distributed(recipe, out: Path, seeds, arms, *, nproc, resume, overwrite
     from .data import DownloadError
     from .lab import runner
 
-    try:
-        runner.load_data(recipe)  # fail here, with the usual message, rather than in every worker
+    try:  # fail here, with the usual messages, rather than in every worker
+        runner.check_runnable(recipe, runner.load_data(recipe))
     except DownloadError as exc:
         raise _missing_dataset(recipe, exc) from None
     if not quiet:
@@ -200,60 +279,41 @@ def _run_distributed(recipe, out: Path, seeds, arms, *, nproc, resume, overwrite
                                          resume, overwrite, argv), nprocs=nproc, join=True)
         except mp.ProcessRaisedException as exc:
             last = str(exc).strip().splitlines()[-1]
-            if "ExperimentError" in last:
+            if "ExperimentError" in last or "RecordError" in last:
                 raise CLIError(last.split(":", 1)[1].strip()) from None
             raise CLIError(f"a worker process failed: {last}") from None
     return out
 
 
-def _report(out: Path):
-    from .lab import analysis, report
-
-    paths = report.build_report(out)
-    exp = analysis.load(out)
-    return exp, paths
-
-
 def cmd_run(args) -> int:
     from .lab import experiment
 
-    recipe = _recipe(args.recipe, args.overrides)
-    if args.seeds < 1:
-        raise CLIError(f"--seeds must be >= 1, got {args.seeds}", EXIT_USAGE)
-    if args.nproc < 1:
-        raise CLIError(f"--nproc must be >= 1, got {args.nproc}", EXIT_USAGE)
+    recipe = _recipe(args.recipe, args.overrides, "run")
+    _at_least_one("--seeds", args.seeds)
+    _at_least_one("--nproc", args.nproc)
     out = Path(args.out) if args.out else experiment.default_out(recipe)
     t0 = time.perf_counter()
-    if args.nproc > 1:
-        _run_distributed(recipe, out, list(range(args.seeds)), _arms(args), nproc=args.nproc, resume=args.resume,
-                         overwrite=args.overwrite, quiet=args.quiet, argv=["run", *args.argv_raw])
-    else:
-        _run_one(recipe, out, list(range(args.seeds)), _arms(args), resume=args.resume, overwrite=args.overwrite,
-                 quiet=args.quiet, argv=["run", *args.argv_raw])
-    con = _console()
+    run = _run_distributed if args.nproc > 1 else _run_one
+    extra = {"nproc": args.nproc} if args.nproc > 1 else {}
+    run(recipe, out, list(range(args.seeds)), _arms(args), resume=args.resume, overwrite=args.overwrite,
+        quiet=args.quiet, argv=["run", *args.argv_raw], **extra)
     if args.no_report:
-        con.print(f"records: {out}")
+        _console().print(f"records: {out}")
         return 0
-    exp, paths = _report(out)
-    table, cmp = _final_table(exp, f"{recipe.name}: final figures ({time.perf_counter() - t0:.0f} s)")
-    con.print(table)
-    from .lab import analysis
-
-    con.print(analysis.verdict(exp, cmp))
-    con.print(f"report: {paths['html']}")
-    return 0
+    exp, cmp, paths = _report(out)
+    code = _show(exp, cmp, f"{recipe.name}: final figures ({time.perf_counter() - t0:.0f} s)")
+    _console().print(f"report: {paths['html']}")
+    return code
 
 
 def cmd_report(args) -> int:
     out = Path(args.dir)
-    if not (out / "config.json").exists():
+    if not (out / "config.json").is_file():
         raise CLIError(f"{out} holds no bnlab records (no config.json); give the --out directory of a 'bnlab run'")
-    exp, paths = _report(out)
-    table, _ = _final_table(exp, f"{exp.recipe['name']}: final figures")
-    con = _console()
-    con.print(table)
-    con.print(f"report: {paths['html']}\n        {paths['md']}")
-    return 0
+    exp, cmp, paths = _report(out)
+    code = _show(exp, cmp, f"{exp.recipe['name']}: final figures")
+    _console().print(f"report: {paths['html']}\n        {paths['md']}")
+    return code
 
 
 def cmd_summary(args) -> int:
@@ -262,7 +322,8 @@ def cmd_summary(args) -> int:
 
     from .lab import runner
 
-    recipe = _recipe(args.recipe, args.overrides)
+    recipe = _recipe(args.recipe, args.overrides, "summary")
+    runner.check_runnable(recipe)
     con = _console()
     shape = INPUT_SHAPES[recipe.dataset]
     for arm in ("bn", "no_bn"):
@@ -273,86 +334,110 @@ def cmd_summary(args) -> int:
 
 
 def _locate_run(path: Path, arm: str | None, seed: int | None):
+    """``(records directory, arm, seed)`` of the run to inspect: ``path`` is a records directory or one of its runs."""
     from .lab import records
+    from .lab.runner import ARMS
 
-    if (path / "final.json").exists():  # a single run: DIR/<arm>/seed-<k>
-        final = records.read_json(path / "final.json")
-        return path.parents[1], final["arm"], final["seed"]
-    if (path / "config.json").exists():
-        cfg = records.read_json(path / "config.json")
-        arm = arm or ("bn" if "bn" in cfg["arms"] else cfg["arms"][0])
-        seed = cfg["seeds"][0] if seed is None else seed
-        if not (records.run_dir(path, arm, seed) / "weights.safetensors").exists():
-            raise CLIError(f"{path} has no finished run for arm {arm!r}, seed {seed}")
-        return path, arm, seed
-    raise CLIError(f"{path} is neither a bnlab records directory nor one of its runs")
+    if path.name.startswith("seed-") and path.parent.name in ARMS and (path.parents[1] / "config.json").is_file():
+        try:
+            arm, seed = path.parent.name, int(path.name[len("seed-"):])
+        except ValueError:
+            raise CLIError(f"{path} is not a run directory (<arm>/seed-<k>)") from None
+        path = path.parents[1]
+    elif not (path / "config.json").is_file():
+        raise CLIError(f"{path} is neither a bnlab records directory nor one of its runs")
+    cfg = records.read_config(path / "config.json")
+    arm = arm or ("bn" if "bn" in cfg["arms"] else cfg["arms"][0])
+    seed = cfg["seeds"][0] if seed is None else seed
+    if arm not in cfg["arms"] or seed not in cfg["seeds"]:
+        raise CLIError(f"{path} has no run for arm {arm!r}, seed {seed}: its arms are {', '.join(cfg['arms'])} and its seeds "
+                       f"{', '.join(map(str, cfg['seeds']))}", EXIT_USAGE)
+    if not (records.run_dir(path, arm, seed) / "final.json").exists():
+        raise CLIError(f"{path} has no finished run for arm {arm!r}, seed {seed}")
+    return path, cfg, arm, seed
 
 
 def cmd_inspect(args) -> int:
-    import numpy as np
-
+    from .data import DownloadError
     from .lab import inspect, records, runner
     from .lab.recipes import Recipe
 
-    root, arm, seed = _locate_run(Path(args.run), args.arm, args.seed)
-    recipe = Recipe.from_dict(records.read_json(root / "config.json")["recipe"])
+    _at_least_one("--batch", args.batch)
+    root, cfg, arm, seed = _locate_run(Path(args.run), args.arm, args.seed)
+    recipe = Recipe.from_dict(cfg["recipe"])
+    rd = records.run_dir(root, arm, seed)
+    final = records.read_final(rd / "final.json", arm, seed)
+    weights = records.load_weights(rd / "weights.safetensors")
+    records.check_digest(rd / "weights.safetensors", final["sha256"])
     model = runner.build_model(recipe, arm, seed)
-    model.load_state_dict(records.load_weights(records.run_dir(root, arm, seed) / "weights.safetensors"))
-    data = runner.load_data(recipe)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise records.RecordError(rd / "weights.safetensors", f"does not fit the {arm} model of {recipe.name}: "
+                                                              f"{str(exc).splitlines()[-1].strip()[:160]}") from None
+    try:
+        data = runner.load_data(recipe)
+    except DownloadError as exc:
+        raise _missing_dataset(recipe, exc) from None
     x = data.x_test[: args.batch] if len(data.x_test) else data.x_train[: args.batch]
     layers = inspect.inspect_bn(model, x)
     con = _console()
     con.print(f"[bold]{recipe.name}[/bold], arm {arm}, seed {seed}: {len(layers)} batch-normalization layer(s); batch of {len(x)} test inputs")
+    if final["diverged_epoch"] is not None:
+        con.print(f"this run diverged at epoch {final['diverged_epoch']}: its weights need not be finite", markup=False)
     if not layers:
         con.print("this model has no BN layers (the no-BN arm?): nothing to inspect")
         return 0
-    np.set_printoptions(precision=3, suppress=True, linewidth=110, threshold=24, edgeitems=4)
     for layer in layers:
-        con.print(f"\n[bold]{layer['layer']}[/bold] ({layer['type']}, epsilon {layer['epsilon']})", markup=True)
-        for key, label in (("gamma", "  γ   "), ("beta", "  β   "), ("moving_mean", "E[h] "), ("moving_variance", "V[h] ")):
-            if layer[key] is not None:
-                con.print(f"{label}= {np.round(layer[key], 3)}", markup=False)
-        ok = layer["max_abs_diff"] < 1e-5
-        con.print(f"  max |layer output − γ(h − E[h])/sqrt(V[h] + ε) + β| = {layer['max_abs_diff']:.2e} "
-                  f"{'(matches)' if ok else '(DOES NOT MATCH)'}", markup=False)
+        con.print("")
+        for line in inspect.format_layer(layer):
+            con.print(line, markup=False)
     return 0
 
 
-DEMO_RECIPES = ("diabetes", "blobs-deep", "digits28-mlp")
-
-
 def cmd_demo(args) -> int:
-    from .lab import analysis, records
+    from .lab import analysis, demo, records
+    from .lab.recipes import RECIPES
 
+    _at_least_one("--seeds", args.seeds)
+    recipes = {name: _recipe(name, args.overrides, "demo") for name in demo.DEMO_RECIPES}  # all checked before any runs
     root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     con = _console()
-    con.print(f"bnlab demo: {', '.join(DEMO_RECIPES)}, each with and without BN over {len(seeds)} seeds -> {root}")
-    verdicts = []
-    for name in DEMO_RECIPES:
-        recipe = _recipe(name)
+    con.print(f"bnlab demo: {', '.join(recipes)}, each with and without BN over {len(seeds)} seeds -> {root}")
+    unit = demo.calibrate()
+    expected = {name: demo.expected_seconds(name, r.epochs, RECIPES[name].epochs, len(seeds), unit) for name, r in recipes.items()}
+    con.print(f"calibration {unit * 1000:.0f} ms: expect about {sum(expected.values()):.0f} s on this machine now")
+    if (warning := demo.calibration_warning(unit)) is not None:
+        _warn(warning)
+    verdicts, code = [], 0
+    for name, recipe in recipes.items():
+        t_step = time.perf_counter()
         out = root / name
         _run_one(recipe, out, seeds, ("bn", "no_bn"), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, argv=["demo"])
-        exp, paths = _report(out)
-        table, cmp = _final_table(exp, f"{name}: final figures")
-        con.print(table)
-        v = analysis.verdict(exp, cmp)
-        con.print(v + "\n")
-        verdicts.append((name, v, paths))
+        exp, cmp, paths = _report(out)
+        code = max(code, _show(exp, cmp, f"{name}: final figures"))
+        seconds = time.perf_counter() - t_step
+        con.print(f"{name}: {2 * len(seeds)} runs and the report in {seconds:.1f} s (expected about {expected[name]:.1f} s)\n")
+        if (warning := demo.pace_warning(name, seconds, expected[name])) is not None:
+            _warn(warning)
+        verdicts.append((name, analysis.verdict(exp, cmp), seconds))
     elapsed = time.perf_counter() - t0
     index = ["# bnlab demo: what batch normalization did", "",
-             f"{len(DEMO_RECIPES)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, in {elapsed:.0f} s.", ""]
-    for name, v, _ in verdicts:
-        index += [f"## {name}", "", v, "", f"Full report: [{name}/report.html]({name}/report.html) ([markdown]({name}/report.md))", ""]
+             f"{len(recipes)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, in {elapsed:.0f} s.", ""]
+    for name, v, seconds in verdicts:
+        index += [f"## {name}", "", v, "", f"Full report: [{name}/report.html]({name}/report.html) ([markdown]({name}/report.md)); "
+                  f"{seconds:.1f} s.", ""]
     records.atomic_write_bytes(root / "index.md", "\n".join(index).encode())
-    html_items = "".join(f"<h2>{n}</h2><p>{v}</p><p><a href='{n}/report.html'>full report</a></p>" for n, v, _ in verdicts)
+    html_items = "".join(f"<h2>{n}</h2><p>{html.escape(v)}</p><p><a href='{n}/report.html'>full report</a> ({s:.1f} s)</p>"
+                         for n, v, s in verdicts)
     records.atomic_write_bytes(root / "index.html", (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bnlab demo</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}</style></head><body>"
         f"<h1>bnlab demo: what batch normalization did</h1><p>{len(seeds)} seeds per arm, {elapsed:.0f} s.</p>{html_items}</body></html>\n").encode())
     con.print(f"demo finished in {elapsed:.0f} s\nreport: {(root / 'index.html').resolve()}")
-    return 0
+    return code
 
 
 def cmd_info(args) -> int:
@@ -397,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
                               "  bnlab run digits28-mlp --no-bn batch_size=64\n  bnlab run blobs norm=renorm\n  bnlab run blobs norm=ghost:32\n  bnlab run blobs-deep --out runs/deep --resume\n\n"
                               "overrides (key=value): epochs, batch_size, learning_rate, optimizer, validation_split, validation,\n"
                               "  steps_per_epoch, augment, shuffle, norm (bnlab|renorm|ghost:K|scratch|scratch-bnlab|torch), data_seed, ...\n")
-    s.add_argument("recipe", help="recipe name (see 'bnlab list')")
+    s.add_argument("recipe", nargs="?", help="recipe name (see 'bnlab list')")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields")
     arms = s.add_mutually_exclusive_group()
     arms.add_argument("--compare", action="store_true", help="run with and without BN (default)")
@@ -419,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="Keras-style summary of a recipe's models (with and without BN)", formatter_class=fmt,
                        epilog="examples:\n  bnlab summary diabetes\n  bnlab summary kmnist-cnn\n")
-    s.add_argument("recipe")
+    s.add_argument("recipe", nargs="?", help="recipe name (see 'bnlab list')")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=cmd_summary)
 
@@ -436,7 +521,9 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("demo", help="diabetes, blobs-deep and digits28-mlp with and without BN, 3 seeds, with reports",
-                       formatter_class=fmt, epilog="example:\n  bnlab demo\n  bnlab demo --out runs/my-demo --seeds 5\n")
+                       formatter_class=fmt, epilog="examples:\n  bnlab demo\n  bnlab demo --out runs/my-demo --seeds 5\n"
+                                                   "  bnlab demo epochs=5          # a quicker look: overrides apply to every recipe\n")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="override the fields of every demo recipe")
     s.add_argument("--out", help="directory for the demo's records and reports (default runs/demo-<time>)")
     s.add_argument("--seeds", type=int, default=3)
     s.add_argument("--resume", action="store_true")
@@ -473,6 +560,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("bnlab: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        print(f"bnlab: error: {exc}", file=sys.stderr)
+        return code
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """The exit code of an error the library raises for the user to read; None for anything else (a bug: traceback)."""
+    from .lab.experiment import ExperimentError
+    from .lab.recipes import OverrideError
+    from .lab.records import RecordError
+
+    if isinstance(exc, OverrideError):
+        return EXIT_USAGE
+    if isinstance(exc, (RecordError, ExperimentError)):
+        return EXIT_FAILURE
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

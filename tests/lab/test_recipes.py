@@ -25,7 +25,7 @@ def test_overrides_are_type_checked():
         lab.with_overrides(r, ["epoch=3"])
     with pytest.raises(lab.OverrideError, match="key=value"):
         lab.with_overrides(r, ["epochs"])
-    with pytest.raises(lab.OverrideError, match="must be >= 1"):
+    with pytest.raises(lab.OverrideError, match="batch_size=0: expected an int >= 1"):
         lab.with_overrides(r, ["batch_size=0"])
 
 

@@ -1,5 +1,7 @@
 """fit / evaluate: Keras' semantics checked against direct computation."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -101,7 +103,12 @@ def test_verbose_prints_one_keras_style_line_per_epoch(capsys):
 
 
 def test_thread_policy():
+    from bnlab import lab
+
     assert T.thread_policy(_linear(), 32) == 1
+    for name in ("blobs-deep", "digits28-cnn"):  # 5e7 and 1.1e8 parameters x batch: one thread (see the module docstring)
+        r = lab.get(name)
+        assert T.thread_policy(lab.build_model(r, "bn", 0), r.batch_size) == 1
     assert T.thread_policy(nn.Linear(3000, 3000), 256) is None
     assert T.thread_policy(_linear(), 32, threads=2) == 2
 
@@ -128,3 +135,23 @@ def test_fused_batch_mean_equals_the_per_sample_definition(name):
         if name == "categorical_crossentropy":
             y = torch.nn.functional.one_hot(y, 5).float()
     torch.testing.assert_close(T._mean_loss(fn)(y, p), fn(y, p).mean())
+
+
+def test_a_non_finite_loss_ends_training_at_that_epoch():
+    """Keras' TerminateOnNaN at epoch granularity: the epoch that went non-finite is logged, nothing after it runs."""
+    x = torch.randn(40, 3)
+    y = x.sum(1, keepdim=True)
+    seen = []
+    h = T.fit(_linear(), x, y, epochs=10, batch_size=8, optimizer={"name": "sgd", "lr": 1e10}, verbose=0,
+              callbacks=[lambda epoch, logs, *rest: seen.append(epoch)])
+    k = h.diverged_epoch
+    assert k is not None and 1 <= k < 10
+    assert len(h.history["loss"]) == k and seen == list(range(k))  # the history up to it, callbacks for each epoch
+    assert not math.isfinite(h.history["loss"][-1]) and all(math.isfinite(v) for v in h.history["loss"][:-1])
+    again = T.fit(_linear(), x, y, epochs=10, batch_size=8, optimizer={"name": "sgd", "lr": 1e10}, verbose=0, history=h, initial_epoch=k)
+    assert again.history["loss"] == h.history["loss"] and len(again.history["loss"]) == k  # a diverged run does not go on
+
+
+def test_a_finite_run_has_no_divergence():
+    h = T.fit(_linear(), torch.randn(20, 3), torch.randn(20, 1), epochs=2, batch_size=5, verbose=0)
+    assert h.diverged_epoch is None

@@ -10,7 +10,7 @@ import bnlab
 
 from .models import ScratchBatchNorm
 
-__all__ = ["bn_layers", "inspect_bn"]
+__all__ = ["bn_layers", "inspect_bn", "moving_momentum", "format_layer"]
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -20,6 +20,20 @@ def _is_bn(m: nn.Module) -> bool:
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` for every batch-normalization layer in ``model`` (bnlab, tutorial's, PyTorch's)."""
     return [(n, m) for n, m in model.named_modules() if _is_bn(m)]
+
+
+def moving_momentum(m: nn.Module) -> float | None:
+    """The layer's weight of the OLD moving value per update (Keras' ``momentum``; PyTorch's is 1 minus it).
+
+    None for a cumulative average (PyTorch's ``momentum=None``) or a layer that does not say.
+    """
+    if isinstance(m, ScratchBatchNorm):
+        return float(m.rho)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return None if m.momentum is None else 1.0 - float(m.momentum)
+    old = getattr(m, "_old_weight", None)
+    value = old() if callable(old) else None
+    return None if value is None else float(value)
 
 
 def _weights(m: nn.Module):
@@ -72,3 +86,32 @@ def inspect_bn(model: nn.Module, x: torch.Tensor) -> list[dict]:
             "max_abs_diff": float(np.abs(by_hand - r.double().numpy()).max()) if r.numel() else 0.0,
         })
     return report
+
+
+_ROWS = (("gamma", "gamma (γ)"), ("beta", "beta (β)"), ("moving_mean", "moving mean"), ("moving_variance", "moving variance"))
+
+
+def format_layer(layer: dict, max_features: int = 8) -> list[str]:
+    """Lines of text for one entry of :func:`inspect_bn`: an aligned table of gamma, beta, moving mean and
+    moving variance per feature (the first and last ``max_features // 2`` when there are more), then the check
+    that the layer's inference output is ``gamma * (h - moving mean) / sqrt(moving variance + epsilon) + beta``."""
+    n = len(layer["moving_mean"])
+    half = max(max_features // 2, 1)
+    shown = list(range(n)) if n <= max_features else [*range(half), None, *range(n - half, n)]
+    label = max(len(name) for _, name in _ROWS)
+
+    def cell(v):
+        return "…".rjust(11) if v is None else f" {v:>10.4g}"
+
+    lines = [f"layer {layer['layer']} ({layer['type']}, epsilon {layer['epsilon']:g}): {n} feature(s)",
+             f"  {'feature':<{label}}" + "".join("…".rjust(11) if i is None else f"{i:>11}" for i in shown)]
+    for key, name in _ROWS:
+        values = layer[key]
+        if values is None:
+            lines.append(f"  {name:<{label}}" + "  (none: the layer has no " + name.split()[0] + ")")
+            continue
+        lines.append(f"  {name:<{label}}" + "".join(cell(None if i is None else float(values[i])) for i in shown))
+    ok = layer["max_abs_diff"] < 1e-5
+    lines.append(f"  max |layer output − (γ (h − moving mean) / sqrt(moving variance + ε) + β)| = {layer['max_abs_diff']:.2e} "
+                 f"{'(matches)' if ok else '(DOES NOT MATCH)'}")
+    return lines

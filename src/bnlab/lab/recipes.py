@@ -7,16 +7,28 @@ twin: the same model with the BN layers removed). Overrides are ``key=value``
 strings checked against the recipe's fields::
 
     recipe = with_overrides(get("diabetes"), ["epochs=10", "batch_size=32"])
+
+:func:`validate` is the one place that says what a recipe may hold: every
+field's type and range, the allowed values of each choice, and the
+combinations a recipe cannot honour (a validation split on a recipe that
+validates on the test set, augmentation of inputs that are not images). It
+runs on every override and on every recipe read back from a record, before
+anything trains. A recipe's ``notes`` may name facts of the run
+(``{train}`` rows, ``{updates}``, ...), filled in from the configuration that
+actually ran (:func:`render_notes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import string
 import typing
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
-__all__ = ["Recipe", "RECIPES", "get", "names", "with_overrides", "OverrideError"]
+__all__ = ["Recipe", "RECIPES", "get", "names", "with_overrides", "validate", "render_notes", "OverrideError"]
 
 
 @dataclass(frozen=True)
@@ -54,17 +66,27 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        """Inverse of :meth:`to_dict` (as stored in a run's ``config.json``)."""
+        """Inverse of :meth:`to_dict` (as stored in a run's ``config.json``); ``ValueError`` for anything else."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a recipe is a JSON object, not {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"recipe record has unknown fields {sorted(unknown)}")
         d = dict(d)
+        if not isinstance(d.get("model_kwargs") or {}, dict) or not isinstance(d.get("metrics") or [], list):
+            raise ValueError("recipe record: 'model_kwargs' must be an object and 'metrics' a list")
         d["model_kwargs"] = tuple(dict(d.get("model_kwargs") or {}).items())
         d["metrics"] = tuple(d.get("metrics") or ())
         for key in ("reported", "reference"):
-            d[key] = {arm: {k: tuple(v) if isinstance(v, list) else v for k, v in figs.items()} for arm, figs in (d.get(key) or {}).items()}
-        return cls(**d)
+            figs = d.get(key) or {}
+            if not (isinstance(figs, dict) and all(isinstance(v, dict) for v in figs.values())):
+                raise ValueError(f"recipe record: {key!r} must map arms to objects of figures")
+            d[key] = {arm: {k: tuple(v) if isinstance(v, list) else v for k, v in f.items()} for arm, f in figs.items()}
+        try:
+            return cls(**d)
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"recipe record: {exc}") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -94,16 +116,17 @@ _add(Recipe(
     epochs=100, batch_size=64, validation_split=0.15,
     reported={"bn": {"loss": 0.4790, "mae": 0.5648, "val_loss": 0.6657, "val_mae": 0.6595}},
     reference={"bn": {"val_loss": (0.685, 0.765), "val_mae": (0.689, 0.698)}},
-    notes="Train on 337, validate on 60 (the last 15% of the 397 training rows). Reference: Keras 3 on "
-          "TensorFlow re-run over 3 seeds with the same split (ranges).",
+    notes="Train on {train}, validate on {validation} (the last {validation_split:.0%} of the {training_rows} training rows). "
+          "Reference: Keras 3 on TensorFlow re-run over 3 seeds with the recipe's settings and split (ranges).",
 ))
 _add(Recipe(
     name="cifar10-sigmoid", tutorial="001", title="CIFAR-10 CNN with sigmoid activations, RMSprop and augmentation",
     dataset="cifar10", model="cifar_cnn", loss="categorical_crossentropy", optimizer="rmsprop",
     metrics=("accuracy",), epochs=10, batch_size=32, validation="test", steps_per_epoch=781, augment=True,
     model_kwargs=(("activation", "sigmoid"),),
-    notes="Inputs go through keras.utils.normalize(x, axis=1) as in the tutorial; 781 steps of 32 per epoch "
-          "(int(50000/64)), so an epoch sees half the training set. The tutorial reports curves only.",
+    notes="Inputs go through keras.utils.normalize(x, axis=1) as in the tutorial; {steps_per_epoch} steps of "
+          "{batch_size} per epoch, so an epoch sees {epoch_fraction:.0%} of the {train} training images (the tutorial's "
+          "781 = int(50000/64) steps of 32 see half). The tutorial reports curves only.",
 ))
 _add(Recipe(
     name="bn-params", tutorial="002", title="Observing gamma, beta and the moving statistics; re-computing BN by hand",
@@ -149,15 +172,16 @@ _add(Recipe(
     name="digits28-mlp", tutorial="004", title="The MNIST MLP on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="mnist_mlp", loss="sparse_categorical_crossentropy", optimizer="adam",
     metrics=("accuracy",), epochs=10, batch_size=32, validation="test",
-    notes="Stands in for mnist-mlp where MNIST cannot be downloaded: 1,437 training and 360 test images.",
+    notes="Stands in for mnist-mlp where MNIST cannot be downloaded: {train:,} training and {test} test images.",
 ))
 _add(Recipe(
     name="digits28-cnn", tutorial="003", title="The KMNIST CNN on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="kmnist_cnn", loss="sparse_categorical_crossentropy", optimizer="adam",
     metrics=("accuracy",), epochs=25, batch_size=250, validation_split=0.2,
-    notes="Stands in for kmnist-cnn where KMNIST cannot be downloaded. With 1,149 training images at batch "
-          "250 there are only 125 updates, and at momentum 0.99 the moving statistics keep 0.99^125 = 28% of "
-          "their initial values: the BN arm then fits the training data but its inference-mode accuracy "
+    notes="Stands in for kmnist-cnn where KMNIST cannot be downloaded. With {train:,} training images at batch "
+          "{batch_size} over {epochs} epochs there are only {updates} updates, and at momentum {bn_momentum} the moving "
+          "statistics keep {bn_momentum}^{updates} = {moving_kept:.0%} of their initial values. At the recipe's own "
+          "settings (25 epochs at batch 250: 125 updates, 28% kept) the BN arm fits the training data but its inference-mode accuracy "
           "collapses (PyTorch's native BN does the same). Re-estimating the statistics fixes it; so does "
           "momentum 0.9.",
 ))
@@ -166,9 +190,9 @@ _add(Recipe(
 _FIG1_NOTES = (
     "Ioffe & Szegedy 2015 (arXiv:1502.03167), section 4.1 and Figure 1: three fully connected hidden layers of 100 "
     "sigmoid units, 50,000 steps of 60 examples, cross-entropy, with and without BN (before each sigmoid). An 'epoch' "
-    "here is a block of 500 steps drawn from an endlessly reshuffled stream (steps_per_epoch), so epochs=100 is the "
-    "paper's 50,000 steps and val_accuracy, measured on the test set after every block, is test accuracy against "
-    "steps (Figure 1 (a)); probes on the last hidden layer's sigmoid give Figure 1 (b, c). The paper gives no "
+    "here is a block of {steps_per_epoch} steps drawn from an endlessly reshuffled stream (steps_per_epoch), so this "
+    "run's {epochs} epochs are {updates:,} steps of {batch_size} (the recipe's 100 x 500 of 60 are the paper's 50,000) and "
+    "val_accuracy, measured on the test set after every block, is test accuracy against steps (Figure 1 (a)); probes on the last hidden layer's sigmoid give Figure 1 (b, c). The paper gives no "
     "optimizer settings for this figure beyond mini-batches of 60; we use plain SGD with learning rate 0.1 for both "
     "arms, a conventional rate for MNIST MLPs (Keras' default SGD rate 0.01 barely trains the sigmoid network "
     "without BN in 10,000 steps). Weights: Glorot's Gaussian ('small random Gaussian values', scale not given)."
@@ -183,8 +207,8 @@ _add(Recipe(
     name="paper-fig1-digits28", tutorial="paper", title="The paper's Figure 1 network on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="paper_mlp", loss="sparse_categorical_crossentropy", optimizer="sgd", learning_rate=0.1,
     metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test",
-    notes="Stands in for paper-fig1 where MNIST cannot be downloaded: 1,437 training and 360 test images, so 50,000 "
-          "steps of 60 pass over the training set about 2,100 times; it shows the mechanics and the qualitative "
+    notes="Stands in for paper-fig1 where MNIST cannot be downloaded: {train:,} training and {test} test images, so "
+          "{updates:,} steps of {batch_size} pass over the training set about {passes:,.0f} times; it shows the mechanics and the qualitative "
           "picture, not the paper's MNIST figures. " + _FIG1_NOTES,
 ))
 
@@ -194,7 +218,10 @@ def names() -> list[str]:
 
 
 class OverrideError(ValueError):
-    """An override names an unknown field or gives a value of the wrong type."""
+    """A recipe field given a value it cannot take, or a combination the recipe cannot honour.
+
+    The message names the key, what came and what is allowed.
+    """
 
 
 def get(name: str) -> Recipe:
@@ -207,10 +234,114 @@ def get(name: str) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}.{hint} Known recipes: {', '.join(RECIPES)}") from None
 
 
-_OVERRIDABLE = {
-    f.name: f for f in dataclasses.fields(Recipe)
-    if f.name not in ("name", "tutorial", "title", "reported", "reference", "notes", "model_kwargs", "metrics")
+# ----------------------------------------------------------------------------- what a field may hold
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _norm_ok(v) -> bool:
+    from .models import NORM_LAYERS
+
+    if not isinstance(v, str):
+        return False
+    if v.startswith("ghost:"):
+        k = v[len("ghost:"):]
+        return k.isascii() and k.isdigit() and int(k) >= 1
+    return v in NORM_LAYERS
+
+
+def _norm_allowed() -> str:
+    from .models import NORM_LAYERS
+
+    return f"one of {', '.join(NORM_LAYERS)}, or ghost:K with K an int >= 1"
+
+
+def _optimizers() -> tuple[str, ...]:
+    from .training import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+# field -> (check, what is allowed). The fields a user may override with key=value.
+_RULES: dict[str, tuple[Callable[[object], bool], Callable[[], str] | str]] = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "learning_rate": (lambda v: v is None or (_is_real(v) and math.isfinite(v) and v > 0),
+                      "a finite number > 0, or none for the optimizer's Keras default"),
+    "optimizer": (lambda v: v in _optimizers(), lambda: "one of " + ", ".join(_optimizers())),
+    "validation_split": (lambda v: _is_real(v) and 0 < v < 1, "a fraction with 0 < validation_split < 1"),
+    "validation": (lambda v: v in ("split", "test"),
+                   "'split' (the last validation_split of the training data) or 'test' (the test set)"),
+    "steps_per_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1, or none for whole passes over the data"),
+    "augment": (lambda v: isinstance(v, bool), "true or false"),
+    "shuffle": (lambda v: isinstance(v, bool), "true or false"),
+    "norm": (_norm_ok, _norm_allowed),
+    "data_seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int from 0 to 4294967295"),
+    "evaluate_test": (lambda v: isinstance(v, bool), "true or false"),
+    "check": (lambda v: v in ("", "recompute"), "'recompute' or nothing"),
 }
+_OVERRIDABLE = tuple(_RULES)
+# What defines the experiment itself: changing it makes another recipe, not an override.
+_FIXED = ("name", "tutorial", "title", "dataset", "model", "loss", "metrics", "model_kwargs", "reported", "reference", "notes")
+
+
+def _allowed(key: str) -> str:
+    allowed = _RULES[key][1]
+    return allowed() if callable(allowed) else allowed
+
+
+def _check_field(key: str, value) -> None:
+    if not _RULES[key][0](value):
+        raise OverrideError(f"{key}={value!r}: expected {_allowed(key)}")
+
+
+def validate(recipe: Recipe, overridden: Iterable[str] = ()) -> Recipe:
+    """Check every field of ``recipe`` and the combinations it must honour; returns it, or raises :class:`OverrideError`.
+
+    ``overridden`` names the fields the user set (``key=value``): a value the
+    recipe would silently ignore is refused only when the user asked for it.
+    A recipe's own ``validation_split`` may be 0 (no validation split).
+    """
+    from ..data import DATASETS, INPUT_SHAPES
+    from .models import MODELS
+    from .training import LOSSES, resolve_metrics
+
+    overridden = set(overridden)
+    for key in ("name", "tutorial", "title", "notes"):
+        if not isinstance(getattr(recipe, key), str):
+            raise OverrideError(f"{key}={getattr(recipe, key)!r}: expected a string")
+    for key, known in (("dataset", DATASETS), ("model", MODELS), ("loss", LOSSES)):
+        if getattr(recipe, key) not in known:
+            raise OverrideError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(sorted(known))}")
+    try:
+        resolve_metrics(list(recipe.metrics), LOSSES[recipe.loss])
+    except (TypeError, ValueError) as exc:
+        raise OverrideError(f"metrics={list(recipe.metrics)!r}: {exc}") from None
+    for key in _RULES:
+        value = getattr(recipe, key)
+        if key == "validation_split" and key not in overridden and value == 0:
+            continue  # a recipe without a validation split
+        _check_field(key, value)
+    if "validation_split" in overridden and recipe.validation == "test":
+        raise OverrideError(
+            f"validation_split={recipe.validation_split!r}: {recipe.name} validates on the test set (validation=test), "
+            f"so a validation split would be ignored; add validation=split to hold out the last "
+            f"{recipe.validation_split:.0%} of the training data instead")
+    if "validation" in overridden and recipe.validation == "split" and recipe.validation_split == 0:
+        raise OverrideError(
+            f"validation='split': {recipe.name} has no validation split (validation_split=0.0); "
+            f"add validation_split=F with 0 < F < 1")
+    if recipe.augment and len(INPUT_SHAPES[recipe.dataset]) != 3:
+        raise OverrideError(
+            f"augment=True: the augmentation shears, zooms and flips images (C, H, W); "
+            f"{recipe.name}'s {recipe.dataset} inputs have shape {INPUT_SHAPES[recipe.dataset]}")
+    return recipe
 
 
 def _parse(key: str, text: str) -> object:
@@ -234,35 +365,56 @@ def _parse(key: str, text: str) -> object:
         return str(text)
     except ValueError:
         raise OverrideError(f"{key}={text!r}: expected {'an ' if base is int else 'a '}{base.__name__}"
-                            f"{' or none' if optional else ''}") from None
+                            f"{' or none' if optional else ''} ({_allowed(key)})") from None
 
 
 def with_overrides(recipe: Recipe, overrides) -> Recipe:
-    """A copy of ``recipe`` with ``key=value`` overrides (strings) or a ``{key: value}`` dict applied."""
+    """A copy of ``recipe`` with ``key=value`` overrides (strings) or a ``{key: value}`` dict applied, validated."""
     items = overrides.items() if isinstance(overrides, dict) else [_split_kv(o) for o in overrides]
     changes = {}
     for key, value in items:
-        if key not in _OVERRIDABLE:
+        if key in _FIXED:
+            raise OverrideError(f"{key} cannot be overridden: it defines the recipe ({recipe.name}: {key}="
+                                f"{getattr(recipe, key)!r}); choose another recipe (bnlab list)")
+        if key not in _RULES:
             close = difflib.get_close_matches(key, _OVERRIDABLE, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise OverrideError(f"unknown override {key!r}.{hint} Overridable: {', '.join(sorted(_OVERRIDABLE))}")
-        changes[key] = _parse(key, value) if isinstance(value, str) else value
-    if "norm" in changes:
-        from .models import NORM_LAYERS
-
-        norm = changes["norm"]
-        if norm not in NORM_LAYERS and not (norm.startswith("ghost:") and norm[6:].isdigit() and int(norm[6:]) > 0):
-            raise OverrideError(f"norm={norm!r}: expected one of {', '.join(NORM_LAYERS)} or ghost:K (K a positive int)")
-    if "validation" in changes and changes["validation"] not in ("split", "test"):
-        raise OverrideError(f"validation={changes['validation']!r}: expected 'split' or 'test'")
-    for key in ("epochs", "batch_size"):
-        if key in changes and changes[key] < (0 if key == "epochs" else 1):
-            raise OverrideError(f"{key}={changes[key]}: must be {'>= 0' if key == 'epochs' else '>= 1'}")
-    return dataclasses.replace(recipe, **changes)
+        if key in changes:
+            raise OverrideError(f"{key} is given twice ({changes[key]!r} and {value!r}): give it once")
+        value = _parse(key, value) if isinstance(value, str) else value
+        if isinstance(value, int) and not isinstance(value, bool) and key in ("learning_rate", "validation_split"):
+            value = float(value)
+        _check_field(key, value)
+        changes[key] = value
+    return validate(dataclasses.replace(recipe, **changes), overridden=changes)
 
 
-def _split_kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
+def _split_kv(text) -> tuple[str, str]:
+    if not isinstance(text, str) or "=" not in text:
         raise OverrideError(f"override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise OverrideError(f"override {text!r} has no key before '='")
     return key.strip(), value.strip()
+
+
+class _Facts(dict):
+    def __missing__(self, key):
+        return "?"
+
+
+class _Lenient(string.Formatter):
+    def format_field(self, value, spec):
+        try:
+            return super().format_field(value, spec)
+        except (TypeError, ValueError):  # "?" (a fact the record lacks) under a numeric format
+            return str(value)
+
+
+def render_notes(notes: str, facts: dict) -> str:
+    """``notes`` with ``{placeholders}`` filled from the facts of the run that was made (a missing fact shows ``?``)."""
+    try:
+        return _Lenient().vformat(notes, (), _Facts(facts))
+    except (ValueError, IndexError, KeyError, AttributeError):
+        return notes

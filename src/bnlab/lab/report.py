@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import analysis, records
 from .plots import plot_all
+from .recipes import render_notes
 
 __all__ = ["build_report"]
 
@@ -33,7 +34,7 @@ def _rows(exp: analysis.Experiment, cmp: dict) -> list[list[str]]:
             s = per_arm.get(arm)
             row.append(f"{_f(s['mean'])} ± {_f(s['std'])} (n={s['n']})" if s and s["n"] else "—")
         d = cmp["diffs"].get(key)
-        row.append(f"{_f(d['diff'])} [{_f(d['low'])}, {_f(d['high'])}]" if d else "—")
+        row.append(f"{_f(d['diff'])} [{_f(d['low'])}, {_f(d['high'])}]" if d and not math.isnan(d["diff"]) else "—")
         tut = [f"{arm}: {_f(reported[arm][key])}" for arm in ("bn", "no_bn") if key in reported.get(arm, {})]
         ref = [f"{arm}: {_f(reference[arm][key])}" for arm in ("bn", "no_bn") if key in reference.get(arm, {})]
         row.append("; ".join(tut) or "—")
@@ -65,10 +66,26 @@ def _setup(exp) -> list[tuple[str, str]]:
     ]
 
 
-def build_report(path: Path) -> dict[str, Path]:
-    """(Re)build plots, ``report.md`` and ``report.html`` in the experiment directory ``path``."""
+def _runs(exp, cmp) -> list[tuple[str, str]]:
+    """One line per arm that has runs other than finished ones: diverged (epoch), unreadable (why), unfinished."""
+    lines = []
+    for arm, st in cmp["runs"].items():
+        parts = [f"{len(st['finished'])} of {len(st['planned'])} finished"]
+        if st["diverged"]:
+            parts.append("diverged: " + ", ".join(f"seed {s} at epoch {e}" for s, e in sorted(st["diverged"].items())))
+        if st["unreadable"]:
+            parts.append("unreadable, left out: " + "; ".join(f"seed {s} ({why})" for s, why in sorted(st["unreadable"].items())))
+        if st["unfinished"]:
+            parts.append("not finished: " + ", ".join(f"seed {s}" for s in st["unfinished"]))
+        if len(parts) > 1:
+            lines.append((f"{analysis.ARM_NAMES[arm]} arm", "; ".join(parts)))
+    return lines
+
+
+def build_report(path: Path, exp: analysis.Experiment | None = None) -> dict[str, Path]:
+    """(Re)build plots, ``report.md`` and ``report.html`` in the experiment directory ``path`` (read unless ``exp`` is given)."""
     path = Path(path)
-    exp = analysis.load(path)
+    exp = exp or analysis.load(path)
     cmp = analysis.compare(exp)
     text = analysis.verdict(exp, cmp)
     figs = plot_all(exp, path / "plots")
@@ -86,12 +103,17 @@ def build_report(path: Path) -> dict[str, Path]:
               for k, v in (f.get("checks") or {}).items()]
     blocks = [("h1", f"{r['name']}: does batch normalization help?")]
     if not exp.complete:
-        blocks.append(("warn", "Incomplete: not every seed of every arm has finished; the figures cover the runs that did."))
+        blocks.append(("warn", "Incomplete: not every run of every arm ended with readable records; the figures cover the runs that did."))
     blocks += [
         ("p", f"**Question.** Tutorial {r['tutorial']} trains this model once with BN and eyeballs the curves. "
               f"Here both arms ran over {len(exp.config['seeds'])} seeds: does BN change the result, by how much, and how sure are we?"),
         ("h2", "Verdict"), ("p", text),
-        ("h2", "Setup"), ("ul", [(k, v) for k, v in _setup(exp)] + ([("notes", r["notes"])] if r.get("notes") else [])),
+    ]
+    if _runs(exp, cmp):
+        blocks += [("h2", "Runs"), ("ul", _runs(exp, cmp))]
+    notes = render_notes(r["notes"], {**r, **exp.config.get("facts", {})}) if r.get("notes") else ""
+    blocks += [
+        ("h2", "Setup"), ("ul", [(k, v) for k, v in _setup(exp)] + ([("notes", notes)] if notes else [])),
         ("h2", "Final figures"), ("table", _HEAD, _rows(exp, cmp)),
         ("p", ("The validation data is the test set, so test figures equal the validation ones. " if r["validation"] == "test" else "")
               + "Intervals: Welch's t interval (unequal variances) for the difference of means; 'tutorial' is the figure "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -11,11 +12,11 @@ from torch import nn
 from .. import data as _data
 from ..tools.distributed import rank_and_world
 from . import models as _models
-from .inspect import inspect_bn
-from .recipes import Recipe
+from .inspect import bn_layers, inspect_bn, moving_momentum
+from .recipes import OverrideError, Recipe
 from .training import History, evaluate, fit
 
-__all__ = ["ARMS", "RunResult", "load_data", "build_model", "run"]
+__all__ = ["ARMS", "RunResult", "load_data", "build_model", "check_runnable", "facts", "run"]
 
 ARMS = ("bn", "no_bn")
 
@@ -31,8 +32,14 @@ class RunResult:
     model: nn.Module | None = None
     seconds: float = 0.0
 
+    @property
+    def diverged_epoch(self) -> int | None:
+        return self.history.diverged_epoch
+
     def final(self) -> dict:
-        """Last-epoch training/validation figures plus test figures."""
+        """Last-epoch training/validation figures plus test figures (none for a run that diverged)."""
+        if self.diverged_epoch is not None:
+            return {}
         return {**self.history.last(), **self.test}
 
 
@@ -51,6 +58,66 @@ def build_model(recipe: Recipe, arm: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     norm = recipe.norm if arm == "bn" else None
     return _models.build(recipe.model, norm_layer=norm, **dict(recipe.model_kwargs))
+
+
+def _train_rows(recipe: Recipe, n: int) -> int:
+    if recipe.validation == "split" and recipe.validation_split:
+        return int(n * (1.0 - recipe.validation_split))  # Keras: the last fraction validates
+    return n
+
+
+def check_runnable(recipe: Recipe, dataset: _data.Dataset | None = None) -> None:
+    """Refuse, with :class:`~bnlab.lab.recipes.OverrideError`, a valid recipe that still cannot run.
+
+    The BN arm's model (with ``recipe.norm``) must take a training batch of the
+    dataset's inputs: e.g. the tutorial's from-scratch layer normalizes
+    ``(N, features)`` only, and PyTorch's BN refuses a batch of one sample.
+    With the ``dataset``, the split must leave rows to train and to validate on,
+    and the smallest training batch is the one tried. Nothing is trained and no
+    random number generator is left changed.
+    """
+    shape, size = _data.INPUT_SHAPES[recipe.dataset], 2
+    if dataset is not None:
+        shape, n = tuple(dataset.x_train.shape[1:]), len(dataset.x_train)
+        train = _train_rows(recipe, n)
+        if recipe.validation == "split" and recipe.validation_split and not 1 <= train < n:
+            raise OverrideError(f"validation_split={recipe.validation_split}: of {recipe.name}'s {n} training rows it leaves "
+                                f"{train} to train on and {n - train} to validate on; both need at least one")
+        size = train % recipe.batch_size or min(recipe.batch_size, train)  # the last, smallest batch of an epoch
+    model = build_model(recipe, "bn", seed=0)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model.train()
+            model(torch.zeros(size, *shape))
+        except (RuntimeError, ValueError) as exc:
+            what = f"norm={recipe.norm}" if recipe.norm != "bnlab" else f"batch_size={recipe.batch_size}"
+            raise OverrideError(f"{what}: {recipe.name}'s model ({recipe.model}) cannot train a batch of {size} "
+                                f"input(s) of shape {shape} with it: {str(exc).splitlines()[0]}") from None
+
+
+def facts(recipe: Recipe, dataset: _data.Dataset) -> dict:
+    """What the configuration that runs means in numbers: rows to train and validate on, steps, updates, BN momentum.
+
+    Reports fill the recipe's notes with these (``recipes.render_notes``). ``passes``: how many
+    times the updates go over the training rows.
+    ``bn_momentum`` is the BN arm's weight of the old moving value (Keras'
+    convention), when every BN layer shares one; ``moving_kept`` =
+    ``bn_momentum ** updates``, the share of the initial moving statistics left
+    after training.
+    """
+    n = len(dataset.x_train)
+    train = _train_rows(recipe, n)
+    validation = n - train if recipe.validation == "split" else (len(dataset.x_test) if recipe.validation == "test" else 0)
+    steps = recipe.steps_per_epoch or math.ceil(train / recipe.batch_size)
+    momenta = {moving_momentum(m) for _, m in bn_layers(build_model(recipe, "bn", seed=0))}
+    momentum = momenta.pop() if len(momenta) == 1 else None
+    updates = steps * recipe.epochs
+    return {
+        "training_rows": n, "train": train, "validation": validation, "test": len(dataset.x_test),
+        "steps_per_epoch": steps, "updates": updates, "epoch_fraction": min(1.0, steps * recipe.batch_size / max(train, 1)),
+        "passes": updates * recipe.batch_size / max(train, 1),
+        "bn_momentum": momentum, "moving_kept": momentum**updates if momentum is not None else None,
+    }
 
 
 def _targets(recipe: Recipe, y: torch.Tensor, num_classes: int | None) -> torch.Tensor:
@@ -111,10 +178,10 @@ def run(
         initial_epoch=initial_epoch,
     )
     test = {}
-    if recipe.evaluate_test:
+    if recipe.evaluate_test and hist.diverged_epoch is None:
         test = {f"test_{k}": v for k, v in evaluate(model, ds.x_test, y_test, loss=recipe.loss, metrics=recipe.metrics, batch_size=recipe.batch_size, device=device).items()}
     checks = {}
-    if recipe.check == "recompute" and arm == "bn":
+    if recipe.check == "recompute" and arm == "bn" and hist.diverged_epoch is None:
         layers = inspect_bn(model.cpu() if device else model, ds.x_train)
         checks["recompute_max_abs_diff"] = max(layer["max_abs_diff"] for layer in layers)
     return RunResult(recipe, arm, seed, hist, test, checks, model, time.perf_counter() - t0)
