@@ -209,39 +209,40 @@ def test_axis_errors():
 @pytest.mark.parametrize("var_factor", [1.0, 0.75])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_update_rules_backends_agree(var_factor, dtype):
-    # One rule (functional._update), two implementations reached three ways: the kernels' C
-    # (statistics in a scratch, zeroed once read), torch ops from a scratch (kernels off), torch ops
-    # from any tensors; same values, same non-finite guard.
+    # One rule (functional._update): a feature moves only when its batch mean and variance are finite.
+    # Three ways to it: the kernels' C from a scratch (zeroed once read), torch ops from a scratch (no
+    # kernels: one fused lerp when every statistic is finite), torch ops feature by feature.
     stats = torch.randn(2, 33, dtype=dtype).abs()
     stats[0, 3] = float("nan")
     stats[1, 5] = float("inf")
-    bufs = []
-    for backend in ("kernels", "lerp", "torch"):
-        for finite in (False, True):
-            mm, mv = torch.linspace(-1, 1, 33, dtype=dtype), torch.linspace(0.5, 2, 33, dtype=dtype)
-            mean, var = stats[0].clone(), stats[1].clone()
-            if finite:
-                mean, var = mean.nan_to_num(0.5, 0.5, 0.5), var.nan_to_num(0.5, 0.5, 0.5)
-            if backend == "torch":
-                F._update_torch_(mm, mv, mean, var, 0.95, var_factor, None)
-            elif backend == "kernels" and _kernels.get() is None:
+    bufs = {}
+    for backend in ("kernels", "scratch", "torch"):
+        for finite in (True, False):
+            if backend == "kernels" and _kernels.get() is None:
                 continue
+            batch = stats.nan_to_num(0.5, 0.5, 0.5) if finite else stats
+            mm, mv = torch.linspace(-1, 1, 33, dtype=dtype), torch.linspace(0.5, 2, 33, dtype=dtype)
+            counter = torch.tensor(4)
+            if backend == "torch":
+                F._update(mm, mv, batch[0], batch[1], 0.95, var_factor, counter=counter)
             else:
                 scratch = ops.scratch(33, dtype)
-                scratch.mean.copy_(mean)
-                scratch.var.copy_(var)
-                F._update(mm, mv, scratch.mean, scratch.var, 0.95, var_factor, scratch=scratch,
+                scratch.mean.copy_(batch[0])
+                scratch.var.copy_(batch[1])
+                F._update(mm, mv, scratch.mean, scratch.var, 0.95, var_factor, counter=counter, scratch=scratch,
                           kernels=_kernels.get() if backend == "kernels" else None)
                 assert not scratch.mean.any() and not scratch.var.any()  # read, then zeroed for the next batch
-            bufs.append((backend, finite, mm, mv))
-    for finite in (False, True):
-        (_, _, a_m, a_v), *others = [b for b in bufs if b[1] == finite]
-        for _, _, b_m, b_v in others:
-            torch.testing.assert_close(a_m, b_m, rtol=2e-7, atol=1e-7)
-            torch.testing.assert_close(a_v, b_v, rtol=2e-7, atol=1e-7)
+            assert counter.item() == 5
+            bufs[backend, finite] = (mm, mv)
+    for finite in (True, False):
+        found = [v for (k, f), v in bufs.items() if f == finite]
+        for m, v in found[1:]:
+            torch.testing.assert_close(m, found[0][0], rtol=2e-7, atol=1e-7)
+            torch.testing.assert_close(v, found[0][1], rtol=2e-7, atol=1e-7)
+        for m, v in found:
             if not finite:
-                assert a_m[3].item() == b_m[3].item() == torch.linspace(-1, 1, 33, dtype=dtype)[3].item()  # skipped
-                assert a_v[5].item() == b_v[5].item() == torch.linspace(0.5, 2, 33, dtype=dtype)[5].item()
-    a_m = bufs[0][2]
-    expected = 0.95 * torch.linspace(-1, 1, 33)[0].item() + 0.05 * stats[0, 0].item()
-    assert a_m[0].item() == pytest.approx(expected, rel=1e-6)
+                assert m[3].item() == torch.linspace(-1, 1, 33, dtype=dtype)[3].item()  # skipped, bit for bit
+                assert v[5].item() == torch.linspace(0.5, 2, 33, dtype=dtype)[5].item()
+            expected = 0.95 * torch.linspace(-1, 1, 33, dtype=torch.float64)[0].item() + 0.05 * stats[0, 0].item()
+            assert m[0].item() == pytest.approx(expected, rel=1e-6)
+

@@ -503,10 +503,12 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
     ``momentum=None`` is the cumulative average: the batch is counted first and
     weighs ``1 / num_batches`` (a tensor, so no host sync). ``scratch``: the
     :class:`bnlab._kernels.ops.Scratch` that ``mean`` and ``var`` live in, zeroed
-    and given back once read. Computed by the kernels' ``update_moving`` when
-    they take every tensor, else with torch ops (:func:`_update_torch_`). The
-    buffers are only ever touched by C or by torch ops (a NumPy view of one
-    would make its storage impossible to resize afterwards).
+    and given back once read. The rule, in every implementation: a feature's
+    moving values move only when its batch mean and (corrected) variance are
+    both finite. Computed by the kernels' ``update_moving`` from a scratch
+    (their checks refusing a buffer send it on); else with torch ops: one fused
+    ``lerp`` over both buffers when every batch statistic is finite (checked
+    in NumPy on the scratch's own memory), else :func:`_update_torch_`.
     """
     if momentum is None:
         if counter is None:
@@ -519,13 +521,24 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
             _ops.update_moving(kernels, moving_mean, moving_variance, scratch, momentum, factor, counter)
             return
         except _ops.BoundaryError:
-            pass  # an unusual buffer (strided, other dtype, neg bit): the paths below take it
+            pass  # an unusual buffer (strided, other dtype, neg bit): torch ops take it
     if moving_mean.is_cpu:
         _check_storage(moving_mean=moving_mean, moving_variance=moving_variance)
     if counter is not None:
         counter.add_(1)
     with torch.no_grad():
-        _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
+        if (scratch is not None and scalar and moving_mean.dtype is scratch.dtype is moving_variance.dtype
+                and not (moving_mean.is_neg() or moving_variance.is_neg())):
+            bm, bv = scratch.arrays  # (the scratch's own memory: NumPy, no torch op, no version bump)
+            bv *= factor
+            if np.isfinite(bm).all() and np.isfinite(bv).all():  # the common case: one fused op for both
+                if mean.shape != moving_mean.shape:  # (multi-axis features; a view costs autograd bookkeeping)
+                    mean, var = mean.view(moving_mean.shape), var.view(moving_variance.shape)
+                torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
+            else:
+                _update_torch_(moving_mean, moving_variance, mean, var, momentum, 1.0, valid)
+        else:
+            _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
     if scratch is not None:  # zeroed through NumPy: no in-place torch op that autograd would see
         for a in scratch.arrays:
             a.fill(0)
@@ -534,7 +547,8 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
 
 def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum, var_factor, valid) -> None:
     """The update in torch ops (any device, tensor momentum or factor, a ``valid`` mask): ``lerp`` from the
-    old value towards the batch's by ``1 - momentum``, kept only where both new values are finite."""
+    old value towards the batch's by ``1 - momentum``, for the features whose batch mean and (corrected)
+    variance are finite."""
     if not (moving_mean.is_floating_point() and moving_variance.is_floating_point()):
         raise TypeError(f"the moving statistics must be floating-point tensors, got {moving_mean.dtype} and "
                         f"{moving_variance.dtype}")
@@ -543,13 +557,11 @@ def _update_torch_(moving_mean, moving_variance, batch_mean, batch_var, momentum
         weight = weight.to(moving_mean.dtype)
     mean = batch_mean.reshape(moving_mean.shape).to(moving_mean.dtype)
     var = (batch_var * var_factor).reshape(moving_variance.shape).to(moving_variance.dtype)
-    new_mean = torch.lerp(moving_mean, mean, weight)
-    new_var = torch.lerp(moving_variance, var, weight)
-    ok = torch.isfinite(new_mean + new_var)  # both finite (two finite values summing past the range: skipped too)
+    ok = torch.isfinite(mean) & torch.isfinite(var)
     if valid is not None:
         ok = ok & valid
-    moving_mean.copy_(torch.where(ok, new_mean, moving_mean))
-    moving_variance.copy_(torch.where(ok, new_var, moving_variance))
+    moving_mean.copy_(torch.where(ok, torch.lerp(moving_mean, mean, weight), moving_mean))
+    moving_variance.copy_(torch.where(ok, torch.lerp(moving_variance, var, weight), moving_variance))
 
 
 # --------------------------------------------------------------------------- whole transforms
@@ -685,7 +697,8 @@ def _train_aten(route, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbia
     dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
     scratch = None
-    if mm is not None and x.is_cpu and not want_stats:  # (see ops.Scratch: written here, read by the update)
+    if mm is not None and x.is_cpu and not want_stats and (kernels is not None or not torch.compiler.is_compiling()):
+        # (see ops.Scratch: written here, read by the update; not while torch.compile captures a graph)
         scratch = _ops.scratch(c, dtype)
         mean, var = scratch.mean, scratch.var
     else:

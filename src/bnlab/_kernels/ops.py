@@ -223,16 +223,9 @@ def inference(kernels, x: Tensor, dims, gamma, beta, moving_mean, moving_var, ep
     return y
 
 
-def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float, var_factor: float, counter) -> None:
-    """``moving <- momentum * moving + (1 - momentum) * statistic`` in C, from a :class:`Scratch`.
-
-    The variance averaged is the scratch's times ``var_factor``. Features whose
-    new values would not be finite keep theirs. The scratch is zeroed and given
-    back to the pool. ``counter``: an int64 scalar incremented once, or
-    ``None``. (The checks of :func:`_vector`, written out: on small layers this
-    runs every step.)
-    """
-    pdt, c = s.dtype, s.c
+def _check_moving(moving_mean, moving_var, pdt, c: int, counter) -> None:
+    """The checks of :func:`_vector` for the moving statistics and the counter, written out (on small
+    layers this runs every step)."""
     size = 4 if pdt is torch.float32 else 8
     for t in (moving_mean, moving_var):
         if not (t.dtype is pdt and t.is_cpu and t.numel() == c and t.is_contiguous() and not t.is_neg()
@@ -242,10 +235,20 @@ def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float,
                                     and not counter.is_neg() and counter.untyped_storage().nbytes()
                                     >= (counter.storage_offset() + 1) * 8):
         _vector(counter, torch.int64, 1, "num_batches_tracked")  # raises, naming what is wrong
+
+
+def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float, var_factor: float, counter) -> None:
+    """``moving <- momentum * moving + (1 - momentum) * statistic`` in C, from a :class:`Scratch`.
+
+    The variance averaged is the scratch's times ``var_factor``; the arithmetic
+    is in float64, and a feature whose new mean or variance would not be
+    finite keeps its values. The scratch is zeroed and given back to the pool.
+    ``counter``: an int64 scalar incremented once, or ``None``.
+    """
+    pdt, c = s.dtype, s.c
+    _check_moving(moving_mean, moving_var, pdt, c, counter)
     kernels.update_moving[pdt](
         moving_mean.data_ptr(), moving_var.data_ptr(), s.addresses[0], s.addresses[1], c, momentum, var_factor,
         None if counter is None else counter.data_ptr(),
     )
-    pairs = getattr(_pool, "pairs", None)  # (give_back, written out)
-    if pairs is not None:
-        pairs[(c, pdt)] = s
+    give_back(s)
