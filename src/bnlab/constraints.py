@@ -18,13 +18,18 @@ from typing import Callable
 import torch
 
 from ._lookup import lookup
+from ._lookup import serialize as _serialize
 
-__all__ = ["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "get"]
+__all__ = ["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "get", "serialize"]
 
 _EPS = 1e-7  # keras.config.epsilon()
 
 
 class Constraint:
+    def get_config(self) -> dict:
+        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __call__(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -82,6 +87,20 @@ class MinMaxNorm(Constraint):
 _BY_NAME = {"non_neg": NonNeg, "nonneg": NonNeg, "max_norm": MaxNorm, "unit_norm": UnitNorm, "min_max_norm": MinMaxNorm}
 
 
+_CLASSES = {c.__name__: c for c in (NonNeg, MaxNorm, UnitNorm, MinMaxNorm)}
+
+
 def get(spec) -> Callable | None:
-    """A constraint from ``None``, a name (``"non_neg"``, ``"max_norm"``, ...), an instance or a callable."""
-    return lookup(spec, _BY_NAME, "constraint", allow_none=True)
+    """A constraint from ``None``, a name (``"non_neg"``, ``"max_norm"``, ...), a :func:`serialize` config,
+    an instance or a callable."""
+    return lookup(spec, _BY_NAME, "constraint", allow_none=True, classes=_CLASSES)
+
+
+def serialize(constraint):
+    """What :func:`get` rebuilds ``constraint`` from (``None``, a name, Keras' ``{"class_name", "config"}``
+    for bnlab's classes, or the callable itself).
+
+    >>> serialize(MaxNorm(3.0))
+    {'class_name': 'MaxNorm', 'config': {'max_value': 3.0, 'axis': 0}}
+    """
+    return _serialize(constraint, _CLASSES)

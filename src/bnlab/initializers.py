@@ -48,11 +48,16 @@ from typing import Callable
 import torch
 
 from ._lookup import lookup
+from ._lookup import serialize as _serialize
 
-__all__ = ["Initializer", "Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "TruncatedNormal", "KerasStyle", "InPlace", "get"]
+__all__ = ["Initializer", "Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "TruncatedNormal", "KerasStyle", "InPlace", "get", "serialize"]
 
 
 class Initializer:
+    def get_config(self) -> dict:
+        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __call__(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -241,10 +246,22 @@ def _style(fn: Callable) -> str | None:
 
 
 _BY_NAME = {"zeros": Zeros, "ones": Ones}
+_CLASSES = {c.__name__: c for c in (Zeros, Ones, Constant, RandomNormal, RandomUniform, TruncatedNormal)}
+
+
+def serialize(initializer):
+    """What :func:`get` rebuilds ``initializer`` from: a name, ``{"class_name": ..., "config": {...}}`` for
+    bnlab's classes (Keras' format, JSON), or the callable itself (a function cannot be written as data).
+
+    >>> serialize(RandomNormal(mean=1.0, stddev=0.5, seed=3))
+    {'class_name': 'RandomNormal', 'config': {'seed': 3, 'mean': 1.0, 'stddev': 0.5}}
+    """
+    return _serialize(initializer, _CLASSES)
 
 
 def get(spec) -> Initializer:
-    """An initializer from a name (``"zeros"``, ``"ones"``), an instance or a callable of either style.
+    """An initializer from a name (``"zeros"``, ``"ones"``), a :func:`serialize` config, an instance or a
+    callable of either style.
 
     A :class:`Initializer` (including :class:`KerasStyle` and :class:`InPlace`)
     is returned as it is. Another callable is wrapped as :class:`InPlace` or
@@ -267,7 +284,7 @@ def get(spec) -> Initializer:
     """
     if isinstance(spec, Initializer):
         return spec
-    fn = lookup(spec, _BY_NAME, "initializer", allow_none=False)
+    fn = lookup(spec, _BY_NAME, "initializer", allow_none=False, classes=_CLASSES)
     if isinstance(fn, Initializer):
         return fn
     style = _style(fn)

@@ -14,11 +14,16 @@ from typing import Callable
 import torch
 
 from ._lookup import lookup
+from ._lookup import serialize as _serialize
 
-__all__ = ["L1", "L2", "L1L2", "get"]
+__all__ = ["L1", "L2", "L1L2", "get", "serialize"]
 
 
 class Regularizer:
+    def get_config(self) -> dict:
+        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __call__(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -50,6 +55,9 @@ class L1(L1L2):
     def __init__(self, l1: float = 0.01):
         super().__init__(l1=l1)
 
+    def get_config(self) -> dict:
+        return {"l1": self.l1}
+
 
 class L2(L1L2):
     """``l2 * sum(w**2)``, ``l2=0.01`` by default (Keras). Not halved: Keras' convention."""
@@ -57,10 +65,25 @@ class L2(L1L2):
     def __init__(self, l2: float = 0.01):
         super().__init__(l2=l2)
 
+    def get_config(self) -> dict:
+        return {"l2": self.l2}
+
 
 _BY_NAME = {"l1": L1, "l2": L2, "l1_l2": lambda: L1L2(0.01, 0.01)}
+_CLASSES = {c.__name__: c for c in (L1, L2, L1L2)}
 
 
 def get(spec) -> Callable | None:
-    """A regularizer from ``None``, a name (``"l1"``, ``"l2"``, ``"l1_l2"``), an instance or a callable."""
-    return lookup(spec, _BY_NAME, "regularizer", allow_none=True)
+    """A regularizer from ``None``, a name (``"l1"``, ``"l2"``, ``"l1_l2"``), a :func:`serialize` config,
+    an instance or a callable."""
+    return lookup(spec, _BY_NAME, "regularizer", allow_none=True, classes=_CLASSES)
+
+
+def serialize(regularizer):
+    """What :func:`get` rebuilds ``regularizer`` from (``None``, a name, Keras' ``{"class_name", "config"}``
+    for bnlab's classes, or the callable itself).
+
+    >>> serialize(L2(0.001))
+    {'class_name': 'L2', 'config': {'l2': 0.001}}
+    """
+    return _serialize(regularizer, _CLASSES)

@@ -44,6 +44,10 @@ class BatchNormAct(BatchNorm):
         self._act = None if activation == "identity" else activation
         self._slope = self.negative_slope
 
+    def get_config(self) -> dict:
+        """:meth:`BatchNorm.get_config` plus ``activation`` and ``negative_slope``."""
+        return {**super().get_config(), "activation": self.activation, "negative_slope": self.negative_slope}
+
     def extra_repr(self) -> str:
         extra = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
         return super().extra_repr() + f", activation={self.activation!r}{extra}"

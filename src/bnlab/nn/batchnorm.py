@@ -369,6 +369,35 @@ class _BatchNormBase(nn.Module):
                                var_b, eps, self.momentum, self.renorm_momentum)
         return y
 
+    # ------------------------------------------------------------------ configuration
+
+    def _config_dtype(self) -> str:
+        """The dtype of the layer's parameters (or statistics) as it is now, else the one it was made for."""
+        t = next((t for t in (self.weight, self.running_mean) if t is not None), None)
+        return str(t.dtype if t is not None else self._factory["dtype"]).replace("torch.", "")
+
+    def _feature_config(self):
+        shape = self.feature_shape
+        return None if shape is None else (shape[0] if len(shape) == 1 else list(shape))
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The layer a :meth:`get_config` describes (Keras' ``from_config``), with weights made afresh.
+
+        >>> import bnlab
+        >>> layer = bnlab.BatchNorm(axis=1, momentum=0.9, epsilon=0.01, num_features=8)
+        >>> twin = bnlab.BatchNorm.from_config(layer.get_config())
+        >>> twin.get_config() == layer.get_config()
+        True
+        """
+        config = dict(config)
+        trainable = config.pop("trainable", True)
+        if isinstance(config.get("dtype"), str):
+            config["dtype"] = getattr(torch, config["dtype"])
+        layer = cls(**config)
+        layer.trainable = trainable
+        return layer
+
     # ------------------------------------------------------------------ checkpoints
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -426,8 +455,11 @@ class BatchNorm(_BatchNormBase):
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer: ``"zeros"``/``"ones"`` (the defaults are
             zeros, ones, zeros, ones), a :mod:`bnlab.initializers` instance such
-            as ``Constant(0.9)`` or ``RandomNormal(0.0, 0.05)``, or a callable
-            ``(shape, dtype, device) -> Tensor``.
+            as ``Constant(0.9)`` or ``RandomNormal(0.0, 0.05)``, or a callable in
+            either Keras' style ``fn(shape, dtype) -> Tensor`` or PyTorch's
+            in-place style ``fn(tensor)`` (``torch.nn.init.ones_``,
+            ``functools.partial(torch.nn.init.constant_, val=0.9)``);
+            :func:`bnlab.initializers.get` says how the two are told apart.
         beta_regularizer, gamma_regularizer (default ``None``): a
             :mod:`bnlab.regularizers` instance, name or callable; its penalty
             reaches the loss through :func:`bnlab.regularization_loss`.
@@ -491,6 +523,10 @@ class BatchNorm(_BatchNormBase):
     Shape:
         Input: any rank containing ``axis``. Output: the same shape and memory
         layout (channels-last stays channels-last, without a copy).
+
+    ``get_config()`` lists every constructor argument (initializers,
+    regularizers and constraints in Keras' ``{"class_name", "config"}`` form)
+    and ``BatchNorm.from_config(config)`` rebuilds the layer, as in Keras.
 
     State dict keys are PyTorch's (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``), so ``torch.nn.BatchNorm2d(C,
@@ -569,6 +605,40 @@ class BatchNorm(_BatchNormBase):
 
     def _epsilon(self) -> float:
         return self.epsilon
+
+    def get_config(self) -> dict:
+        """Every constructor argument, as Keras' ``get_config`` lists them (plus ``trainable``).
+
+        Initializers, regularizers and constraints of bnlab's classes are written
+        as Keras' ``{"class_name": ..., "config": {...}}``, so the config is JSON
+        unless one of them (or a ``renorm_clipping`` schedule) is a plain
+        function, which is kept as it is. ``num_features`` is the built size
+        (``None`` before the first batch). :meth:`from_config` rebuilds the layer.
+        """
+        return {
+            "axis": self.axis if isinstance(self.axis, int) else list(self.axis),
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": _initializers.serialize(self.beta_initializer),
+            "gamma_initializer": _initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": _initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": _initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": _regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": _regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": _constraints.serialize(self.beta_constraint),
+            "gamma_constraint": _constraints.serialize(self.gamma_constraint),
+            "num_features": self._feature_config(),
+            "moving_variance_estimator": self.moving_variance_estimator,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
+            "synchronized": self.synchronized,
+            "dtype": self._config_dtype(),
+            "trainable": self.trainable,
+        }
 
     def _momentum_epsilon(self) -> tuple:
         return self.momentum, self.epsilon
@@ -650,6 +720,13 @@ class _TorchBatchNorm(_BatchNormBase):
 
     def _epsilon(self) -> float:
         return self.eps
+
+    def get_config(self) -> dict:
+        """The constructor's arguments (PyTorch's names) plus ``dtype`` and ``trainable``; see
+        :meth:`from_config`."""
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats, "dtype": self._config_dtype(),
+                "trainable": self.trainable}
 
     def _momentum_epsilon(self) -> tuple:
         return (None if self.momentum is None else 1.0 - self.momentum), self.eps

@@ -57,6 +57,21 @@ class FrozenBatchNorm(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    def get_config(self) -> dict:
+        """The constructor's arguments and ``dtype`` (its buffers' dtype now); :meth:`from_config` rebuilds it
+        with default buffers (load a state dict for the values)."""
+        shape = self.feature_shape
+        return {"num_features": shape[0] if len(shape) == 1 else list(shape),
+                "axis": self.axis if isinstance(self.axis, int) else list(self.axis), "eps": self.eps,
+                "dtype": str(self.weight.dtype).replace("torch.", "")}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FrozenBatchNorm":
+        config = dict(config)
+        if isinstance(config.get("dtype"), str):
+            config["dtype"] = getattr(torch, config["dtype"])
+        return cls(**config)
+
     def extra_repr(self) -> str:
         n = self.feature_shape[0] if len(self.feature_shape) == 1 else self.feature_shape
         return f"{n}, axis={self.axis!r}, eps={self.eps}"
