@@ -727,3 +727,14 @@ def test_training_leaves_the_buffers_as_pytorch_made_them(kernels, monkeypatch):
     native = torch.nn.BatchNorm1d(8)
     native(torch.randn(16, 8))
     native.running_mean.resize_(11)
+
+
+def test_a_lazy_layer_first_called_in_inference_uses_its_initial_moving_statistics():
+    # Keras: inference normalizes with the moving statistics, which a lazily built layer has from
+    # its initializers on its first call; it used batch statistics there (nothing to read yet).
+    x = torch.randn(32, 3) * 4 + 2
+    for layer in (bnlab.BatchNorm(), bnlab.BatchNorm(moving_mean_initializer=initializers.Constant(1.0))):
+        layer.eval()
+        expected = (x - layer.moving_mean_initializer((3,))) / torch.sqrt(torch.tensor(1.0 + 1e-3))
+        torch.testing.assert_close(layer(x), expected)
+        assert layer.num_batches_tracked.item() == 0
