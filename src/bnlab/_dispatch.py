@@ -46,8 +46,9 @@ __all__ = [
 ]
 
 #: Training batches with the features on axis 1 that record a graph and hold at most this many
-#: values as an ``(N, C)`` matrix take ``"aten"`` instead of the kernels (see benchmarks/README.md:
-#: the crossover where a Python autograd node's fixed cost stops outweighing the kernels' speed).
+#: values as an ``(N, C)`` matrix take ``"aten"`` instead of the kernels: below it a Python autograd
+#: node's fixed cost outweighs the kernels' speed (the crossover was measured with
+#: ``benchmarks/bench_layer.py``; inference uses the same sizes).
 SMALL_ROWS_NUMEL = 1 << 16
 #: The same for ``(N, C, ...)`` batches: up to this many values when contiguous, twice as many
 #: channels-last.
