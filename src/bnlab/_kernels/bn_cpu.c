@@ -104,6 +104,20 @@ static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
+/* Threads for a pass over n items: at least one, and no more than there are items. */
+static inline int team_size(int nthreads, i64 n) {
+    if (nthreads < 1) nthreads = 1;
+    return n >= nthreads ? nthreads : n > 0 ? (int)n : 1;
+}
+
+/* The float64 scratch of the training passes' sums (the forward's statistics, the backward's
+ * gradient sums): for each of nt threads two arrays of W values (thread_sums), then two of C
+ * values for the rows left over after the super-rows, summed by the thread that merges the
+ * threads' sums (merged_sums). NULL when it cannot be allocated. */
+static inline double *sums_scratch(i64 W, int nt, i64 C) {
+    return (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nt + 2 * (size_t)C));
+}
+
 /* Inside a parallel region: thread t's share [*lo, *hi) of items, and its two float64 sum
  * arrays of W values (laid out per thread in ws), zeroed; returns the first, the second follows. */
 static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i64 *lo, i64 *hi) {
@@ -112,6 +126,10 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
     split(items, t, nt, lo, hi);
     return S;
 }
+
+/* The first of the two arrays of C values after the threads' sums in ws (see sums_scratch); the
+ * second follows. */
+static inline double *merged_sums(double *ws, i64 W, int nt) { return ws + 2 * W * nt; }
 
 /* ---- output written with non-temporal ("streaming") stores ----
  * An output at least as large as about half the last-level cache cannot stay in it next to its

@@ -385,7 +385,7 @@ static PER_FEATURE int FN(fwd_finish)(const T *x, i64 A, i64 C, i64 B, rows_plan
                                       double momentum, double var_factor) {
     const int rows = B == 1;
     const i64 W = rows ? rp.W : C;
-    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    double *R1 = merged_sums(ws, W, nt), *R2 = R1 + C;
     for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
     for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
         for (i64 c = 0; c < C; c++) { double d = (double)LD(x + r * C + c) - (double)Kw[c]; R1[c] += d; R2[c] += d * d; }
@@ -427,9 +427,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    nthreads = team_size(nthreads, items);
+    double *ws = sums_scratch(W, nthreads, C);
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 4) * (size_t)W + 3 * (size_t)C));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
     if (count) *count += 1;
@@ -492,8 +491,7 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
                     const F *mv, double eps, int act, double slope, int nthreads) {
     const int rows = B == 1;
     const i64 ks = rows ? stream_rows(C, NORM_MIN_VALUES) : 1, W = ks * C, items = rows ? A : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
+    nthreads = team_size(nthreads, items);
     F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
     if (!fs) return -1;
     F *mu = fs, *scale = fs + W, *shift = scale + W;
@@ -764,7 +762,7 @@ static PER_FEATURE int FN(bwd_finish)(const T *x, const T *dy, i64 A, i64 C, i64
     const int rows = B == 1;
     const i64 W = rows ? rp.W : C;
     const double M = (double)A * (double)B;
-    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    double *R1 = merged_sums(ws, W, nt), *R2 = R1 + C;
     for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
     for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
         for (i64 c = 0; c < C; c++) {
@@ -814,9 +812,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    nthreads = team_size(nthreads, items);
+    double *ws = sums_scratch(W, nthreads, C);
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 6) * (size_t)W));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
     F *muw = fs + 2 * W * nthreads, *s = muw + W, *h = s + W, *k = h + W, *al = k + W, *c0 = al + W;
