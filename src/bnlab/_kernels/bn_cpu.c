@@ -104,6 +104,20 @@ static inline void split(i64 n, int t, int nt, i64 *lo, i64 *hi) {
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
+/* Threads for a pass over n items: at least one, and no more than there are items. */
+static inline int team_size(int nthreads, i64 n) {
+    if (nthreads < 1) nthreads = 1;
+    return n >= nthreads ? nthreads : n > 0 ? (int)n : 1;
+}
+
+/* The float64 scratch of the training passes' sums (the forward's statistics, the backward's
+ * gradient sums): for each of nt threads two arrays of W values (thread_sums), then two of C
+ * values for the rows left over after the super-rows, summed by the thread that merges the
+ * threads' sums (merged_sums). NULL when it cannot be allocated. */
+static inline double *sums_scratch(i64 W, int nt, i64 C) {
+    return (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nt + 2 * (size_t)C));
+}
+
 /* Inside a parallel region: thread t's share [*lo, *hi) of items, and its two float64 sum
  * arrays of W values (laid out per thread in ws), zeroed; returns the first, the second follows. */
 static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i64 *lo, i64 *hi) {
@@ -112,6 +126,10 @@ static inline double *thread_sums(double *ws, i64 W, i64 items, int t, int nt, i
     split(items, t, nt, lo, hi);
     return S;
 }
+
+/* The first of the two arrays of C values after the threads' sums in ws (see sums_scratch); the
+ * second follows. */
+static inline double *merged_sums(double *ws, i64 W, int nt) { return ws + 2 * W * nt; }
 
 /* ---- output written with non-temporal ("streaming") stores ----
  * An output at least as large as about half the last-level cache cannot stay in it next to its
@@ -187,22 +205,60 @@ static inline void stream_copy(void *dst, const void *src, size_t n) {
 #endif
 }
 
-/* Values to stage next at pos (of [pos, v1)), with `filled` of the stage's `cap` values in use:
- * the rest of a super-row (rows: per-feature arrays of Wd values, period C) or of a plane (B
- * values), so the inner loops keep their length; cut at cap; 0 when the stage must be flushed
- * first. */
-static inline i64 stage_piece(i64 pos, i64 v1, i64 filled, i64 cap, i64 C, i64 B, i64 Wd) {
-    i64 n = B == 1 ? Wd - pos % C : B - pos % B;
-    if (n > v1 - pos) n = v1 - pos;
-    if (filled > 0 && n > cap - filled) return 0;
-    return n > cap ? cap : n;
-}
-
 /* After a thread's last streaming store: make them visible before the threads join. */
 static inline void stream_fence(void) {
 #ifdef BNLAB_STREAM
     _mm_sfence();
 #endif
+}
+
+/* Staging: how a streamed output is produced when it cannot be stored straight from the vector
+ * registers (the vec_* functions below); why, see the head of this section. The output values
+ * [v0, v1) are computed piece by piece into a stage of STAGE_BYTES, which stays in L1; whenever
+ * the next piece does not fit, the stage is copied out with stream_copy, and after the last piece
+ * the stores are fenced. A piece is the rest of a super-row (rows: per-feature arrays of Wd values
+ * repeating with period C) or of a plane (B values), so the caller's inner loops keep their
+ * length; cut at the stage's size.
+ * Both streaming passes (normalize_stream, dx_stream in bn_cpu_impl.h) walk their output this
+ * way and keep only what they compute per piece:
+ *
+ *     T stage[STAGE_BYTES / sizeof(T)];
+ *     for (stager sg = stage_begin(y, stage, sizeof(T), v0, v1, C, B, Wd); stage_next(&sg);)
+ *         compute y[sg.pos .. sg.pos + sg.n) into stage + sg.filled;
+ *
+ * stage_next is inlined into each caller, where the struct's fields become plain local variables
+ * (the generated loops are no larger than those of the two hand-written copies this replaced). */
+typedef struct {
+    char *out, *stage;   /* the output (y or dx) and the stage */
+    size_t size;         /* bytes per value */
+    i64 pos, n, filled;  /* the current piece: values [pos, pos + n), staged from stage value `filled` on */
+    i64 v1, cap;         /* the end of the output; values the stage holds */
+    i64 C, B, Wd;        /* the layout: features, plane length (1: rows), per-feature array length */
+} stager;
+
+static inline stager stage_begin(void *out, void *stage, size_t size, i64 v0, i64 v1, i64 C, i64 B, i64 Wd) {
+    const stager s = {(char *)out, (char *)stage, size, v0, 0, 0, v1, STAGE_BYTES / (i64)size, C, B, Wd};
+    return s;
+}
+
+/* Move past the piece just computed to the next one (sg->pos, sg->n, sg->filled), copying the
+ * stage out first if that piece does not fit in what is left of it; 0 when the output is done
+ * (all copied out and fenced). */
+static ALWAYS_INLINE int stage_next(stager *sg) {
+    sg->pos += sg->n;
+    sg->filled += sg->n;
+    /* computed even at the end (n = 0 there; C, B > 0: an output that streams is not empty), so
+       that the caller's own pos % C reuses this one */
+    i64 n = sg->B == 1 ? sg->Wd - sg->pos % sg->C : sg->B - sg->pos % sg->B;
+    if (n > sg->v1 - sg->pos) n = sg->v1 - sg->pos;
+    if (n > sg->cap) n = sg->cap;
+    if (n == 0 || n > sg->cap - sg->filled) { /* done, or the stage is full: copy it out */
+        stream_copy(sg->out + (size_t)(sg->pos - sg->filled) * sg->size, sg->stage, (size_t)sg->filled * sg->size);
+        sg->filled = 0;
+    }
+    sg->n = n;
+    if (n == 0) stream_fence();
+    return n > 0;
 }
 
 /* ---- float32 rows written from vector registers ----

@@ -216,8 +216,6 @@ static void FN(normalize_rows)(const T *x, T *y, i64 C, i64 r0, i64 r1, i64 ks, 
  * repeat with period C over Wd values (Wd >= C). (Planes do not stream here: STREAM_PLANES.) */
 static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd, int affine, const F *mu,
                                  const F *s, const F *h, int act, F slope) {
-    T stage[STAGE_BYTES / sizeof(T)];
-    const i64 cap = STAGE_BYTES / (i64)sizeof(T);
 #if VEC_ROWS
     const int vec = affine && act != ACT_LEAKY && C % VW == 0; /* float32 rows of whole vectors: see bn_cpu.c */
     if (vec && vec_aligned(y + v0)) { /* straight from the registers */
@@ -226,25 +224,18 @@ static void FN(normalize_stream)(const T *x, T *y, i64 C, i64 v0, i64 v1, i64 Wd
         return;
     }
 #endif
-    for (i64 pos = v0; pos < v1;) {
-        T *dst = y + pos;
-        i64 filled = 0, n;
-        while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, 1, Wd)) > 0) {
-            const i64 j = pos % C;
+    T stage[STAGE_BYTES / sizeof(T)]; /* staged and copied out: see stage_next in bn_cpu.c */
+    for (stager sg = stage_begin(y, stage, sizeof(T), v0, v1, C, 1, Wd); stage_next(&sg);) {
+        const i64 pos = sg.pos, n = sg.n, j = pos % C;
+        T *out = stage + sg.filled;
 #if VEC_ROWS
-            if (vec) vec_affine_run(x + pos, stage + filled, n, s + j, h + j, act == ACT_RELU, 0); /* n, j: whole vectors */
-            else
+        if (vec) vec_affine_run(x + pos, out, n, s + j, h + j, act == ACT_RELU, 0); /* n, j: whole vectors */
+        else
 #endif
-            if (affine && j == 0 && n % C == 0 &&
-                FN(affine_rows_fixed)(x + pos, stage + filled, C, n / C, s, h, act, slope)) {
-            } else if (affine) FN(affine_row)(x + pos, stage + filled, n, s + j, h + j, act, slope);
-            else FN(norm_row)(x + pos, stage + filled, n, mu + j, s + j, h + j, act, slope);
-            filled += n;
-            pos += n;
-        }
-        stream_copy(dst, stage, (size_t)filled * sizeof(T));
+        if (affine && j == 0 && n % C == 0 && FN(affine_rows_fixed)(x + pos, out, C, n / C, s, h, act, slope)) {
+        } else if (affine) FN(affine_row)(x + pos, out, n, s + j, h + j, act, slope);
+        else FN(norm_row)(x + pos, out, n, mu + j, s + j, h + j, act, slope);
     }
-    stream_fence();
 }
 
 /* dst[j*C + c] = src[c] for j < k: per-feature values laid out for a super-row of k rows.
@@ -394,7 +385,7 @@ static PER_FEATURE int FN(fwd_finish)(const T *x, i64 A, i64 C, i64 B, rows_plan
                                       double momentum, double var_factor) {
     const int rows = B == 1;
     const i64 W = rows ? rp.W : C;
-    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    double *R1 = merged_sums(ws, W, nt), *R2 = R1 + C;
     for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
     for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
         for (i64 c = 0; c < C; c++) { double d = (double)LD(x + r * C + c) - (double)Kw[c]; R1[c] += d; R2[c] += d * d; }
@@ -436,9 +427,8 @@ int FN(bnlab_train_fwd)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, c
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    nthreads = team_size(nthreads, items);
+    double *ws = sums_scratch(W, nthreads, C);
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 4) * (size_t)W + 3 * (size_t)C));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
     if (count) *count += 1;
@@ -501,8 +491,7 @@ int FN(bnlab_infer)(const T *x, T *y, i64 A, i64 C, i64 B, const F *gamma, const
                     const F *mv, double eps, int act, double slope, int nthreads) {
     const int rows = B == 1;
     const i64 ks = rows ? stream_rows(C, NORM_MIN_VALUES) : 1, W = ks * C, items = rows ? A : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
+    nthreads = team_size(nthreads, items);
     F *fs = (F *)malloc(sizeof(F) * 3 * (size_t)W);
     if (!fs) return -1;
     F *mu = fs, *scale = fs + W, *shift = scale + W;
@@ -713,8 +702,6 @@ static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *re
  * B values: plane p holds feature p % C. */
 static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, i64 v1, i64 Wd, int affine,
                           const F *mu, const F *s, const F *h, const F *k, const F *al, const F *c0, int act, F slope) {
-    T stage[STAGE_BYTES / sizeof(T)];
-    const i64 cap = STAGE_BYTES / (i64)sizeof(T);
 #if VEC_ROWS
     const int vec = B == 1 && affine && act == ACT_NONE && C % VW == 0; /* float32 rows of whole vectors: see bn_cpu.c */
     if (vec && vec_aligned(dx + v0)) { /* straight from the registers */
@@ -731,32 +718,27 @@ static void FN(dx_stream)(const T *x, const T *dy, T *dx, i64 C, i64 B, i64 v0, 
         return;
     }
 #endif
-    for (i64 pos = v0; pos < v1;) {
-        T *dst = dx + pos;
-        i64 filled = 0, n;
-        while (pos < v1 && (n = stage_piece(pos, v1, filled, cap, C, B, Wd)) > 0) {
-            if (B == 1) {
-                const i64 j = pos % C;
+    T stage[STAGE_BYTES / sizeof(T)]; /* staged and copied out: see stage_next in bn_cpu.c */
+    for (stager sg = stage_begin(dx, stage, sizeof(T), v0, v1, C, B, Wd); stage_next(&sg);) {
+        const i64 pos = sg.pos, n = sg.n;
+        T *out = stage + sg.filled;
+        if (B == 1) {
+            const i64 j = pos % C;
 #if VEC_ROWS
-                if (vec) vec_dx_run(x + pos, dy + pos, stage + filled, n, k + j, al + j, c0 + j, 0); /* whole vectors */
-                else
+            if (vec) vec_dx_run(x + pos, dy + pos, out, n, k + j, al + j, c0 + j, 0); /* whole vectors */
+            else
 #endif
-                if (affine && act == ACT_NONE && j == 0 && n % C == 0 &&
-                    FN(dx_rows_fixed)(x + pos, dy + pos, stage + filled, C, n / C, k, al, c0)) {
-                } else if (affine)
-                    FN(dx_row_affine)(x + pos, dy + pos, stage + filled, n, s + j, h + j, k + j, al + j, c0 + j, act, slope);
-                else
-                    FN(dx_row)(x + pos, dy + pos, stage + filled, n, mu + j, s + j, h + j, k + j, al + j, c0 + j, act, slope);
-            } else {
-                const i64 c = (pos / B) % C;
-                FN(dx_plane)(x + pos, dy + pos, stage + filled, n, mu[c], s[c], h[c], k[c], al[c], c0[c], act, slope);
-            }
-            filled += n;
-            pos += n;
+            if (affine && act == ACT_NONE && j == 0 && n % C == 0 &&
+                FN(dx_rows_fixed)(x + pos, dy + pos, out, C, n / C, k, al, c0)) {
+            } else if (affine)
+                FN(dx_row_affine)(x + pos, dy + pos, out, n, s + j, h + j, k + j, al + j, c0 + j, act, slope);
+            else
+                FN(dx_row)(x + pos, dy + pos, out, n, mu + j, s + j, h + j, k + j, al + j, c0 + j, act, slope);
+        } else {
+            const i64 c = (pos / B) % C;
+            FN(dx_plane)(x + pos, dy + pos, out, n, mu[c], s[c], h[c], k[c], al[c], c0[c], act, slope);
         }
-        stream_copy(dst, stage, (size_t)filled * sizeof(T));
     }
-    stream_fence();
 }
 
 /* The backward's per-feature arrays before the sums: muw = mean, s = invstd * gamma, h = beta
@@ -780,7 +762,7 @@ static PER_FEATURE int FN(bwd_finish)(const T *x, const T *dy, i64 A, i64 C, i64
     const int rows = B == 1;
     const i64 W = rows ? rp.W : C;
     const double M = (double)A * (double)B;
-    double *R1 = ws + 2 * W * nt, *R2 = R1 + C;
+    double *R1 = merged_sums(ws, W, nt), *R2 = R1 + C;
     for (i64 c = 0; c < C; c++) R1[c] = R2[c] = 0;
     for (i64 r = rp.A2 * rp.k; rows && r < A; r++) /* rows left over after the super-rows */
         for (i64 c = 0; c < C; c++) {
@@ -830,9 +812,8 @@ int FN(bnlab_train_bwd)(const T *x, const T *dy, T *dx, i64 A, i64 C, i64 B, con
     const int rows = B == 1;
     const rows_plan rp = plan_rows(rows ? A : 0, C);
     const i64 W = rows ? rp.W : C, items = rows ? rp.A2 : A * C;
-    if (nthreads < 1) nthreads = 1;
-    if (items < nthreads) nthreads = items > 0 ? (int)items : 1;
-    double *ws = (double *)malloc(sizeof(double) * (2 * (size_t)W * (size_t)nthreads + 2 * (size_t)C));
+    nthreads = team_size(nthreads, items);
+    double *ws = sums_scratch(W, nthreads, C);
     F *fs = (F *)malloc(sizeof(F) * ((2 * (size_t)nthreads + 6) * (size_t)W));
     if (!ws || !fs) { free(ws); free(fs); return -1; }
     F *muw = fs + 2 * W * nthreads, *s = muw + W, *h = s + W, *k = h + W, *al = k + W, *c0 = al + W;
