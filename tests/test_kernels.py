@@ -1088,3 +1088,43 @@ def test_the_boundary_refuses_what_c_must_not_see(bad, where):
         assert torch.equal(mm, before[0])
     with pytest.raises(ops.BoundaryError):
         ops.inference(kernels, x, dims, gamma, beta, mm, mv, 1e-3, None, 0.01)
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_fused_activation_gradients_at_nan_follow_pytorch(act, monkeypatch):
+    # A NaN pre-activation: PyTorch's relu lets the gradient through (threshold_backward keeps it
+    # unless the output is <= 0), its leaky relu scales it; the fused kernels do the same.
+    torch.manual_seed(0)
+    x = torch.randn(200, 400) * 2
+    x[7, 3] = float("nan")
+    results = []
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(ops, "loaded", lambda: None)
+        layer = bnlab.BatchNormAct(axis=-1, activation=act, negative_slope=0.2, num_features=400)
+        xr = x.clone().requires_grad_()
+        layer(xr).backward(torch.ones_like(x))
+        results.append((layer.beta.grad, xr.grad))
+    (b_k, x_k), (b_t, x_t) = results
+    torch.testing.assert_close(b_k, b_t, equal_nan=True)
+    assert torch.isnan(b_k[3]) == torch.isnan(b_t[3]) and torch.isfinite(b_k[:3]).all()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_nan_already_in_the_moving_statistics_stays_and_the_rest_moves(kernels, monkeypatch):
+    # The one rule: a feature moves when its batch mean and variance are finite. A NaN put into the
+    # moving mean by hand is not the batch's doing: it stays NaN (momentum * NaN), and the
+    # feature's variance keeps its average, on every path alike.
+    if not kernels:
+        monkeypatch.setattr(ops, "loaded", lambda: None)
+    for rows in (16, 10000):  # the small route and the kernels' route
+        layer = bnlab.BatchNorm(axis=-1, momentum=0.5, num_features=4)
+        with torch.no_grad():
+            layer.moving_mean[1] = float("nan")
+        x = torch.randn(rows, 4)
+        layer(x)
+        expected_var = 0.5 + 0.5 * x.var(0, unbiased=False)
+        assert torch.isnan(layer.moving_mean[1])
+        torch.testing.assert_close(layer.moving_variance, expected_var)
+        torch.testing.assert_close(layer.moving_mean[[0, 2, 3]], 0.5 * x.mean(0)[[0, 2, 3]])

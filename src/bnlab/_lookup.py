@@ -5,6 +5,19 @@ from __future__ import annotations
 from typing import Callable
 
 
+class Spec:
+    """Base of Keras-style objects made from their constructor arguments (initializers, regularizers,
+    constraints): they keep each argument as an attribute of the same name."""
+
+    def get_config(self) -> dict:
+        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
 def lookup(spec, table: dict[str, Callable], kind: str, allow_none: bool, classes: dict[str, type] | None = None):
     """Resolve ``spec`` against ``table`` (name -> factory); errors name what was expected.
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ._lookup import lookup
+from ._lookup import Spec, lookup
 from ._lookup import serialize as _serialize
 
 __all__ = ["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "get", "serialize"]
@@ -25,17 +25,9 @@ __all__ = ["NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "get", "serialize"]
 _EPS = 1e-7  # keras.config.epsilon()
 
 
-class Constraint:
-    def get_config(self) -> dict:
-        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
+class Constraint(Spec):
     def __call__(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 def _norms(w, axis):

@@ -47,23 +47,15 @@ from typing import Callable
 
 import torch
 
-from ._lookup import lookup
+from ._lookup import Spec, lookup
 from ._lookup import serialize as _serialize
 
 __all__ = ["Initializer", "Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "TruncatedNormal", "KerasStyle", "InPlace", "get", "serialize"]
 
 
-class Initializer:
-    def get_config(self) -> dict:
-        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
+class Initializer(Spec):
     def __call__(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 class Zeros(Initializer):

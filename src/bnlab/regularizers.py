@@ -13,23 +13,15 @@ from typing import Callable
 
 import torch
 
-from ._lookup import lookup
+from ._lookup import Spec, lookup
 from ._lookup import serialize as _serialize
 
 __all__ = ["L1", "L2", "L1L2", "get", "serialize"]
 
 
-class Regularizer:
-    def get_config(self) -> dict:
-        """The constructor arguments (Keras' ``get_config``): ``type(self)(**self.get_config())`` rebuilds it."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
+class Regularizer(Spec):
     def __call__(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
 
 
 class L1L2(Regularizer):

@@ -13,10 +13,11 @@
 
 /* ------------------------------------------------------------------ activations */
 
-/* d act(z) / dz, with PyTorch's choices at the kinks (relu'(0) = 0, leaky'(0) = slope). */
+/* d act(z) / dz, with PyTorch's choices at the kinks (relu'(0) = 0, leaky'(0) = slope) and at NaN
+ * (ReLU lets the gradient through, as PyTorch's threshold_backward does; leaky ReLU scales it). */
 static inline F FN(act_grad)(F z, int act, F slope) {
     switch (act) {
-    case ACT_RELU: return z > 0 ? (F)1 : (F)0;
+    case ACT_RELU: return z <= 0 ? (F)0 : (F)1;
     case ACT_LEAKY: return z > 0 ? (F)1 : slope;
     default: return (F)1;
     }
@@ -346,12 +347,14 @@ static void FN(finish_stats)(const T *x, i64 A, i64 C, i64 B, i64 c, double k, d
 
 /* ------------------------------------------------------------------ training forward */
 
-/* One feature's moving statistics: momentum * old + (1 - momentum) * new, the new variance
- * being var * var_factor; kept as they are unless both new values are finite. */
+/* One feature's moving statistics: momentum * old + (1 - momentum) * new, in double, the new
+ * variance being var * var_factor. The rule bnlab.functional writes down for every path: a feature
+ * moves only when its batch mean and (corrected) variance are both finite. */
 static inline void FN(update_one)(F *mm, F *mv, double mean, double var, double momentum, double var_factor) {
-    const double nm = momentum * (double)*mm + (1.0 - momentum) * mean;
-    const double nv = momentum * (double)*mv + (1.0 - momentum) * (var * var_factor);
-    if (isfinite(nm) && isfinite(nv)) { *mm = (F)nm; *mv = (F)nv; }
+    const double v = var * var_factor;
+    if (!(isfinite(mean) && isfinite(v))) return;
+    *mm = (F)(momentum * (double)*mm + (1.0 - momentum) * mean);
+    *mv = (F)(momentum * (double)*mv + (1.0 - momentum) * v);
 }
 
 /* The moving-statistics update alone, from batch statistics computed elsewhere (PyTorch's
@@ -531,7 +534,7 @@ static ALWAYS_INLINE void FN(grad_sums_run)(const T *x, const T *dy, i64 w, i64 
             const T *restrict xr = x + i * w, *restrict gr = dy + i * w;
             for (i64 j = 0; j < w; j++) {
                 const F d = LD(xr + j) - mu[j];
-                const F g = d * s[j] + h[j] > 0 ? LD(gr + j) : (F)0;
+                const F g = d * s[j] + h[j] <= 0 ? (F)0 : LD(gr + j);
                 fg[j] += g; fgx[j] += g * d;
             }
         }
@@ -596,7 +599,7 @@ static void FN(grad_sums_planes)(const T *x, const T *dy, i64 C, i64 B, i64 p0, 
 #pragma omp simd reduction(+ : a, b)
                 for (i64 i = 0; i < n; i++) {
                     F d = LD(xc + i) - m;
-                    F g = d * sc + sh > 0 ? LD(gc + i) : (F)0;
+                    F g = d * sc + sh <= 0 ? (F)0 : LD(gc + i);
                     a += g; b += g * d;
                 }
             } else if (act == ACT_LEAKY) {
@@ -622,7 +625,7 @@ static inline void FN(dx_row)(const T *restrict x, const T *restrict dy, T *rest
     } else if (act == ACT_RELU) {
         for (i64 c = 0; c < C; c++) {
             F d = LD(x + c) - mu[c];
-            F g = d * s[c] + h[c] > 0 ? LD(dy + c) : (F)0;
+            F g = d * s[c] + h[c] <= 0 ? (F)0 : LD(dy + c);
             ST(dx + c, k[c] * g + al[c] * d + c0[c]);
         }
     } else if (act == ACT_LEAKY) {
@@ -643,7 +646,7 @@ static inline void FN(dx_row_affine)(const T *restrict x, const T *restrict dy, 
     } else if (act == ACT_RELU) {
         for (i64 c = 0; c < C; c++) {
             const F xv = LD(x + c);
-            const F g = xv * s[c] + t[c] > 0 ? LD(dy + c) : (F)0;
+            const F g = xv * s[c] + t[c] <= 0 ? (F)0 : LD(dy + c);
             ST(dx + c, k[c] * g + al[c] * xv + c0[c]);
         }
     } else if (act == ACT_LEAKY) {
@@ -685,7 +688,7 @@ static inline void FN(dx_plane)(const T *restrict x, const T *restrict dy, T *re
     } else if (act == ACT_RELU) {
         for (i64 i = 0; i < n; i++) {
             F d = LD(x + i) - m;
-            F g = d * sc + sh > 0 ? LD(dy + i) : (F)0;
+            F g = d * sc + sh <= 0 ? (F)0 : LD(dy + i);
             ST(dx + i, k * g + al * d + c0);
         }
     } else {
