@@ -674,8 +674,7 @@ def _train(x, feat, gamma, beta, epsilon, mask, impl, act=None, slope=0.01, movi
             _mask_as_acb(mask, x, feat)  # checked all the same
         return _inference(x, feat, mm, mv, gamma, beta, epsilon, act, slope)
     kernels = _ops.loaded()
-    graph = torch.is_grad_enabled() and (x.requires_grad or (gamma is not None and gamma.requires_grad)
-                                         or (beta is not None and beta.requires_grad))
+    graph = _graph(x, gamma, beta)
     route = _dispatch.train_route(x, feat, n, c, kernels, (gamma, beta, mm, mv), mask is not None, impl, graph)
     args = (x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbiased, counter, want_stats, kernels)
     if route.impl == "kernels":
@@ -713,14 +712,7 @@ def _train_aten(route, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbia
         y = y.to(x.dtype)
     count = x.numel() // c
     if mm is not None:
-        factor = _factor(count, True, unbiased)
-        if scratch is not None and kernels is not None and isinstance(momentum, float):
-            try:  # (what _update does first; called directly here, where small layers spend their time)
-                _ops.update_moving(kernels, mm, mv, scratch, momentum, factor, counter)
-                return y, None
-            except _ops.BoundaryError:
-                pass
-        _update(mm, mv, mean, var, momentum, factor, None, counter, scratch)
+        _update(mm, mv, mean, var, momentum, _factor(count, True, unbiased), None, counter, scratch, kernels)
     return y, ((mean, var * _factor(count, True, False), count) if want_stats else None)
 
 
