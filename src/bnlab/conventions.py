@@ -4,13 +4,11 @@ The two frameworks compute the same normalization but disagree on three
 book-keeping conventions. bnlab never converts silently: every layer states
 which convention it uses, and these helpers convert between them.
 
-================  =================================  ===================================
-convention        Keras (``keras.layers.BatchNormalization``)  PyTorch (``torch.nn.BatchNorm*d``)
-================  =================================  ===================================
-momentum          weight of the OLD value (0.99)     weight of the NEW value (0.1)
-epsilon           1e-3                               1e-5
-moving variance   biased batch variance (/M)         unbiased batch variance (/(M-1))
-================  =================================  ===================================
+| convention      | Keras (``keras.layers.BatchNormalization``) | PyTorch (``torch.nn.BatchNorm*d``) |
+|-----------------|---------------------------------------------|------------------------------------|
+| momentum        | weight of the OLD value (0.99)              | weight of the NEW value (0.1)      |
+| epsilon         | 1e-3                                        | 1e-5                               |
+| moving variance | biased batch variance (/M)                  | unbiased batch variance (/(M-1))   |
 
 Both normalize a training batch with the *biased* batch variance; they only
 differ in what they store for inference. Ioffe & Szegedy (2015, Algorithm 2)
@@ -29,7 +27,9 @@ __all__ = [
 ]
 
 KERAS_EPSILON = 1e-3
+"""Keras' default ``epsilon`` of ``BatchNormalization``."""
 TORCH_EPSILON = 1e-5
+"""PyTorch's default ``eps`` of ``BatchNorm*d``."""
 
 
 def keras_momentum_from_torch(momentum: float) -> float:

@@ -67,8 +67,8 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Activations that may follow the normalization (``activation=``); ReLU and leaky ReLU fuse into the kernels.
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "identity")
+"""Activations that may follow the normalization (``activation=``); ReLU and leaky ReLU fuse into the kernels."""
 
 
 # --------------------------------------------------------------------------- axes and views

@@ -7,18 +7,13 @@ Both faces share one base class that owns the parameters and buffers and
 delegates the math to :mod:`bnlab.functional`. They differ only in their
 constructor arguments and in the conventions those arguments follow:
 
-=====================  ==========================  ==============================
-                       ``bnlab.BatchNorm``         ``bnlab.nn.BatchNorm1d/2d/3d``
-                       (Keras' face)               (PyTorch's face)
-=====================  ==========================  ==============================
-feature axis           ``axis=-1`` (any, or list)  dim 1
-momentum               weight of the OLD value,    weight of the NEW value,
-                       ``0.99``                    ``0.1``
-epsilon                ``epsilon=1e-3``            ``eps=1e-5``
-stored variance        biased (``/M``)             unbiased (``/(M-1)``)
-state-dict keys        ``weight``, ``bias``, ``running_mean``, ``running_var``,
-                       ``num_batches_tracked`` (both faces, so checkpoints load)
-=====================  ==========================  ==============================
+|                 | ``bnlab.BatchNorm`` (Keras' face)   | ``bnlab.nn.BatchNorm1d/2d/3d`` (PyTorch's face) |
+|-----------------|-------------------------------------|-------------------------------------------------|
+| feature axis    | ``axis=-1`` (any, or a list)        | dim 1                                           |
+| momentum        | weight of the OLD value, ``0.99``   | weight of the NEW value, ``0.1``                |
+| epsilon         | ``epsilon=1e-3``                    | ``eps=1e-5``                                    |
+| stored variance | biased (``/M``)                     | unbiased (``/(M-1)``)                           |
+| state-dict keys | ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked`` (both faces, so checkpoints load) | the same |
 """
 
 from __future__ import annotations
@@ -452,20 +447,27 @@ class BatchNorm(_BatchNormBase):
         scale (bool, default ``True``): learn ``gamma``; if False, ``gamma`` is
             ``None`` (no scaling). Keras advises this when the next layer is
             linear (e.g. ReLU), as the next layer can absorb the scale.
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-        moving_variance_initializer: ``"zeros"``/``"ones"`` (the defaults are
-            zeros, ones, zeros, ones), a :mod:`bnlab.initializers` instance such
+        beta_initializer (default ``"zeros"``): how ``beta`` starts: a name
+            (``"zeros"``, ``"ones"``), a :mod:`bnlab.initializers` instance such
             as ``Constant(0.9)`` or ``RandomNormal(0.0, 0.05)``, or a callable in
             either Keras' style ``fn(shape, dtype) -> Tensor`` or PyTorch's
             in-place style ``fn(tensor)`` (``torch.nn.init.ones_``,
             ``functools.partial(torch.nn.init.constant_, val=0.9)``);
             :func:`bnlab.initializers.get` says how the two are told apart.
-        beta_regularizer, gamma_regularizer (default ``None``): a
-            :mod:`bnlab.regularizers` instance, name or callable; its penalty
-            reaches the loss through :func:`bnlab.regularization_loss`.
-        beta_constraint, gamma_constraint (default ``None``): a
-            :mod:`bnlab.constraints` instance, name or callable, applied after
-            each optimizer step by :func:`bnlab.apply_constraints`.
+        gamma_initializer (default ``"ones"``): how ``gamma`` starts; the same
+            choices as ``beta_initializer``.
+        moving_mean_initializer (default ``"zeros"``): how the moving mean
+            starts; the same choices.
+        moving_variance_initializer (default ``"ones"``): how the moving
+            variance starts; the same choices.
+        beta_regularizer (default ``None``): a :mod:`bnlab.regularizers`
+            instance, name or callable; its penalty reaches the loss through
+            :func:`bnlab.regularization_loss`.
+        gamma_regularizer (default ``None``): the same for ``gamma``.
+        beta_constraint (default ``None``): a :mod:`bnlab.constraints`
+            instance, name or callable, applied after each optimizer step by
+            :func:`bnlab.apply_constraints`.
+        gamma_constraint (default ``None``): the same for ``gamma``.
         num_features (int or tuple, default ``None``): the feature size(s).
             ``None`` builds the layer lazily on the first input; build it before
             creating the optimizer (pass this, or run one batch).
@@ -503,8 +505,9 @@ class BatchNorm(_BatchNormBase):
             uneven and empty per-process batches work. Without an initialized
             process group of more than one process it is ordinary BN. Set
             ``layer.process_group`` to use a group other than the default.
-        device, dtype: where and in what precision parameters are created
-            (statistics are float32 for half-precision parameters).
+        device (default ``None``): where parameters and statistics are created.
+        dtype (default ``None``, torch's default dtype): the parameters'
+            precision (statistics are float32 for half-precision parameters).
 
     **Conventions that differ from PyTorch.** ``training=None`` follows the
     module's ``train()``/``eval()`` mode (the PyTorch habit; in Keras ``None``
@@ -660,7 +663,8 @@ class BatchNorm(_BatchNormBase):
         return ", ".join(parts)
 
 
-BatchNormalization = BatchNorm  # the name the tutorials (and Keras) use
+BatchNormalization = BatchNorm
+"""Keras' name for :class:`BatchNorm`, the same class (the tutorials use it)."""
 
 
 def _check_clipping(clipping: dict | None) -> dict:
