@@ -738,3 +738,29 @@ def test_a_lazy_layer_first_called_in_inference_uses_its_initial_moving_statisti
         expected = (x - layer.moving_mean_initializer((3,))) / torch.sqrt(torch.tensor(1.0 + 1e-3))
         torch.testing.assert_close(layer(x), expected)
         assert layer.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_buffers_reshaped_or_set_to_require_gradients_still_work(kernels, monkeypatch):
+    # Found by the state fuzz at its nightly size: a multi-axis layer's moving mean resized in place to
+    # a flat vector (its variance still (3, 2)), and a moving variance set to require gradients, used
+    # in inference: both paths give the same results (PyTorch's op refused the second).
+    from bnlab._kernels import ops
+
+    if not kernels:
+        monkeypatch.setattr(ops, "loaded", lambda: None)
+    torch.manual_seed(0)
+    layer = bnlab.BatchNorm(axis=[1, 3], num_features=[3, 2])
+    x = torch.randn(64, 3, 2, 2)
+    layer(x)
+    layer.running_mean.resize_(6)
+    layer(x)
+    ref = bnlab.BatchNorm(axis=[1, 3], num_features=[3, 2])
+    ref(x)
+    ref(x)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean.reshape(6))
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    layer.running_var.requires_grad_(True)
+    layer.eval()
+    ref.eval()
+    torch.testing.assert_close(layer(x), ref(x))

@@ -533,7 +533,9 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
             bv *= factor
             if np.isfinite(bm).all() and np.isfinite(bv).all():  # the common case: one fused op for both
                 if mean.shape != moving_mean.shape:  # (multi-axis features; a view costs autograd bookkeeping)
-                    mean, var = mean.view(moving_mean.shape), var.view(moving_variance.shape)
+                    mean = mean.view(moving_mean.shape)
+                if var.shape != moving_variance.shape:
+                    var = var.view(moving_variance.shape)
                 torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
             else:
                 _update_torch_(moving_mean, moving_variance, mean, var, momentum, 1.0, valid)
@@ -640,9 +642,12 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     if x.is_cpu:
         _check_storage(gamma=gamma, beta=beta, moving_mean=moving_mean, moving_variance=moving_variance)
     xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
-    # (contiguous statistics: PyTorch's CPU op in inference gives wrong input gradients for strided ones)
-    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), _flat(moving_mean, dtype).contiguous(),
-              _flat(moving_variance, dtype).contiguous(), False, epsilon)
+    # contiguous statistics: PyTorch's CPU op in inference gives wrong input gradients for strided ones;
+    # never differentiated (a buffer set to require gradients is still a statistic, as the kernels treat it)
+    mean, var = _flat(moving_mean, dtype).contiguous(), _flat(moving_variance, dtype).contiguous()
+    if mean.requires_grad or var.requires_grad:
+        mean, var = mean.detach(), var.detach()
+    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), mean, var, False, epsilon)
     if restore is not None:
         y = restore(y)
     if y.dtype is not x.dtype:
