@@ -12,7 +12,6 @@ with whole lines.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -86,14 +85,7 @@ def _final_table(exp, cmp, title: str):
             s = row.stats.get(a) or {}
             cells.append(f"{analysis.fmt(s['mean'], d)} ± {analysis.fmt(s['std'], d)} (n={s['n']})" if s.get("n") else "—")
         if len(arms) == 2:
-            diff = row.diff
-            if diff is None or math.isnan(diff["diff"]):  # an arm without finished runs
-                cells.append("—")
-            elif math.isnan(diff["low"]):  # fewer than two seeds in an arm: no interval
-                cells.append(analysis.fmt(diff["diff"], d, sign=True))
-            else:
-                cells.append(f"{analysis.fmt(diff['diff'], d, sign=True)} [{analysis.fmt(diff['low'], d, sign=True)}, "
-                             f"{analysis.fmt(diff['high'], d, sign=True)}]")
+            cells.append(analysis.fmt_interval(row.diff, d))
         t.add_row(*cells, style="bold" if row.verdict else None)
     return t
 

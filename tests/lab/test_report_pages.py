@@ -281,15 +281,14 @@ def test_the_index_summarizes_and_links_every_report_and_back(root):
     rows = {cells[0].find("a").attrs["href"]: dict(zip(columns, cells)) for _, cells in table_rows(table)}
     assert list(rows) == ["blobs-deep/report.html", "digits28-mlp/report.html"]
     bd = rows["blobs-deep/report.html"]
-    assert bd["experiment: figure"].text() == "blobs-deep val_accuracy ↑ · 3 seeds"
+    assert bd["experiment: figure"].text() == "blobs-deep val_accuracy ↑ · 3 seeds · 12.5 s"
     exp = analysis.load(root / "blobs-deep")
     cmp = analysis.compare(exp)
     d = next(r for r in analysis.figure_rows(exp, cmp) if r.verdict)
-    assert d.verdict and bd["BN − no-BN [95% CI]"].text() == report._interval(d.diff, d.decimals)
+    assert d.verdict and bd["BN − no-BN [95% CI]"].text() == analysis.fmt_interval(d.diff, d.decimals)
     assert bd["tutorial"].text() == "BN 0.840 no-BN 0.860" and bd["verdict"].text() == "BN better"
     assert rows["digits28-mlp/report.html"]["tutorial"].text() == "none (offline stand-in)"
     assert bd["curves"].find("img").attrs["src"].startswith("data:image/svg+xml;base64,")
-    assert bd["seconds"].text() == "12.5"
     links = [a.text() or a.find("img").attrs["alt"] for a in doc.find_all("a")]
     assert len(links) == len(set(links)), links  # no two links read the same (a picture's link reads its alt text)
     # the demo's reports link back; a report of a plain `bnlab run` has no index to go back to
@@ -312,3 +311,35 @@ def test_a_report_is_a_pure_function_of_its_records_and_asks_nothing_of_the_netw
             value = e.attrs.get(attr) or ""
             assert not re.match(r"[a-z]+://|//", value), value  # only data: URIs and relative links
     assert not doc.find_all("script") and not doc.find_all("link")
+
+
+def test_other_modules_add_sections_after_the_curves(root, tmp_path):
+    """The hook for diagnostics: a Section's text, its figure (embedded SVG, linked PNG) and its fragment, in both files."""
+    import shutil
+
+    d = tmp_path / "blobs-deep"
+    shutil.copytree(root / "blobs-deep", d)
+    exp = analysis.load(d)
+    fig = plots.thumbnail_figure(exp)
+    plots._save(fig, d / "plots", "probe-demo")
+    section = report.Section("Inside the network", ["Percentiles of **one** unit; see [its records](bn/seed-0/final.json)."],
+                             ["probe-demo"], html="<table class='extra'><tr><td>7</td></tr></table>", markdown="| 7 |")
+    report.build_report(d, sections=[section])
+    doc = parse((d / "report.html").read_text())
+    headings = [h.text() for h in doc.find_all("h2")]
+    assert headings.index("Curves") < headings.index("Inside the network") < headings.index("Setup")
+    assert [i.attrs["alt"] for i in doc.find_all("img")][-1] == "probe-demo" and doc.find("table", "extra")
+    assert any(a.attrs.get("href") == "bn/seed-0/final.json" for a in doc.find_all("a"))
+    md = (d / "report.md").read_text()
+    assert "## Inside the network\n\nPercentiles of **one** unit" in md and "![probe-demo](plots/probe-demo.png)\n\n| 7 |" in md
+
+
+def test_the_index_names_an_experiment_it_cannot_read(root, tmp_path):
+    import shutil
+
+    shutil.copytree(root / "blobs-deep", tmp_path / "blobs-deep")
+    (tmp_path / "broken").mkdir()
+    report.build_index(tmp_path, ["blobs-deep", "broken"])
+    rows = table_rows(parse((tmp_path / "index.html").read_text()).find("table"))
+    assert [cells[0].text().split()[0] for _, cells in rows] == ["blobs-deep", "broken"]
+    assert "records unreadable" in rows[1][1][1].text() and "no config.json" in rows[1][1][1].text()

@@ -26,7 +26,7 @@ from . import records
 
 __all__ = [
     "ARM_NAMES", "ArmRecords", "Experiment", "load", "welch_interval", "epochs_to_target", "primary_metric", "compare",
-    "run_status", "verdict_sentences", "verdict", "MINUS", "fmt", "decimals_for", "base_metric", "better_direction",
+    "run_status", "verdict_sentences", "verdict", "MINUS", "fmt", "fmt_interval", "decimals_for", "base_metric", "better_direction",
     "FigureRow", "figure_rows", "tutorial_note", "outcome",
 ]
 
@@ -251,6 +251,17 @@ def fmt(x, decimals: int, *, sign: bool = False) -> str:
     if text.lstrip("+-").strip("0.") == "":  # rounds to zero: no sign
         text = text.lstrip("+-")
     return text.replace("-", MINUS)
+
+
+def fmt_interval(diff: dict | None, decimals: int) -> str:
+    """A difference with its interval, ``+0.012 [−0.003, +0.027]`` (signed: it says which arm is ahead); ``—`` when there
+    is no difference (an arm without finished runs), the difference alone when there is no interval."""
+    if not diff or math.isnan(diff["diff"]):
+        return "—"
+    if math.isnan(diff["low"]):
+        return fmt(diff["diff"], decimals, sign=True)
+    return (f"{fmt(diff['diff'], decimals, sign=True)} [{fmt(diff['low'], decimals, sign=True)}, "
+            f"{fmt(diff['high'], decimals, sign=True)}]")
 
 
 def decimals_for(values, spreads=()) -> int:

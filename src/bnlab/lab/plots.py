@@ -53,14 +53,17 @@ DPI = 192  # PNG pixels per inch: twice the 96 CSS pixels per inch a browser sho
 
 
 def _mpl():
+    """pyplot on the Agg backend with :data:`STYLE` (set once: updating rcParams validates every entry)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from cycler import cycler
 
-    plt.rcParams.update({**STYLE, "axes.prop_cycle": cycler(color=[OKABE_ITO[c] for c in (
-        "blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue", "yellow", "black")])})
+    if plt.rcParams["svg.hashsalt"] != STYLE["svg.hashsalt"]:
+        from cycler import cycler
+
+        plt.rcParams.update({**STYLE, "axes.prop_cycle": cycler(color=[OKABE_ITO[c] for c in (
+            "blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue", "yellow", "black")])})
     return plt
 
 
@@ -79,13 +82,16 @@ def _ylabel(metric: str, recipe: dict) -> str:
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
     """Write ``fig`` as PNG (at :data:`DPI`) and SVG, each atomically and without a date (the same records give the
-    same bytes), and close it."""
+    same bytes), and close it. A figure with constrained layout is saved as laid out (one drawing per file); any
+    other is cropped to what it draws ("tight", which draws it twice)."""
     paths = []
     out.mkdir(parents=True, exist_ok=True)
-    for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+    tight = "tight" if fig.get_layout_engine() is None else None
+    for ext, kw in (("png", {"metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}}),  # fast: the page embeds the SVG
+                    ("svg", {"metadata": {"Date": None}})):
         p = out / f"{stem}.{ext}"
         tmp = p.with_name(f".{p.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", metadata=meta)
+        fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches=tight, **kw)
         tmp.replace(p)  # atomic: a half-written figure is never left under the final name
         paths.append(p)
     _mpl().close(fig)
@@ -127,7 +133,8 @@ def curves_figure(exp: Experiment, metric: str):
     panels = [(key, what) for key, what in ((metric, "training"), (f"val_{metric}", "validation = test set"
                                                                     if recipe.get("validation") == "test" else "validation"))
               if any(a.curve(key).size for a in exp.arms.values())] or [(metric, "training")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 0.4, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels) + 0.4, 4.1), sharey=True, squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.08, wspace=0.06)  # sharing the y axis, the second panel would otherwise touch the first
     axes = axes[0]
     handles, n_epochs = {}, 1
     tutorial = _tutorial_rows(exp)
@@ -149,33 +156,28 @@ def curves_figure(exp: Experiment, metric: str):
             handles[f"{arm} band"] = (Patch(facecolor="none" if style["hatch"] else style["color"], alpha=0.55 if style["hatch"] else 0.2,
                                             edgecolor=style["color"], hatch=style["hatch"], lw=0), f"{style['label']}: ± 1 std")
         handles.setdefault("seed", (Line2D([], [], color="#555555", lw=0.7, alpha=0.6), "each seed (thin)"))
-        names = (key,) if key == metric else (key, f"test_{metric}")
-        for name in names:
-            row = tutorial.get(name)
-            if row is None:
-                continue
-            for arm, value in row.tutorial.items():
-                if isinstance(value, (list, tuple)):
-                    continue
+        row = tutorial.get(key)  # val_* also answers for test_* when the test set validates (figure_rows merges them)
+        if row is not None:
+            values = {arm: v for arm, v in row.tutorial.items() if not isinstance(v, (list, tuple))}
+            for arm, value in values.items():
                 style = _style(arm)
+                above = value >= max(values.values())  # the highest labelled above its line, any other below
                 ax.axhline(value, color=style["color"], ls=":", lw=1.2, zorder=2.5)
                 ax.plot([n_epochs], [value], "*", color=style["color"], ms=12, mec="black", mew=0.6, zorder=4, clip_on=False)
-                ax.annotate(f"{value:g}", (n_epochs, value), xytext=(-6, 5), textcoords="offset points", ha="right",
-                            fontsize=7, color=style["color"])
+                ax.annotate(f"{value:g}", (n_epochs, value), xytext=(-8, 3 if above else -3), textcoords="offset points",
+                            ha="right", va="bottom" if above else "top", fontsize=7, color=style["color"])
                 handles[f"tutorial {arm}"] = (Line2D([], [], color=style["color"], ls=":", marker="*", ms=10, mec="black", mew=0.6),
                                               f"tutorial, {style['label']} (one run)")
-            break
         ax.set_title(what)
         ax.set_xlabel("epoch")
     for ax in axes:
         _integer_epochs(ax, n_epochs)
     axes[0].set_ylabel(_ylabel(metric, recipe))
     fig.suptitle(f"{recipe['name']}: {_NAMES.get(metric, metric)} per epoch, mean ± 1 std over seeds")
-    fig.tight_layout(w_pad=2.5)  # sharing the y axis, the second panel would otherwise touch the first
     if exp.arms and any(k in handles for k in exp.arms):
         order = [k for k in (*exp.arms, *(f"{a} band" for a in exp.arms), "seed", *(f"tutorial {a}" for a in exp.arms)) if k in handles]
-        fig.legend([handles[k][0] for k in order], [handles[k][1] for k in order], loc="upper center",
-                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(order), 3), handlelength=2.4)
+        fig.legend([handles[k][0] for k in order], [handles[k][1] for k in order], loc="outside lower center",
+                   ncol=min(len(order), 3), handlelength=2.4)
     return fig
 
 
@@ -190,7 +192,7 @@ def finals_figure(exp: Experiment, keys):
     seed, the arm's mean as a bar, the tutorial's figure as a dashed line, the reference's range as a grey span."""
     plt = _mpl()
     keys = [keys] if isinstance(keys, str) else list(keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys) + 0.5, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys) + 0.5, 3.6), squeeze=False, layout="constrained")
     rows = {n: r for r in figure_rows(exp) for n in r.names}
     for ax, key in zip(axes[0], keys):
         row = rows.get(key)
@@ -223,15 +225,14 @@ def finals_figure(exp: Experiment, keys):
         ax.grid(False, axis="x")
         ax.set_title(f"final {key}" + (f" (= {row.same_as})" if row and row.same_as else ""))
         ax.set_ylabel(base_metric(key).replace("_", " "))
-    fig.suptitle(f"{exp.recipe['name']}: each seed's final figure (labelled with its seed); bar: the mean")
-    fig.tight_layout()
+    fig.suptitle(f"{exp.recipe['name']}: each seed's final figure")
     return fig
 
 
 def thumbnail_figure(exp: Experiment):
     """A small picture of the primary metric per epoch (mean and band per arm) for an index; no text."""
     plt = _mpl()
-    fig, ax = plt.subplots(figsize=(2.4, 1.25))
+    fig, ax = plt.subplots(figsize=(2.4, 1.25), layout="constrained")
     metric = primary_metric(exp)
     for arm, rec in exp.arms.items():
         curve, style = rec.curve(metric), _style(arm)
@@ -243,7 +244,6 @@ def thumbnail_figure(exp: Experiment):
         ax.plot(x, mean, color=style["color"], lw=1.6, marker="o" if len(x) <= 3 else None, ms=2.5)
     ax.tick_params(labelbottom=False, labelleft=False, length=0)  # a picture: the numbers are in the table beside it
     ax.grid(alpha=0.2)
-    fig.tight_layout(pad=0.2)
     return fig
 
 

@@ -17,9 +17,9 @@ probes, Figure 1, the loss landscape, a batch-size sweep): make
 its title, paragraphs (``**bold**``, ``[label](relative/link)`` and
 ```code``` are understood), the stems of figures it saved under
 ``<experiment>/plots/`` (``<stem>.svg`` is embedded in the HTML page,
-``<stem>.png`` linked from the Markdown; :func:`bnlab.lab.plots._save` writes
-both), and optionally a trusted HTML fragment with its Markdown twin (a
-table). A module that always adds its sections is called at the one place
+``<stem>.png`` linked from the Markdown; every ``plot_*`` function of
+:mod:`bnlab.lab.plots` writes both), and optionally a trusted HTML fragment
+with its Markdown twin (a table). A module that always adds its sections is called at the one place
 marked ``EXTRA SECTIONS`` in :func:`build_report`.
 """
 
@@ -183,9 +183,9 @@ CSS = (
     "table.index thead{display:none}table.index,table.index tbody,table.index tr,table.index th,table.index td{display:block}"
     "table.index tr{border-bottom:2px solid var(--rule);padding:.4rem 0}table.index th,table.index td{border:0;padding:.1rem 0;"
     "text-align:left}table.index td[data-label]::before{content:attr(data-label) ': ';color:var(--muted)}"
-    "table.index td{white-space:normal}}"
+    "table.index td[data-label]::before{font-size:.8rem}}"
     "figcaption{font-size:.85rem;color:var(--muted);max-width:48rem;margin:.3rem auto 0;text-align:left}"
-    "img.thumb{width:9rem;height:auto;display:block}"
+    "img.thumb{width:8rem;height:auto;display:block}"
 )
 
 
@@ -241,16 +241,6 @@ def _stat(s: dict | None, d: int, n_in_header: bool) -> str:
     return text if n_in_header else f"{text} (n={s['n']})"
 
 
-def _interval(diff: dict | None, d: int) -> str:
-    """``+0.012 [−0.003, +0.027]``: the same strings as the verdict's."""
-    if not diff or diff["diff"] != diff["diff"]:
-        return "—"
-    if diff["low"] != diff["low"]:
-        return analysis.fmt(diff["diff"], d, sign=True)
-    return (f"{analysis.fmt(diff['diff'], d, sign=True)} [{analysis.fmt(diff['low'], d, sign=True)}, "
-            f"{analysis.fmt(diff['high'], d, sign=True)}]")
-
-
 def _value(v, d: int) -> str:
     if v is None:
         return "—"
@@ -291,7 +281,7 @@ def _figures_table(exp: analysis.Experiment, rows: list[analysis.FigureRow]) -> 
         cells = [Cell(md, html=head, header=True)]
         cells += [Cell(_stat(r.stats.get(a), d, uniform[a]), "num") for a in arms]
         if both:
-            cells.append(Cell(_interval(r.diff, d), "num ci"))
+            cells.append(Cell(analysis.fmt_interval(r.diff, d), "num ci"))
         cells += [Cell(_value(r.tutorial.get(a), d), "num tutorial") for a in tut_arms]
         cells += [Cell(_value(r.reference.get(a), d), "num reference") for a in ref_arms]
         out.append(("verdict" if r.verdict else "", cells))
@@ -509,20 +499,23 @@ def _index_row(root: Path, name: str, seconds: float | None):
         exp = analysis.load(root / name)
     except (OSError, records.RecordError) as exc:
         first = Cell(f"[{name}]({link})", html=f'<a href="{html.escape(link)}">{html.escape(name)}</a>', header=True)
-        return [first, Cell(f"records unreadable: {exc}")] + [Cell("—") for _ in range(5)], str(exc)
+        return [first, Cell(f"records unreadable: {exc}")] + [Cell("—") for _ in range(5)], f"Records unreadable: {exc}"
     cmp = analysis.compare(exp)
     row = next((x for x in analysis.figure_rows(exp, cmp) if x.verdict), None)
     d = row.decimals if row else 4
     what = f"{cmp['metric']} {_arrow(row.direction) if row else ''}".strip()
     ns = sorted({s["n"] for s in (row.stats.values() if row else ()) if s.get("n")})
     seeds = f"{' / '.join(map(str, ns))} seeds" if ns else "no finished runs"
+    seeds += f" · {seconds:.1f} s" if seconds is not None else ""
     first = Cell(f"[{name}]({link}): {what}, {seeds}", header=True,
                  html=f'<a href="{html.escape(link)}">{html.escape(name)}</a><br><small>{html.escape(what)} · {seeds}</small>')
     if row and row.tutorial:
         parts = [f"{analysis.ARM_NAMES.get(a, a)} {_value(v, d)}" for a, v in row.tutorial.items()]
         tutorial = Cell(", ".join(parts), "tutorial", html="<br>".join(html.escape(p) for p in parts))
     else:
-        tutorial = Cell("none (offline stand-in)" if exp.recipe.get("stands_in_for") else "none", "tutorial")
+        stand_in = bool(exp.recipe.get("stands_in_for"))
+        tutorial = Cell("none (offline stand-in)" if stand_in else "none", "tutorial",
+                        html="none<br><small>(offline stand-in)</small>" if stand_in else "none")
     uri = _svg_uri(root / name / "plots" / "thumb.svg")
     alt = f"{name}: {cmp['metric']} per epoch"
     thumb = Cell(f"![{alt}]({name}/plots/thumb.png)" if uri else "—",
@@ -530,10 +523,8 @@ def _index_row(root: Path, name: str, seconds: float | None):
     cells = [first,
              Cell(_stat(row.stats.get("bn") if row else None, d, True), "num"),
              Cell(_stat(row.stats.get("no_bn") if row else None, d, True), "num"),
-             Cell(_interval(row.diff if row else None, d), "num ci"),
+             Cell(analysis.fmt_interval(row.diff if row else None, d), "num ci"),
              tutorial, Cell(analysis.outcome(exp, cmp)), thumb]
-    if seconds is not None:
-        cells.append(Cell(f"{seconds:.1f}", "num"))
     return cells, analysis.verdict(exp, cmp)
 
 
@@ -541,7 +532,7 @@ def build_index(root: Path, names, *, title: str = "bnlab: what batch normalizat
                 seconds: dict | None = None) -> dict[str, Path]:
     """``index.md`` and a self-contained ``index.html`` in ``root`` for the experiments ``root/<name>``: a summary table
     (experiment, the verdict's figure and its better direction, BN, no-BN, the difference with its interval, the
-    tutorial's figure, the verdict, a thumbnail of the curves, the seconds each took if given) linking every report,
+    tutorial's figure, the verdict, a thumbnail of the curves; the seconds each took, if given) linking every report,
     then each verdict in full. Reads the records (and each experiment's ``plots/thumb.svg``) only."""
     root = Path(root)
     rows, verdicts = [], []
@@ -550,15 +541,14 @@ def build_index(root: Path, names, *, title: str = "bnlab: what batch normalizat
         rows.append(("", cells))
         verdicts.append((name, verdict))
     columns = ["experiment: figure", "with BN", "without BN", "BN − no-BN [95% CI]", "tutorial", "verdict", "curves"]
-    if seconds:
-        columns.append("seconds")
-    table = Table(columns, rows, numeric={1, 2, 3} | ({7} if seconds else set()), cls="index")
+    table = Table(columns, rows, numeric={1, 2, 3}, cls="index")
     blocks = [("h1", title)]
     if note:
         blocks.append(("lead", note))
     blocks += [("table", table),
                ("note", "Figure: the one each verdict is about (↑ higher is better, ↓ lower is better), mean ± standard "
-                        "deviation over seeds; BN − no-BN with Welch's t 95% interval. Each name and picture opens the report.")]
+                        "deviation over seeds; BN − no-BN with Welch's t 95% interval" + ("; seconds: the experiment's runs and "
+                        "report" if seconds else "") + ". Each name and picture opens the report.")]
     for name, verdict in verdicts:
         blocks += [("h2", name), ("p", verdict), ("p", f"The full report: [{name} report]({name}/report.html), "
                                                       f"also as Markdown: [{name}/report.md]({name}/report.md).")]
