@@ -12,6 +12,14 @@ Every planned run is accounted for: it finished, diverged (a non-finite loss
 stopped it; counted in the verdict, not dropped), has unreadable records (left
 out of n, with the reason), or has not finished yet. Figures, curves and
 intervals are over the runs that finished.
+
+How numbers are written is decided here once, for the verdict, the report's
+tables and ``bnlab report``: one precision per metric (:func:`decimals_for`),
+the true minus sign (U+2212), signed differences (:func:`fmt`,
+:func:`fmt_interval`). :func:`figure_rows` sets the tutorial's figure (and any
+reference re-run) beside each measured one, whatever the validation/test
+arrangement: when the test set is the validation data, ``val_x`` and
+``test_x`` are one figure.
 """
 
 from __future__ import annotations

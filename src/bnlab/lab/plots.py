@@ -153,7 +153,7 @@ def curves_figure(exp: Experiment, metric: str):
             ax.plot(epochs, mean, color=style["color"], lw=2.2, zorder=3, marker="o" if len(epochs) <= 12 else None, ms=3.5)
             handles[arm] = (Line2D([], [], color=style["color"], lw=2.2),
                             f"{style['label']}: mean of {curve.shape[0]} seeds")
-            handles[f"{arm} band"] = (Patch(facecolor="none" if style["hatch"] else style["color"], alpha=0.55 if style["hatch"] else 0.2,
+            handles[f"{arm} band"] = (Patch(facecolor="none" if style["hatch"] else style["color"], alpha=0.5 if style["hatch"] else 0.2,
                                             edgecolor=style["color"], hatch=style["hatch"], lw=0), f"{style['label']}: ± 1 std")
         handles.setdefault("seed", (Line2D([], [], color="#555555", lw=0.7, alpha=0.6), "each seed (thin)"))
         row = tutorial.get(key)  # val_* also answers for test_* when the test set validates (figure_rows merges them)

@@ -37,7 +37,7 @@ from . import analysis, records
 from .plots import plot_all
 from .recipes import render_notes
 
-__all__ = ["Section", "build_report", "build_index", "CSS"]
+__all__ = ["Section", "build_report", "build_index"]
 
 
 @dataclass
