@@ -414,10 +414,16 @@ def _question(r: dict, seeds: int) -> str:
             "and how sure are we?")
 
 
-_CURVES_CAPTION = ("Bold: the mean over seeds; thin: each seed; band: ± 1 standard deviation (filled: with BN, hatched: "
-                   "without BN); dotted line ending in a star: the tutorial's figure (one run).")
-_FINALS_CAPTION = ("Each point is one seed's final figure, labelled with its seed; the bar is the arm's mean; a dashed line "
-                   "is the tutorial's figure, a grey span the reference re-run's range.")
+def _captions(rows: list[analysis.FigureRow]) -> tuple[str, str]:
+    """What the curves and the per-seed plot draw, naming the tutorial's and the reference's marks only where drawn."""
+    tutorial = any(not isinstance(v, (list, tuple)) for r in rows for v in r.tutorial.values())
+    reference = any(r.reference for r in rows)
+    curves = ("Bold: the mean over seeds; thin: each seed; band: ± 1 standard deviation (filled: with BN, hatched: "
+              "without BN)" + ("; dotted line ending in a star: the tutorial's figure (one run)." if tutorial else "."))
+    finals = ("Each point is one seed's final figure, labelled with its seed; the bar is the arm's mean"
+              + ("; a dashed line is the tutorial's figure" if tutorial else "")
+              + ("; a grey span the reference re-run's range" if reference else "") + ".")
+    return curves, finals
 
 
 def build_report(path: Path, exp: analysis.Experiment | None = None, *, sections=(), index_href: str | None = None) -> dict[str, Path]:
@@ -470,7 +476,8 @@ def build_report(path: Path, exp: analysis.Experiment | None = None, *, sections
     if shown:
         blocks.append(("h2", "Curves"))
         last_curve = max((i for i, name in enumerate(shown) if name.startswith("curves-")), default=None)
-        blocks += [("figure", name, _CURVES_CAPTION if i == last_curve else _FINALS_CAPTION if name.startswith("final-") else "")
+        curves, finals = _captions(rows)
+        blocks += [("figure", name, curves if i == last_curve else finals if name.startswith("final-") else "")
                    for i, name in enumerate(shown)]
     for s in sections:
         blocks.append(("h2", s.title))
