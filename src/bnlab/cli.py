@@ -12,8 +12,6 @@ with whole lines.
 from __future__ import annotations
 
 import argparse
-import html
-import math
 import sys
 import time
 from pathlib import Path
@@ -65,16 +63,8 @@ def _at_least_one(option: str, value: int) -> None:
         raise CLIError(f"{option} must be >= 1, got {value}", EXIT_USAGE)
 
 
-def _fmt(mean, std=None, n=None):
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
-    s = f"{mean:.4f}"
-    if std is not None and not math.isnan(std):
-        s += f" ± {std:.4f}"
-    return s + (f" (n={n})" if n else "")
-
-
 def _final_table(exp, cmp, title: str):
+    """The final figures as ``report.md`` shows them: one precision per metric, the verdict's row marked."""
     from rich.table import Table
 
     from .lab import analysis
@@ -86,20 +76,17 @@ def _final_table(exp, cmp, title: str):
         t.add_column({"bn": "with BN", "no_bn": "without BN"}.get(arm, arm), justify="right")
     if len(arms) == 2:
         t.add_column("BN − no-BN [95% CI]", justify="right")
-    for key in analysis.shown_figures(exp, cmp["table"]):
-        per_arm = cmp["table"][key]
-        if key.startswith("recompute"):
+    for row in analysis.figure_rows(exp, cmp):
+        if not row.stats:  # a figure only the tutorial gives
             continue
-        row = [key] + [_fmt(per_arm[a]["mean"], per_arm[a]["std"], per_arm[a]["n"]) for a in arms]
+        d = row.decimals
+        cells = [row.label + {"higher": " ↑", "lower": " ↓"}.get(row.direction or "", "") + (" (verdict)" if row.verdict else "")]
+        for a in arms:
+            s = row.stats.get(a) or {}
+            cells.append(f"{analysis.fmt(s['mean'], d)} ± {analysis.fmt(s['std'], d)} (n={s['n']})" if s.get("n") else "—")
         if len(arms) == 2:
-            d = cmp["diffs"][key]
-            if math.isnan(d["diff"]):  # an arm without finished runs
-                row.append("—")
-            elif math.isnan(d["low"]):  # fewer than two seeds in an arm: no interval
-                row.append(f"{d['diff']:+.4f}")
-            else:
-                row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
-        t.add_row(*row)
+            cells.append(analysis.fmt_interval(row.diff, d))
+        t.add_row(*cells, style="bold" if row.verdict else None)
     return t
 
 
@@ -396,7 +383,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .lab import analysis, demo, records
+    from .lab import analysis, demo, report
     from .lab.recipes import RECIPES
 
     _at_least_one("--seeds", args.seeds)
@@ -415,7 +402,8 @@ def cmd_demo(args) -> int:
     for name, recipe in recipes.items():
         t_step = time.perf_counter()
         out = root / name
-        _run_one(recipe, out, seeds, ("bn", "no_bn"), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, argv=["demo"])
+        _run_one(recipe, out, seeds, ("bn", "no_bn"), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                 argv=["demo", *args.argv_raw])
         exp, cmp, paths = _report(out)
         code = max(code, _show(exp, cmp, f"{name}: final figures"))
         seconds = time.perf_counter() - t_step
@@ -424,18 +412,10 @@ def cmd_demo(args) -> int:
             _warn(warning)
         verdicts.append((name, analysis.verdict(exp, cmp), seconds))
     elapsed = time.perf_counter() - t0
-    index = ["# bnlab demo: what batch normalization did", "",
-             f"{len(recipes)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, in {elapsed:.0f} s.", ""]
-    for name, v, seconds in verdicts:
-        index += [f"## {name}", "", v, "", f"Full report: [{name}/report.html]({name}/report.html) ([markdown]({name}/report.md)); "
-                  f"{seconds:.1f} s.", ""]
-    records.atomic_write_bytes(root / "index.md", "\n".join(index).encode())
-    html_items = "".join(f"<h2>{n}</h2><p>{html.escape(v)}</p><p><a href='{n}/report.html'>full report</a> ({s:.1f} s)</p>"
-                         for n, v, s in verdicts)
-    records.atomic_write_bytes(root / "index.html", (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bnlab demo</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}</style></head><body>"
-        f"<h1>bnlab demo: what batch normalization did</h1><p>{len(seeds)} seeds per arm, {elapsed:.0f} s.</p>{html_items}</body></html>\n").encode())
+    report.build_index(root, list(recipes), title="bnlab demo: what batch normalization did",
+                       note=f"{len(recipes)} tutorial experiments, each trained with and without BN over {len(seeds)} seeds, "
+                            f"in {elapsed:.0f} s (expected about {sum(expected.values()):.0f} s on this machine).",
+                       seconds={name: s for name, _, s in verdicts})
     con.print(f"demo finished in {elapsed:.0f} s\nreport: {(root / 'index.html').resolve()}")
     return code
 

@@ -7,6 +7,8 @@ import pytest
 from bnlab.cli import main
 from bnlab.lab import analysis, demo
 
+from .html_dom import parse, table_columns, table_rows
+
 
 def test_a_reduced_demo_writes_every_report_and_the_index(tmp_path, capsys, monkeypatch):
     root = tmp_path / "demo"
@@ -14,14 +16,21 @@ def test_a_reduced_demo_writes_every_report_and_the_index(tmp_path, capsys, monk
     assert main(["demo", "--out", str(root), "--seeds", "2", "epochs=1", "--quiet"]) == 0
     out, err = capsys.readouterr()
     index = (root / "index.md").read_text()
-    html = (root / "index.html").read_text()
+    table = parse((root / "index.html").read_text()).find("table")  # the summary: one row per experiment, linked
+    rows = {cells[0].find("a").attrs["href"]: dict(zip(table_columns(table), cells)) for _, cells in table_rows(table)}
+    assert list(rows) == [f"{name}/report.html" for name in demo.DEMO_RECIPES]
     for name in demo.DEMO_RECIPES:
         exp = analysis.load(root / name)
         assert exp.complete and exp.recipe["epochs"] == 1 and exp.config["seeds"] == [0, 1] and not exp.problems
         assert all(len(h["loss"]) == 1 for a in exp.arms.values() for h in a.histories)
         assert (root / name / "report.md").exists() and (root / name / "report.html").exists()
         verdict = analysis.verdict(exp)
-        assert verdict in index and f"[{name}/report.html]({name}/report.html)" in index and f"<h2>{name}</h2>" in html
+        assert verdict in index and f"[{name} report]({name}/report.html)" in index
+        row = rows[f"{name}/report.html"]
+        assert row["verdict"].text() == analysis.outcome(exp) and row["curves"].find("img").attrs["src"].startswith("data:image/svg")
+        back = [a.attrs["href"] for a in parse((root / name / "report.html").read_text()).find_all("a") if "experiments" in a.text()]
+        assert back == ["../index.html"]
+        assert exp.config["command"] == ["demo", "--out", str(root), "--seeds", "2", "epochs=1", "--quiet"]
         m = re.search(rf"^{name}: 4 runs and the report in ([\d.]+) s \(expected about ([\d.]+) s\)$", out, re.M)
         assert m, out
         assert f"bnlab: warning: {name} took {m[1]} s" in err and "other programs are probably using the CPUs" in err

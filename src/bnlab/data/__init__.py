@@ -1,7 +1,7 @@
 """Datasets of the tutorials (needs the ``lab`` extra: scikit-learn)."""
 
 from .augment import random_affine
-from .datasets import DATASETS, INPUT_SHAPES, OFFLINE, Dataset, load
+from .datasets import DATASETS, INPUT_SHAPES, OFFICIAL_SPLIT, OFFLINE, Dataset, load
 from .download import DownloadError, cache_dir
 
-__all__ = ["DATASETS", "INPUT_SHAPES", "OFFLINE", "Dataset", "DownloadError", "cache_dir", "load", "random_affine"]
+__all__ = ["DATASETS", "INPUT_SHAPES", "OFFICIAL_SPLIT", "OFFLINE", "Dataset", "DownloadError", "cache_dir", "load", "random_affine"]

@@ -21,7 +21,7 @@ import torch
 
 from . import download, formats
 
-__all__ = ["Dataset", "DATASETS", "load", "diabetes", "blobs", "observations", "digits28", "mnist", "kmnist", "cifar10", "keras_normalize"]
+__all__ = ["Dataset", "DATASETS", "OFFICIAL_SPLIT", "load", "diabetes", "blobs", "observations", "digits28", "mnist", "kmnist", "cifar10", "keras_normalize"]
 
 
 @dataclass
@@ -197,6 +197,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10,
 }
 OFFLINE = frozenset({"diabetes", "blobs", "observations", "digits28"})
+OFFICIAL_SPLIT = frozenset({"mnist", "kmnist", "cifar10"})  # their published train/test split: the seed changes nothing
 INPUT_SHAPES = {
     "diabetes": (10,), "blobs": (2,), "observations": (3,), "digits28": (1, 28, 28),
     "mnist": (1, 28, 28), "kmnist": (1, 28, 28), "cifar10": (3, 32, 32),

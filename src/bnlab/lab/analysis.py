@@ -12,6 +12,14 @@ Every planned run is accounted for: it finished, diverged (a non-finite loss
 stopped it; counted in the verdict, not dropped), has unreadable records (left
 out of n, with the reason), or has not finished yet. Figures, curves and
 intervals are over the runs that finished.
+
+How numbers are written is decided here once, for the verdict, the report's
+tables and ``bnlab report``: one precision per metric (:func:`decimals_for`),
+the true minus sign (U+2212), signed differences (:func:`fmt`,
+:func:`fmt_interval`). :func:`figure_rows` sets the tutorial's figure (and any
+reference re-run) beside each measured one, whatever the validation/test
+arrangement: when the test set is the validation data, ``val_x`` and
+``test_x`` are one figure.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from . import records
 
 __all__ = [
     "ARM_NAMES", "ArmRecords", "Experiment", "load", "welch_interval", "epochs_to_target", "primary_metric", "compare",
-    "run_status", "verdict_sentences", "verdict",
+    "run_status", "verdict_sentences", "verdict", "MINUS", "fmt", "fmt_interval", "decimals_for", "base_metric", "better_direction",
+    "FigureRow", "figure_rows", "tutorial_note", "outcome",
 ]
 
 ARM_NAMES = {"bn": "BN", "no_bn": "no-BN"}  # how sentences name the arms
@@ -234,8 +243,153 @@ def shown_figures(exp: Experiment, keys) -> list[str]:
     return list(keys)
 
 
-def _fmt(x: float, digits: int = 4) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+# ----------------------------------------------------------------------------- how numbers are written
+
+MINUS = "\u2212"  # the minus sign, never the hyphen, in every figure a report or verdict prints
+
+
+def fmt(x, decimals: int, *, sign: bool = False) -> str:
+    """``x`` with ``decimals`` decimals, a true minus sign (U+2212) and, with ``sign``, a ``+`` on positive values.
+
+    ``None`` or NaN is ``n/a``. Every number of a report, a verdict and ``bnlab report``'s table is written by this.
+    """
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    text = f"{x:{'+' if sign else ''}.{decimals}f}"
+    if text.lstrip("+-").strip("0.") == "":  # rounds to zero: no sign
+        text = text.lstrip("+-")
+    return text.replace("-", MINUS)
+
+
+def fmt_interval(diff: dict | None, decimals: int) -> str:
+    """A difference with its interval, ``+0.012 [−0.003, +0.027]`` (signed: it says which arm is ahead); ``—`` when there
+    is no difference (an arm without finished runs), the difference alone when there is no interval."""
+    if not diff or math.isnan(diff["diff"]):
+        return "—"
+    if math.isnan(diff["low"]):
+        return fmt(diff["diff"], decimals, sign=True)
+    return (f"{fmt(diff['diff'], decimals, sign=True)} [{fmt(diff['low'], decimals, sign=True)}, "
+            f"{fmt(diff['high'], decimals, sign=True)}]")
+
+
+def decimals_for(values, spreads=()) -> int:
+    """One precision for a metric: three significant digits of its largest value, and at least one of its smallest
+    non-zero spread (standard deviation, interval half-width), from 0 to 5 decimals."""
+    vals = [abs(float(v)) for v in values if v is not None and math.isfinite(float(v)) and v != 0]
+    digits = 2 - math.floor(math.log10(max(vals))) if vals else 3
+    spread = [abs(float(v)) for v in spreads if v is not None and math.isfinite(float(v)) and v != 0]
+    if spread:
+        digits = max(digits, -math.floor(math.log10(min(spread))))
+    return min(max(digits, 0), 5)
+
+
+def base_metric(key: str) -> str:
+    """``val_accuracy`` and ``test_accuracy`` measure ``accuracy``."""
+    for prefix in ("val_", "test_"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+_LOWER_IS_BETTER = ("loss", "mae", "mse", "error")
+
+
+def better_direction(metric: str) -> str | None:
+    """``"higher"`` (accuracy), ``"lower"`` (losses and errors), or None for a figure without a better side."""
+    if higher_is_better(metric):
+        return "higher"
+    return "lower" if any(base_metric(metric).endswith(k) for k in _LOWER_IS_BETTER) else None
+
+
+# ----------------------------------------------------------------------------- the table of final figures
+
+
+@dataclass
+class FigureRow:
+    """One final figure across the arms, with the tutorial's and the reference's figure for it.
+
+    ``same_as``: the other name of the same figure (``test_accuracy`` for
+    ``val_accuracy`` when the validation data is the test set). ``stats``: arm ->
+    mean, std, n over the finished seeds; ``diff``: BN − no-BN with its interval;
+    ``tutorial``: arm -> the figure the tutorial printed (one run);
+    ``reference``: arm -> a figure or a (low, high) range quoted by the recipe.
+    ``decimals``: the precision of the figure's metric, for every number of the row.
+    """
+
+    key: str
+    same_as: str | None
+    stats: dict
+    diff: dict | None
+    tutorial: dict
+    reference: dict
+    direction: str | None
+    verdict: bool
+    decimals: int = 4
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} = {self.same_as}" if self.same_as else self.key
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.key, self.same_as) if self.same_as else (self.key,)
+
+
+def _recipe_figure(figures: dict, names) -> object:
+    return next((figures[n] for n in names if n in figures), None)
+
+
+def figure_rows(exp: Experiment, cmp: dict | None = None) -> list[FigureRow]:
+    """The rows of the final-figures table: every figure measured (``test_*`` merged into ``val_*`` when they are the
+    same data), then any figure the tutorial or the reference gives that this run did not measure; one precision per
+    metric (:func:`decimals_for` over every number of that metric)."""
+    cmp = cmp or compare(exp)
+    recipe = exp.recipe
+    reported, reference = recipe.get("reported") or {}, recipe.get("reference") or {}
+    keys = [k for k in shown_figures(exp, cmp["table"]) if not k.startswith("recompute")]
+    rows = []
+    for key in keys:
+        same = f"test_{key[4:]}" if recipe.get("validation") == "test" and key.startswith("val_") and f"test_{key[4:]}" in cmp["table"] else None
+        names = (key, same) if same else (key,)
+        rows.append(FigureRow(
+            key, same, cmp["table"][key], cmp["diffs"].get(key),
+            {arm: v for arm, figs in reported.items() if (v := _recipe_figure(figs, names)) is not None},
+            {arm: v for arm, figs in reference.items() if (v := _recipe_figure(figs, names)) is not None},
+            better_direction(key), key == cmp["metric"]))
+    seen = {n for r in rows for n in r.names}
+    for key in dict.fromkeys(k for figs in (*reported.values(), *reference.values()) for k in figs):
+        alias = f"val_{key[5:]}" if key.startswith("test_") and recipe.get("validation") == "test" else None
+        if key in seen or alias in seen:
+            continue
+        rows.append(FigureRow(key, None, {}, None, {a: f[key] for a, f in reported.items() if key in f},
+                              {a: f[key] for a, f in reference.items() if key in f}, better_direction(key), False))
+    for base in {base_metric(r.key) for r in rows}:
+        same = [r for r in rows if base_metric(r.key) == base]
+        values, spreads = [], []
+        for r in same:
+            values += [s["mean"] for s in r.stats.values() if s.get("n")]
+            spreads += [s["std"] for s in r.stats.values() if s.get("n", 0) > 1]
+            for v in (*r.tutorial.values(), *r.reference.values()):
+                values += list(v) if isinstance(v, (list, tuple)) else [v]
+            if r.diff and not math.isnan(r.diff["low"]):
+                spreads.append((r.diff["high"] - r.diff["low"]) / 2)
+        d = decimals_for(values, spreads)
+        for r in same:
+            r.decimals = d
+    return rows
+
+
+def tutorial_note(recipe: dict) -> str | None:
+    """Why the tutorial column is empty, when the recipe carries no figure of its tutorial; None when it does."""
+    if recipe.get("reported"):
+        return None
+    if recipe.get("stands_in_for"):
+        return (f"No tutorial figure: {recipe['name']} is an offline stand-in for {recipe['stands_in_for']} on other data "
+                f"({recipe['dataset']}), so that tutorial's figures do not apply.")
+    return f"No tutorial figure: tutorial {recipe['tutorial']} prints no final figure for this experiment."
+
+
+# ----------------------------------------------------------------------------- the verdict
 
 
 def _seeds(seeds) -> str:
@@ -243,12 +397,54 @@ def _seeds(seeds) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
 
 
+def outcome(exp: Experiment, cmp: dict | None = None) -> str:
+    """The verdict in a few words (an index's column): ``BN better``, ``BN worse``, ``no clear difference``,
+    ``too few seeds``, ``no finished runs`` or ``one arm only``."""
+    cmp = cmp or compare(exp)
+    if "bn" not in exp.arms or "no_bn" not in exp.arms:
+        return "one arm only"
+    if not exp.arms["bn"].seeds or not exp.arms["no_bn"].seeds:
+        return "no finished runs"
+    d = cmp["diffs"][cmp["metric"]]
+    if math.isnan(d["low"]):
+        return "too few seeds"
+    if d["low"] > 0 or d["high"] < 0:
+        return "BN better" if (d["diff"] > 0) == higher_is_better(cmp["metric"]) else "BN worse"
+    return "no clear difference"
+
+
+def _speedup_sentence(exp: Experiment, cmp: dict, decimals: int) -> str | None:
+    """Epochs to target, in this run's own epochs and steps (``facts['steps_per_epoch']``)."""
+    ett, metric = cmp.get("epochs_to_target") or {}, cmp["metric"]
+    if not ett:
+        return None
+    target = fmt(ett["target"], decimals)
+    per_epoch = (exp.config.get("facts") or {}).get("steps_per_epoch")
+    step = (lambda e: f", step {e * per_epoch:,}") if per_epoch else (lambda e: "")
+    if not ett.get("bn_epoch"):
+        return f"BN never reached the no-BN arm's best mean {metric} ({target}, at epoch {ett['reference_epoch']}{step(ett['reference_epoch'])})."
+    ratio = ett["speedup"]
+    if ratio > 1:
+        gain = f"{ratio:.1f} times fewer epochs{' and steps' if per_epoch else ''} in this run"
+    else:
+        gain = "no fewer epochs" + (" or steps" if per_epoch else "") + " in this run"
+    return (f"BN first reached the no-BN arm's best mean {metric} ({target}, at epoch {ett['reference_epoch']}"
+            f"{step(ett['reference_epoch'])}) at epoch {ett['bn_epoch']}{step(ett['bn_epoch'])}: {gain}.")
+
+
 def verdict_sentences(exp: Experiment, cmp: dict | None = None) -> list[str]:
-    """The verdict, sentence by sentence, computed from the numbers: divergence, left-out seeds, did BN help, how sure."""
+    """The verdict, sentence by sentence, computed from the numbers: divergence, left-out seeds, did BN help, how sure,
+    the tutorial's figure beside ours, how much sooner BN got there.
+
+    Every number of the verdict's metric is written at that metric's one precision (:func:`figure_rows`), the same
+    strings as the report's table.
+    """
     cmp = cmp or compare(exp)
     metric = cmp["metric"]
     name = exp.recipe["name"]
     arms = exp.arms
+    rows = {r.key: r for r in figure_rows(exp, cmp)}
+    d_ = rows[metric].decimals if metric in rows else 4
     out = []
     if any(a.diverged for a in arms.values()):
         counts = [f"{ARM_NAMES[arm]} {'diverged ' if i == 0 else ''}in {len(a.diverged)}/{a.ended}{' seeds' if i == 0 else ''}"
@@ -261,7 +457,7 @@ def verdict_sentences(exp: Experiment, cmp: dict | None = None) -> list[str]:
     if "bn" not in arms or "no_bn" not in arms:
         only = next(iter(arms), "?")
         s = cmp["table"].get(metric, {}).get(only, {})
-        out.append(f"Only the {only!r} arm was run on {name}: final {metric} {_fmt(s.get('mean'))} ± {_fmt(s.get('std'))} "
+        out.append(f"Only the {only!r} arm was run on {name}: final {metric} {fmt(s.get('mean'), d_)} ± {fmt(s.get('std'), d_)} "
                    f"over {s.get('n', 0)} seeds. Run both arms (--compare) for a verdict.")
         return out
     empty = [ARM_NAMES[arm] for arm in ("bn", "no_bn") if not arms[arm].seeds]
@@ -271,28 +467,26 @@ def verdict_sentences(exp: Experiment, cmp: dict | None = None) -> list[str]:
         return out
     bn, nb = cmp["table"][metric]["bn"], cmp["table"][metric]["no_bn"]
     d = cmp["diffs"][metric]
-    higher = higher_is_better(metric)
-    better = (d["diff"] > 0) == higher
     over = f"over {bn['n']} seeds each" if bn["n"] == nb["n"] else f"over {bn['n']} and {nb['n']} seeds"
-    out.append(f"On {name}, the final {metric} was {_fmt(bn['mean'])} ± {_fmt(bn['std'], 2)} with BN and "
-               f"{_fmt(nb['mean'])} ± {_fmt(nb['std'], 2)} without (mean ± std {over}).")
+    out.append(f"On {name}, the final {metric} was {fmt(bn['mean'], d_)} ± {fmt(bn['std'], d_)} with BN and "
+               f"{fmt(nb['mean'], d_)} ± {fmt(nb['std'], d_)} without (mean ± std {over}).")
     if math.isnan(d["low"]):
-        out.append(f"With fewer than two seeds per arm there is no interval; the difference BN − no-BN is {_fmt(d['diff'])}.")
+        out.append(f"With fewer than two seeds per arm there is no interval; the difference BN − no-BN is {fmt(d['diff'], d_, sign=True)}.")
     else:
-        significant = d["low"] > 0 or d["high"] < 0
-        ci = f"{_fmt(d['diff'])} (95% CI {_fmt(d['low'])} to {_fmt(d['high'])}, Welch's t)"
-        if significant:
-            out.append(f"BN − no-BN = {ci}: BN made the {metric} clearly {'better' if better else 'worse'} here.")
+        ci = f"{fmt(d['diff'], d_, sign=True)} (95% CI {fmt(d['low'], d_, sign=True)} to {fmt(d['high'], d_, sign=True)}, Welch's t)"
+        label = outcome(exp, cmp)
+        if label in ("BN better", "BN worse"):
+            out.append(f"BN − no-BN = {ci}: BN made the {metric} clearly {label.split()[1]} here.")
         else:
             out.append(f"BN − no-BN = {ci}: the interval includes zero, so these seeds do not show BN changing the final {metric}.")
-    ett = cmp.get("epochs_to_target") or {}
-    if ett.get("bn_epoch"):
-        out.append(
-            f"BN reached the no-BN arm's best mean {metric} ({_fmt(ett['target'])}, at epoch {ett['reference_epoch']}) "
-            f"at epoch {ett['bn_epoch']}, a {ett['speedup']:.2g}x speed-up in epochs."
-        )
-    elif ett:
-        out.append(f"BN never reached the no-BN arm's best mean {metric} ({_fmt(ett['target'])}).")
+    tut = rows[metric].tutorial if metric in rows else {}
+    if tut:
+        said = " and ".join(f"{fmt(v, d_)} {'with' if arm == 'bn' else 'without'} BN" for arm, v in tut.items()
+                            if not isinstance(v, (list, tuple)))
+        if said:
+            out.append(f"The tutorial's single run printed {said}.")
+    if (sentence := _speedup_sentence(exp, cmp, d_)) is not None:
+        out.append(sentence)
     return out
 
 

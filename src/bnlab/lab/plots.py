@@ -1,12 +1,18 @@
-"""Plots of an experiment, drawn from its records alone (matplotlib, PNG and SVG).
+"""Plots of an experiment, drawn from its records alone (matplotlib; SVG, and PNG at twice the screen density).
 
-* ``curves-<metric>.png``: the metric per epoch, training (solid) and
-  validation (dashed), for each arm: the mean over seeds as a line and a band of
-  ± one standard deviation; the tutorial's reported final figure is marked.
-* ``final-<metric>.png``: a strip plot of the final value of each seed per arm,
-  with the arm's mean.
+* ``curves-<metric>``: the metric per epoch, training and validation side by
+  side, each arm's mean over seeds bold over a band of ± one standard deviation
+  and each seed's own curve thin beneath; the tutorial's final figure (one run)
+  as a dotted reference line ending in a star.
+* ``final-<metric>``: the final value of every seed, labelled with its seed, per
+  arm, with the arm's mean and the tutorial's figure; one panel per distinct
+  quantity (``test_*`` only where the test set is not the validation data).
+* ``thumb``: a small picture of the validation curve for an index.
 
-Each arm has one colour in every figure (BN blue, no-BN orange).
+One look for every figure (:data:`STYLE`): the colour-blind-safe palette of
+Okabe & Ito (2008, "Color Universal Design"), the BN arm blue and filled, the
+no-BN arm vermillion and hatched, so that where their bands overlap both stay
+visible; legends beside or below the data, never on it; whole-number epochs.
 
 Diagnostics (from the records of :mod:`bnlab.lab.probes`, :mod:`~bnlab.lab.landscape`
 and :mod:`~bnlab.lab.sweep`): ``fig1`` (the original paper's Figure 1: test
@@ -20,26 +26,49 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import Experiment, primary_metric
+from .analysis import Experiment, base_metric, figure_rows, primary_metric
 
-__all__ = ["ARM_STYLE", "curves_figure", "finals_figure", "plot_curves", "plot_finals", "plot_all",
-           "fig1_figure", "plot_fig1", "last_activation_layer", "landscape_figure", "plot_landscape",
-           "SWEEP_STYLE", "batch_size_figure", "plot_batch_size"]
+__all__ = ["ARM_STYLE", "OKABE_ITO", "STYLE", "DPI", "curves_figure", "finals_figure", "thumbnail_figure", "plot_curves",
+           "plot_finals", "plot_all", "fig1_figure", "plot_fig1", "last_activation_layer", "landscape_figure",
+           "plot_landscape", "SWEEP_STYLE", "batch_size_figure", "plot_batch_size"]
+
+# Okabe & Ito's eight colours, distinct under the common colour-vision deficiencies.
+OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
+             "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7"}
 
 ARM_STYLE = {
-    "bn": {"color": "#1f77b4", "label": "with BN"},
-    "no_bn": {"color": "#ff7f0e", "label": "without BN"},
+    "bn": {"color": OKABE_ITO["blue"], "label": "with BN", "hatch": None},
+    "no_bn": {"color": OKABE_ITO["vermillion"], "label": "without BN", "hatch": "///"},
 }
+_OTHER = {"color": "#777777", "label": "?", "hatch": "...."}
 _NAMES = {"loss": "loss", "mae": "mean absolute error", "accuracy": "accuracy", "mse": "mean squared error"}
+
+STYLE = {  # matplotlib rcParams of every bnlab figure
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "figure.titlesize": 11, "legend.fontsize": 8,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6,
+    "legend.frameon": False, "hatch.linewidth": 0.7, "svg.fonttype": "path", "svg.hashsalt": "bnlab",
+    "axes.prop_cycle": None,  # set below from the palette
+}
+DPI = 192  # PNG pixels per inch: twice the 96 CSS pixels per inch a browser shows the figure at
 
 
 def _mpl():
+    """pyplot on the Agg backend with :data:`STYLE` (set once: updating rcParams validates every entry)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    if plt.rcParams["svg.hashsalt"] != STYLE["svg.hashsalt"]:
+        from cycler import cycler
+
+        plt.rcParams.update({**STYLE, "axes.prop_cycle": cycler(color=[OKABE_ITO[c] for c in (
+            "blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue", "yellow", "black")])})
     return plt
+
+
+def _style(arm: str) -> dict:
+    return ARM_STYLE.get(arm, {**_OTHER, "label": arm})
 
 
 def _ylabel(metric: str, recipe: dict) -> str:
@@ -52,94 +81,187 @@ def _ylabel(metric: str, recipe: dict) -> str:
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
-    """Write ``fig`` as PNG and SVG (each atomically) and close it."""
+    """Write ``fig`` as PNG (at :data:`DPI`) and SVG, each atomically and without a date (the same records give the
+    same bytes), and close it. A figure with constrained layout is saved as laid out (one drawing per file); any
+    other is cropped to what it draws ("tight", which draws it twice)."""
     paths = []
-    for ext in ("png", "svg"):
+    out.mkdir(parents=True, exist_ok=True)
+    tight = "tight" if fig.get_layout_engine() is None else None
+    for ext, kw in (("png", {"metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}}),  # fast: the page embeds the SVG
+                    ("svg", {"metadata": {"Date": None}})):
         p = out / f"{stem}.{ext}"
         tmp = p.with_name(f".{p.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches=tight, **kw)
         tmp.replace(p)  # atomic: a half-written figure is never left under the final name
         paths.append(p)
     _mpl().close(fig)
     return paths
 
 
+def _integer_epochs(ax, n: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(0.7 if n <= 1 else 1, n + 0.3 if n <= 1 else n)
+
+
+def _band(ax, x, lo, hi, style, **kw):
+    """A ± std band: filled for BN, hatched for no-BN, so that overlapping bands stay apart."""
+    if style["hatch"]:
+        return ax.fill_between(x, lo, hi, facecolor="none", edgecolor=style["color"], hatch=style["hatch"], lw=0, alpha=0.5, **kw)
+    return ax.fill_between(x, lo, hi, color=style["color"], alpha=0.2, lw=0, **kw)
+
+
+def _tutorial_rows(exp: Experiment) -> dict[str, object]:
+    """Figure name (each of its names) -> its FigureRow, for the figures the tutorial gives."""
+    return {n: r for r in figure_rows(exp) if r.tutorial for n in r.names}
+
+
 def plot_curves(exp: Experiment, metric: str, out: Path) -> list[Path]:
-    """Training and validation ``metric`` per epoch for each arm, mean ± std over seeds (PNG + SVG)."""
+    """Training and validation ``metric`` per epoch for each arm, mean ± std over seeds and each seed (PNG + SVG)."""
     return _save(curves_figure(exp, metric), out, f"curves-{metric}")
 
 
 def curves_figure(exp: Experiment, metric: str):
-    """The figure of :func:`plot_curves` (a matplotlib Figure, not saved)."""
+    """The figure of :func:`plot_curves` (a matplotlib Figure, not saved): one panel for training, one for
+    validation (when there is validation data), sharing the metric's axis."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     plt = _mpl()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     recipe = exp.recipe
-    drawn = 0
-    for arm, rec in exp.arms.items():
-        style = ARM_STYLE.get(arm, {"color": "gray", "label": arm})
-        for key, ls, what in ((metric, "-", "training"), (f"val_{metric}", "--", "validation")):
+    panels = [(key, what) for key, what in ((metric, "training"), (f"val_{metric}", "validation = test set"
+                                                                    if recipe.get("validation") == "test" else "validation"))
+              if any(a.curve(key).size for a in exp.arms.values())] or [(metric, "training")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels) + 0.4, 4.1), sharey=True, squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.08, wspace=0.06)  # sharing the y axis, the second panel would otherwise touch the first
+    axes = axes[0]
+    handles, n_epochs = {}, 1
+    tutorial = _tutorial_rows(exp)
+    for ax, (key, what) in zip(axes, panels):
+        for arm, rec in exp.arms.items():
+            style = _style(arm)
             curve = rec.curve(key)
             if curve.size == 0:
                 continue
             epochs = np.arange(1, curve.shape[1] + 1)
+            n_epochs = max(n_epochs, len(epochs))
+            for seed_curve in curve:
+                ax.plot(epochs, seed_curve, color=style["color"], lw=0.7, alpha=0.45, zorder=2)
             mean, std = curve.mean(0), curve.std(0, ddof=1) if curve.shape[0] > 1 else np.zeros(curve.shape[1])
-            ax.plot(epochs, mean, ls, color=style["color"], lw=1.8, label=f"{style['label']}, {what} (n={curve.shape[0]})")
-            ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.18, lw=0)
-            drawn += 1
-    for arm, figures in (recipe.get("reported") or {}).items():
-        style = ARM_STYLE.get(arm, {"color": "gray", "label": arm})
-        for key, marker in ((metric, "*"), (f"val_{metric}", "P")):
-            if key in figures:
-                ax.plot([recipe["epochs"]], [figures[key]], marker, color=style["color"], ms=13, mec="black", mew=0.8,
-                        ls="none", label=f"tutorial's {'validation' if key.startswith('val_') else 'training'} {metric}, {style['label']}")
-    ax.set_title(f"{recipe['name']}: {_NAMES.get(metric, metric)} per epoch, mean ± 1 std over seeds")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(_ylabel(metric, recipe))
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=8, loc="best")
+            _band(ax, epochs, mean - std, mean + std, style, zorder=1)
+            ax.plot(epochs, mean, color=style["color"], lw=2.2, zorder=3, marker="o" if len(epochs) <= 12 else None, ms=3.5)
+            handles[arm] = (Line2D([], [], color=style["color"], lw=2.2),
+                            f"{style['label']}: mean of {curve.shape[0]} seeds")
+            handles[f"{arm} band"] = (Patch(facecolor="none" if style["hatch"] else style["color"], alpha=0.5 if style["hatch"] else 0.2,
+                                            edgecolor=style["color"], hatch=style["hatch"], lw=0), f"{style['label']}: ± 1 std")
+        handles.setdefault("seed", (Line2D([], [], color="#555555", lw=0.7, alpha=0.6), "each seed (thin)"))
+        row = tutorial.get(key)  # val_* also answers for test_* when the test set validates (figure_rows merges them)
+        if row is not None:
+            values = {arm: v for arm, v in row.tutorial.items() if not isinstance(v, (list, tuple))}
+            for arm, value in values.items():
+                style = _style(arm)
+                above = value >= max(values.values())  # the highest labelled above its line, any other below
+                ax.axhline(value, color=style["color"], ls=":", lw=1.2, zorder=2.5)
+                ax.plot([n_epochs], [value], "*", color=style["color"], ms=12, mec="black", mew=0.6, zorder=4, clip_on=False)
+                ax.annotate(f"{value:g}", (n_epochs, value), xytext=(-8, 3 if above else -3), textcoords="offset points",
+                            ha="right", va="bottom" if above else "top", fontsize=7, color=style["color"])
+                handles[f"tutorial {arm}"] = (Line2D([], [], color=style["color"], ls=":", marker="*", ms=10, mec="black", mew=0.6),
+                                              f"tutorial, {style['label']} (one run)")
+        ax.set_title(what)
+        ax.set_xlabel("epoch")
+    for ax in axes:
+        _integer_epochs(ax, n_epochs)
+    axes[0].set_ylabel(_ylabel(metric, recipe))
+    fig.suptitle(f"{recipe['name']}: {_NAMES.get(metric, metric)} per epoch, mean ± 1 std over seeds")
+    if exp.arms and any(k in handles for k in exp.arms):
+        order = [k for k in (*exp.arms, *(f"{a} band" for a in exp.arms), "seed", *(f"tutorial {a}" for a in exp.arms)) if k in handles]
+        fig.legend([handles[k][0] for k in order], [handles[k][1] for k in order], loc="outside lower center",
+                   ncol=min(len(order), 3), handlelength=2.4)
     return fig
 
 
-def plot_finals(exp: Experiment, key: str, out: Path) -> list[Path]:
-    """Final ``key`` of every seed, per arm, with the arm's mean as a bar (PNG + SVG)."""
-    return _save(finals_figure(exp, key), out, f"final-{key}")
+def plot_finals(exp: Experiment, keys, out: Path) -> list[Path]:
+    """Final figures of every seed, per arm, one panel per key (PNG + SVG, named after the first key)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    return _save(finals_figure(exp, keys), out, f"final-{keys[0]}")
 
 
-def finals_figure(exp: Experiment, key: str):
-    """The figure of :func:`plot_finals` (not saved)."""
+def finals_figure(exp: Experiment, keys):
+    """The figure of :func:`plot_finals` (not saved): per panel, each seed's final value as a point labelled with its
+    seed, the arm's mean as a bar, the tutorial's figure as a dashed line, the reference's range as a grey span."""
     plt = _mpl()
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    rng = np.random.default_rng(0)
-    labels = []
-    for i, (arm, rec) in enumerate(exp.arms.items()):
-        style = ARM_STYLE.get(arm, {"color": "gray", "label": arm})
-        vals = rec.final_values(key)
-        if vals.size == 0:
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys) + 0.5, 3.6), squeeze=False, layout="constrained")
+    rows = {n: r for r in figure_rows(exp) for n in r.names}
+    for ax, key in zip(axes[0], keys):
+        row = rows.get(key)
+        ticks = []
+        for i, (arm, rec) in enumerate(exp.arms.items()):
+            style = _style(arm)
+            seeds = [s for s, f in zip(rec.seeds, rec.finals) if key in f]
+            vals = rec.final_values(key)
+            ticks.append((i, f"{style['label']}\n(n={vals.size})"))
+            ref = row.reference.get(arm) if row else None
+            if ref is not None:
+                lo, hi = (ref if isinstance(ref, (list, tuple)) else (ref, ref))
+                ax.add_patch(plt.Rectangle((i - 0.4, lo), 0.8, max(hi - lo, 1e-12), color="#999999", alpha=0.25, lw=0, zorder=0))
+                ax.text(i + 0.42, hi, "reference", fontsize=7, color="#555555", va="bottom")
+            tut = row.tutorial.get(arm) if row else None
+            if tut is not None and not isinstance(tut, (list, tuple)):
+                ax.hlines(tut, i - 0.4, i + 0.4, color=style["color"], ls="--", lw=1.3, zorder=2)
+                ax.text(i + 0.42, tut, f"tutorial {tut:g}", fontsize=7, color=style["color"], va="center")
+            if vals.size == 0:
+                continue
+            order = np.argsort(vals)
+            xs = np.empty(vals.size)
+            xs[order] = i + (np.linspace(-0.22, 0.22, vals.size) if vals.size > 1 else 0.0)  # low to high, left to right
+            ax.scatter(xs, vals, s=34, color=style["color"], edgecolor="black", lw=0.5, zorder=3)
+            for x, v, s in zip(xs, vals, seeds):
+                ax.annotate(str(s), (x, v), xytext=(4, 3), textcoords="offset points", fontsize=7, color="#333333")
+            ax.hlines(vals.mean(), i - 0.32, i + 0.32, color=style["color"], lw=2.5, zorder=2.5)
+        ax.set_xticks([i for i, _ in ticks], [t for _, t in ticks])
+        ax.set_xlim(-0.6, len(ticks) - 0.15)
+        ax.grid(False, axis="x")
+        ax.set_title(f"final {key}" + (f" (= {row.same_as})" if row and row.same_as else ""))
+        ax.set_ylabel(base_metric(key).replace("_", " "))
+    fig.suptitle(f"{exp.recipe['name']}: each seed's final figure")
+    return fig
+
+
+def thumbnail_figure(exp: Experiment):
+    """A small picture of the primary metric per epoch (mean and band per arm) for an index; no text."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(2.4, 1.25), layout="constrained")
+    metric = primary_metric(exp)
+    for arm, rec in exp.arms.items():
+        curve, style = rec.curve(metric), _style(arm)
+        if curve.size == 0:
             continue
-        ax.scatter(i + rng.uniform(-0.08, 0.08, vals.size), vals, color=style["color"], s=36, zorder=3, edgecolor="black", lw=0.5)
-        ax.hlines(vals.mean(), i - 0.25, i + 0.25, color=style["color"], lw=2.5, zorder=2)
-        labels.append((i, f"{style['label']}\n(n={vals.size})"))
-    ax.set_xticks([i for i, _ in labels], [t for _, t in labels])
-    ax.set_xlim(-0.6, max(len(labels) - 0.4, 0.6))
-    ax.set_title(f"{exp.recipe['name']}: final {key} per seed")
-    ax.set_ylabel(key.replace("_", " "))
-    ax.grid(alpha=0.3, axis="y")
+        x = np.arange(1, curve.shape[1] + 1)
+        mean, std = curve.mean(0), curve.std(0, ddof=1) if curve.shape[0] > 1 else np.zeros(curve.shape[1])
+        _band(ax, x, mean - std, mean + std, style)
+        ax.plot(x, mean, color=style["color"], lw=1.6, marker="o" if len(x) <= 3 else None, ms=2.5)
+    ax.tick_params(labelbottom=False, labelleft=False, length=0)  # a picture: the numbers are in the table beside it
+    ax.grid(alpha=0.2)
     return fig
 
 
 def plot_all(exp: Experiment, out: Path) -> dict[str, list[Path]]:
-    """Every curve and strip plot for the experiment into ``out``; returns name -> files."""
+    """Every figure of the report into ``out``, one per distinct quantity; returns name -> files (``thumb`` last)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     keys = set().union(*[set(h) for a in exp.arms.values() for h in a.histories]) if exp.arms else set()
-    metrics = [k for k in ("loss", "accuracy", "mae") if k in keys]
+    metrics = sorted({base_metric(k) for k in keys}, key=lambda k: (k != "loss", k))
     made = {f"curves-{m}": plot_curves(exp, m, out) for m in metrics}
     finals = set().union(*[set(f) for a in exp.arms.values() for f in a.finals]) if exp.arms else set()
     primary = primary_metric(exp)
-    for k in dict.fromkeys([primary, "test_" + primary.removeprefix("val_")]):
-        if k in finals:
-            made[f"final-{k}"] = plot_finals(exp, k, out)
+    shown = {n for r in figure_rows(exp) for n in r.names[:1]}  # test_* merged into val_* when the same data
+    per_seed = [k for k in dict.fromkeys([primary, "test_" + base_metric(primary)]) if k in finals and k in shown]
+    if per_seed:
+        made[f"final-{per_seed[0]}"] = plot_finals(exp, per_seed, out)
+    if exp.arms and any(a.histories for a in exp.arms.values()):
+        made["thumb"] = _save(thumbnail_figure(exp), out, "thumb")
     return made
 
 
@@ -187,7 +309,7 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
             continue
         curves[arm] = curve
         steps = np.arange(1, curve.shape[1] + 1) * per_epoch
-        style = ARM_STYLE.get(arm, {"color": "gray", "label": arm})
+        style = _style(arm)
         _seed_lines(ax, [(steps, c) for c in curve], style["color"], f"{style['label']} (n={curve.shape[0]})")
     if "bn" in curves and "no_bn" in curves:
         ett = epochs_to_target(curves["bn"], curves["no_bn"], higher=True)
@@ -212,7 +334,7 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
         layer = (layers or {}).get(arm) or last_activation_layer(recs[0].meta, "sigmoid")
         unit = recs[0].meta.get("layers", {}).get(layer, {}).get("unit", "?")
         pcts = [q for q in recs[0].quantities(layer) if q.startswith("unit_p")]
-        for q, color in zip(pcts, ("#9467bd", "#2ca02c", "#d62728", "#8c564b", "#17becf"), strict=False):
+        for q, color in zip(pcts, (OKABE_ITO["reddish purple"], OKABE_ITO["bluish green"], OKABE_ITO["orange"], OKABE_ITO["sky blue"], OKABE_ITO["black"]), strict=False):
             _seed_lines(ax, [r.series(layer, q) for r in recs], color, f"{q[5:]} (n={len(recs)})")
         ax.set_title(f"{tag}: input to sigmoid unit {unit} of layer {layer!r}", fontsize=9)
         ax.set_ylabel("pre-activation percentiles")
@@ -252,18 +374,18 @@ def landscape_figure(landscapes: dict, title: str = ""):
         recs = [r for r in recs if len(r.epochs)]
         if not recs:
             continue
-        style = ARM_STYLE.get(arm, {"color": "gray", "label": arm})
+        style = _style(arm)
         n = min(len(r.epochs) for r in recs)
         use_steps = all(np.isfinite(r.steps[:n]).all() for r in recs)
         x = recs[0].steps[:n] if use_steps else recs[0].epochs[:n]
         for ax, key in ((axes[0], "losses"), (axes[1], "grad_diffs")):
             vals = np.array([getattr(r, key)[:n] for r in recs])  # (seeds, points, etas)
             lo, hi = vals.min(axis=2).mean(0), vals.max(axis=2).mean(0)
-            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.3, lw=0, label=f"{style['label']} (n={len(recs)})")
+            _band(ax, x, lo, hi, style, label=f"{style['label']} (n={len(recs)})")
         beta = np.array([r.beta[:n] for r in recs])
         axes[2].plot(x, beta.mean(0), color=style["color"], lw=1.8, label=f"{style['label']} (n={len(recs)})")
         if len(recs) > 1:
-            axes[2].fill_between(x, beta.min(0), beta.max(0), color=style["color"], alpha=0.18, lw=0)
+            _band(axes[2], x, beta.min(0), beta.max(0), style)
         for ax in axes:
             ax.set_xlabel("training step" if use_steps else "epoch")
     for ax, t in zip(axes, ("(a) loss along the gradient (min-max over step sizes)",
@@ -286,10 +408,10 @@ def plot_landscape(landscapes: dict, out: Path, title: str = "") -> list[Path]:
 
 
 SWEEP_STYLE = {
-    "bn": {"color": "#1f77b4", "label": "BN"},
-    "renorm": {"color": "#2ca02c", "label": "batch renorm"},
-    "ghost": {"color": "#9467bd", "label": "ghost BN"},
-    "none": {"color": "#ff7f0e", "label": "no BN"},
+    "bn": {"color": OKABE_ITO["blue"], "label": "BN"},
+    "renorm": {"color": OKABE_ITO["bluish green"], "label": "batch renorm"},
+    "ghost": {"color": OKABE_ITO["reddish purple"], "label": "ghost BN"},
+    "none": {"color": OKABE_ITO["vermillion"], "label": "no BN"},
 }
 
 

@@ -57,6 +57,7 @@ class Recipe:
     reported: dict = field(default_factory=dict, compare=False, hash=False)  # the tutorial's figures, by arm
     reference: dict = field(default_factory=dict, compare=False, hash=False)  # other measured figures, by arm
     notes: str = ""
+    stands_in_for: str = ""  # the recipe this offline one replaces on other data (its tutorial's figures do not apply)
 
     @property
     def offline(self) -> bool:
@@ -171,13 +172,13 @@ _add(Recipe(
 _add(Recipe(
     name="digits28-mlp", tutorial="004", title="The MNIST MLP on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="mnist_mlp", loss="sparse_categorical_crossentropy", optimizer="adam",
-    metrics=("accuracy",), epochs=10, batch_size=32, validation="test",
+    metrics=("accuracy",), epochs=10, batch_size=32, validation="test", stands_in_for="mnist-mlp",
     notes="Stands in for mnist-mlp where MNIST cannot be downloaded: {train:,} training and {test} test images.",
 ))
 _add(Recipe(
     name="digits28-cnn", tutorial="003", title="The KMNIST CNN on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="kmnist_cnn", loss="sparse_categorical_crossentropy", optimizer="adam",
-    metrics=("accuracy",), epochs=25, batch_size=250, validation_split=0.2,
+    metrics=("accuracy",), epochs=25, batch_size=250, validation_split=0.2, stands_in_for="kmnist-cnn",
     notes="Stands in for kmnist-cnn where KMNIST cannot be downloaded. With {train:,} training images at batch "
           "{batch_size} over {epochs} epochs there are only {updates} updates, and at momentum {bn_momentum} the moving "
           "statistics keep {bn_momentum}^{updates} = {moving_kept:.0%} of their initial values. At the recipe's own "
@@ -206,7 +207,7 @@ _add(Recipe(
 _add(Recipe(
     name="paper-fig1-digits28", tutorial="paper", title="The paper's Figure 1 network on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="paper_mlp", loss="sparse_categorical_crossentropy", optimizer="sgd", learning_rate=0.1,
-    metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test",
+    metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test", stands_in_for="paper-fig1",
     notes="Stands in for paper-fig1 where MNIST cannot be downloaded: {train:,} training and {test} test images, so "
           "{updates:,} steps of {batch_size} pass over the training set about {passes:,.0f} times; it shows the mechanics and the qualitative "
           "picture, not the paper's MNIST figures. " + _FIG1_NOTES,
@@ -288,7 +289,8 @@ _RULES: dict[str, tuple[Callable[[object], bool], Callable[[], str] | str]] = {
 }
 _OVERRIDABLE = tuple(_RULES)
 # What defines the experiment itself: changing it makes another recipe, not an override.
-_FIXED = ("name", "tutorial", "title", "dataset", "model", "loss", "metrics", "model_kwargs", "reported", "reference", "notes")
+_FIXED = ("name", "tutorial", "title", "dataset", "model", "loss", "metrics", "model_kwargs", "reported", "reference", "notes",
+          "stands_in_for")
 
 
 def _allowed(key: str) -> str:
@@ -313,7 +315,7 @@ def validate(recipe: Recipe, overridden: Iterable[str] = ()) -> Recipe:
     from .training import LOSSES, resolve_metrics
 
     overridden = set(overridden)
-    for key in ("name", "tutorial", "title", "notes"):
+    for key in ("name", "tutorial", "title", "notes", "stands_in_for"):
         if not isinstance(getattr(recipe, key), str):
             raise OverrideError(f"{key}={getattr(recipe, key)!r}: expected a string")
     for key, known in (("dataset", DATASETS), ("model", MODELS), ("loss", LOSSES)):
