@@ -138,3 +138,31 @@ def test_damaged_weights_and_checkpoints_are_named(tmp_path):
         records.load_checkpoint(tmp_path / "c.pt")
     with pytest.raises(records.RecordError, match=r"missing.pt: missing"):
         records.load_checkpoint(tmp_path / "missing.pt")
+
+
+_SAVE_IN_A_PROCESS = """
+import sys, torch
+from bnlab.lab import records
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+records.save_weights(sys.argv[1], model, {k: k * 2 for k in ("recipe", "arm", "seed", "alpha", "beta", "gamma", "ünï")})
+"""
+
+
+def test_the_same_weights_saved_by_different_processes_are_the_same_bytes(tmp_path):
+    """safetensors orders its metadata by a per-process hash: 7 keys gave one of 5040 orders per process."""
+    import subprocess
+    import sys
+
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_PROCESS, str(p)], check=True, timeout=120)
+    assert len({p.read_bytes() for p in paths}) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(paths[0]), "pt") as f:  # the metadata reads back whole
+        assert f.metadata() == {k: k * 2 for k in ("recipe", "arm", "seed", "alpha", "beta", "gamma", "ünï")}
+    loaded = records.load_weights(paths[0])
+    torch.manual_seed(0)
+    want = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)

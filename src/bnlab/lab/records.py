@@ -10,6 +10,12 @@ Layout of an experiment directory::
     DIR/<arm>/seed-<k>/weights.safetensors   the trained model's state dict
     DIR/<arm>/seed-<k>/checkpoint.pt         model, optimizer, RNG states, history after a finished epoch
                                             (tensors and plain containers; read with weights_only=True)
+    DIR/<arm>/seed-<k>/probes.csv, probes.json  what probes recorded (recipe.probes; bnlab.lab.probes)
+    DIR/<arm>/seed-<k>/landscape.jsonl       loss-landscape measurements (recipe.landscape; bnlab.lab.landscape)
+
+A sweep (``bnlab sweep``) is a directory ``SWEEP/sweep.json`` (the base
+recipe, the grid, the learning-rate rule, the cells) with one experiment
+directory per cell, ``SWEEP/<cell id>/``, laid out as above.
 
 A write goes to a temporary file in the same directory and is renamed over the
 target, so a run killed at any moment leaves either the previous complete file
@@ -54,6 +60,9 @@ class RecordError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path = Path(path)
         self.problem = problem
+
+    def __reduce__(self):  # an error raised in a worker process (``--jobs``) reaches the parent whole
+        return type(self), (self.path, self.problem)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -333,10 +342,31 @@ def run_dir(root: Path, arm: str, seed: int) -> Path:
 
 
 def save_weights(path: Path, model: torch.nn.Module, metadata: dict | None = None) -> None:
+    """The model's state dict as ``.safetensors``, the same bytes for the same weights and metadata in any process."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    atomic_write_bytes(path, _sorted_metadata(save(state, metadata={k: str(v) for k, v in (metadata or {}).items()})))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` entries in sorted order.
+
+    safetensors writes the metadata from a Rust hash map, whose order is drawn
+    afresh in every process: the same weights saved by two processes gave
+    different bytes (and digests). The header is the 8-byte little-endian
+    length, then JSON padded with spaces to that length; reordering keeps its
+    length, so the tensors' offsets stay valid.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" not in header:
+        return data
+    meta = header.pop("__metadata__")
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not the compact JSON safetensors writes: leave it
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
