@@ -54,6 +54,8 @@ class Recipe:
     evaluate_test: bool = True
     check: str = ""  # an extra check after training: "recompute" re-computes BN outputs by hand
     model_kwargs: tuple[tuple[str, object], ...] = ()
+    probes: int | None = None  # record probes (bnlab.lab.probes) every this many training steps; None: off
+    landscape: int | None = None  # measure the loss landscape (bnlab.lab.landscape) every this many epochs; None: off
     reported: dict = field(default_factory=dict, compare=False, hash=False)  # the tutorial's figures, by arm
     reference: dict = field(default_factory=dict, compare=False, hash=False)  # other measured figures, by arm
     notes: str = ""
@@ -201,13 +203,14 @@ _FIG1_NOTES = (
 _add(Recipe(
     name="paper-fig1", tutorial="paper", title="Ioffe & Szegedy 2015, Figure 1: MNIST, 784-100-100-100-10 sigmoid MLP",
     dataset="mnist", model="paper_mlp", loss="sparse_categorical_crossentropy", optimizer="sgd", learning_rate=0.1,
-    metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test",
+    metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test", probes=100,
     notes=_FIG1_NOTES,
 ))
 _add(Recipe(
     name="paper-fig1-digits28", tutorial="paper", title="The paper's Figure 1 network on scikit-learn's digits resized to 28x28 (offline)",
     dataset="digits28", model="paper_mlp", loss="sparse_categorical_crossentropy", optimizer="sgd", learning_rate=0.1,
     metrics=("accuracy",), epochs=100, batch_size=60, steps_per_epoch=500, validation="test", stands_in_for="paper-fig1",
+    probes=100,
     notes="Stands in for paper-fig1 where MNIST cannot be downloaded: {train:,} training and {test} test images, so "
           "{updates:,} steps of {batch_size} pass over the training set about {passes:,.0f} times; it shows the mechanics and the qualitative "
           "picture, not the paper's MNIST figures. " + _FIG1_NOTES,
@@ -286,6 +289,9 @@ _RULES: dict[str, tuple[Callable[[object], bool], Callable[[], str] | str]] = {
     "data_seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int from 0 to 4294967295"),
     "evaluate_test": (lambda v: isinstance(v, bool), "true or false"),
     "check": (lambda v: v in ("", "recompute"), "'recompute' or nothing"),
+    "probes": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 (training steps between probe records), or none"),
+    "landscape": (lambda v: v is None or (_is_int(v) and v >= 1),
+                  "an int >= 1 (epochs between loss-landscape measurements), or none"),
 }
 _OVERRIDABLE = tuple(_RULES)
 # What defines the experiment itself: changing it makes another recipe, not an override.

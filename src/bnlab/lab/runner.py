@@ -1,10 +1,18 @@
-"""Run one recipe, one arm (with or without BN), one seed: data, model, ``fit``, test evaluation, checks."""
+"""Run one recipe, one arm (with or without BN), one seed: data, model, ``fit``, test evaluation, checks.
+
+With a records directory, :func:`run` also records the recipe's diagnostics
+there: probes every ``recipe.probes`` steps (:mod:`bnlab.lab.probes`,
+``probes.csv``) and the loss landscape every ``recipe.landscape`` epochs
+(:mod:`bnlab.lab.landscape`, ``landscape.jsonl``). Neither changes training.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,7 +24,7 @@ from .inspect import bn_layers, inspect_bn, moving_momentum
 from .recipes import OverrideError, Recipe
 from .training import History, evaluate, fit
 
-__all__ = ["ARMS", "RunResult", "load_data", "build_model", "check_runnable", "facts", "run"]
+__all__ = ["ARMS", "RunResult", "load_data", "build_model", "check_runnable", "facts", "steps_per_epoch", "run"]
 
 ARMS = ("bn", "no_bn")
 
@@ -66,6 +74,11 @@ def _train_rows(recipe: Recipe, n: int) -> int:
     return n
 
 
+def steps_per_epoch(recipe: Recipe, n: int) -> int:
+    """Optimizer steps in one epoch of ``recipe`` on ``n`` training rows (before its validation split)."""
+    return recipe.steps_per_epoch or math.ceil(_train_rows(recipe, n) / recipe.batch_size)
+
+
 def check_runnable(recipe: Recipe, dataset: _data.Dataset | None = None) -> None:
     """Refuse, with :class:`~bnlab.lab.recipes.OverrideError`, a valid recipe that still cannot run.
 
@@ -108,7 +121,7 @@ def facts(recipe: Recipe, dataset: _data.Dataset) -> dict:
     n = len(dataset.x_train)
     train = _train_rows(recipe, n)
     validation = n - train if recipe.validation == "split" else (len(dataset.x_test) if recipe.validation == "test" else 0)
-    steps = recipe.steps_per_epoch or math.ceil(train / recipe.batch_size)
+    steps = steps_per_epoch(recipe, n)
     momenta = {moving_momentum(m) for _, m in bn_layers(build_model(recipe, "bn", seed=0))}
     momentum = momenta.pop() if len(momenta) == 1 else None
     updates = steps * recipe.epochs
@@ -126,6 +139,38 @@ def _targets(recipe: Recipe, y: torch.Tensor, num_classes: int | None) -> torch.
     return y
 
 
+def _diagnostics(recipe: Recipe, model: nn.Module, ds: _data.Dataset, y_train: torch.Tensor, seed: int,
+                 records_dir, initial_epoch: int, callbacks) -> tuple:
+    """``(Probes or None, callbacks)`` for the recipe's diagnostics in ``records_dir`` (first process only).
+
+    A resumed run's probes continue at step ``initial_epoch * steps per epoch``
+    (only training passes count, so that is the number of passes before), and
+    its landscape records drop what came after the checkpoint. The landscape
+    is measured on the rows ``fit`` trains on (before the validation split) and
+    BEFORE the other callbacks, so a checkpoint never runs ahead of it.
+    """
+    from .probes import PROBES_CSV, Probes
+
+    callbacks = list(callbacks)
+    if records_dir is None or rank_and_world()[0] != 0 or (recipe.probes is None and recipe.landscape is None):
+        return None, callbacks
+    rd = Path(records_dir)
+    steps = steps_per_epoch(recipe, len(ds.x_train))
+    probes = None
+    if recipe.probes is not None:
+        probes = Probes(model, rd / PROBES_CSV, every=recipe.probes, step=initial_epoch * steps)
+    if recipe.landscape is not None:
+        from .landscape import LANDSCAPE_JSONL, etas_for, landscape_callback
+        from .sweep import base_learning_rate
+
+        train = _train_rows(recipe, len(ds.x_train))
+        callbacks.insert(0, landscape_callback(
+            rd / LANDSCAPE_JSONL, ds.x_train[:train], y_train[:train], loss=recipe.loss,
+            etas=etas_for(base_learning_rate(recipe)), batch_size=recipe.batch_size, every=recipe.landscape, seed=seed,
+            steps_per_epoch=steps, initial_epoch=initial_epoch))
+    return probes, callbacks
+
+
 def run(
     recipe: Recipe,
     *,
@@ -139,10 +184,14 @@ def run(
     state: dict | None = None,
     history: History | None = None,
     initial_epoch: int = 0,
+    records_dir: Path | str | None = None,
 ) -> RunResult:
     """Train ``recipe``'s model for one arm and seed; evaluate on the test set; run the recipe's check.
 
     ``model``/``state``/``history``/``initial_epoch`` resume an interrupted run.
+    ``records_dir``: where the recipe's probes and landscape records go (see
+    the module docstring; nothing is recorded without it, and only the first
+    of several processes records).
     """
     t0 = time.perf_counter()
     ds = dataset or load_data(recipe)
@@ -157,26 +206,28 @@ def run(
     augment = None
     if recipe.augment:
         augment = lambda xb, gen: _data.random_affine(xb, generator=gen)  # noqa: E731
-    hist = fit(
-        model, ds.x_train, y_train,
-        loss=recipe.loss,
-        optimizer={"name": recipe.optimizer, "lr": recipe.learning_rate},
-        metrics=recipe.metrics,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        validation_split=recipe.validation_split if recipe.validation == "split" else 0.0,
-        validation_data=validation_data,
-        shuffle=recipe.shuffle,
-        seed=seed,
-        verbose=verbose,
-        steps_per_epoch=recipe.steps_per_epoch,
-        augment=augment,
-        device=device,
-        callbacks=callbacks,
-        state=state,
-        history=history,
-        initial_epoch=initial_epoch,
-    )
+    probes, callbacks = _diagnostics(recipe, model, ds, y_train, seed, records_dir, initial_epoch, callbacks)
+    with probes or contextlib.nullcontext():
+        hist = fit(
+            model, ds.x_train, y_train,
+            loss=recipe.loss,
+            optimizer={"name": recipe.optimizer, "lr": recipe.learning_rate},
+            metrics=recipe.metrics,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            validation_split=recipe.validation_split if recipe.validation == "split" else 0.0,
+            validation_data=validation_data,
+            shuffle=recipe.shuffle,
+            seed=seed,
+            verbose=verbose,
+            steps_per_epoch=recipe.steps_per_epoch,
+            augment=augment,
+            device=device,
+            callbacks=callbacks,
+            state=state,
+            history=history,
+            initial_epoch=initial_epoch,
+        )
     test = {}
     if recipe.evaluate_test and hist.diverged_epoch is None:
         test = {f"test_{k}": v for k, v in evaluate(model, ds.x_test, y_test, loss=recipe.loss, metrics=recipe.metrics, batch_size=recipe.batch_size, device=device).items()}
