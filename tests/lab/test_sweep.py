@@ -34,7 +34,7 @@ def test_bad_grid_specs_say_what_was_expected(spec, error):
 
 def test_cells_map_norms_to_layers_and_arms_and_scale_the_learning_rate_linearly():
     recipe = lab.get("digits28-cnn")  # Adam with Keras' default rate 1e-3 at batch 250
-    cells = sweep.plan(recipe, "batch_size=2,16,128 norm=bn,renorm,ghost,none")
+    cells = sweep.plan(recipe, "batch_size=2,16,128 norm=bn,renorm,ghost,none", lr_scaling="linear")
     assert len(cells) == 12
     by_id = {c.id: c for c in cells}
     assert list(by_id)[:4] == ["batch_size=2+norm=bn", "batch_size=2+norm=renorm", "batch_size=2+norm=ghost", "batch_size=2+norm=none"]
@@ -52,13 +52,26 @@ def test_cells_map_norms_to_layers_and_arms_and_scale_the_learning_rate_linearly
 def test_learning_rate_scaling_options():
     recipe = lab.with_overrides(lab.get("blobs"), {"learning_rate": 0.01, "batch_size": 300})
     lr = lambda cells: [c.recipe.learning_rate for c in cells]  # noqa: E731
-    assert lr(sweep.plan(recipe, "batch_size=75,1200")) == pytest.approx([0.0025, 0.04])
+    assert lr(sweep.plan(recipe, "batch_size=75,1200", lr_scaling="linear")) == pytest.approx([0.0025, 0.04])
     assert lr(sweep.plan(recipe, "batch_size=75,1200", lr_scaling="sqrt")) == pytest.approx([0.005, 0.02])
     assert lr(sweep.plan(recipe, "batch_size=75,1200", lr_scaling="none")) == pytest.approx([0.01, 0.01])
-    assert lr(sweep.plan(recipe, "batch_size=75", base_batch_size=150)) == pytest.approx([0.005])
+    assert lr(sweep.plan(recipe, "batch_size=75", base_batch_size=150, lr_scaling="linear")) == pytest.approx([0.005])
     assert lr(sweep.plan(recipe, "batch_size=75,1200 learning_rate=0.3")) == pytest.approx([0.3, 0.3])  # set: not scaled
-    with pytest.raises(SweepError, match="lr_scaling must be one of"):
+    with pytest.raises(SweepError, match="lr_scaling must be one of auto, linear, sqrt, none, got 'cubic'"):
         sweep.plan(recipe, "batch_size=75", lr_scaling="cubic")
+    with pytest.raises(SweepError, match="base_batch_size must be a positive int, got 0"):
+        sweep.plan(recipe, "batch_size=75", base_batch_size=0)
+
+
+def test_auto_scaling_is_linear_for_sgd_and_square_root_for_adam_and_rmsprop():
+    lr = lambda recipe, **k: [c.recipe.learning_rate for c in sweep.plan(recipe, "batch_size=2,250", **k)]  # noqa: E731
+    adam = lab.get("digits28-cnn")  # Adam, Keras' 1e-3, batch 250
+    assert lr(adam) == pytest.approx([1e-3 * (2 / 250) ** 0.5, 1e-3])
+    assert lr(lab.with_overrides(adam, {"optimizer": "rmsprop"})) == pytest.approx([1e-3 * (2 / 250) ** 0.5, 1e-3])
+    sgd = lab.with_overrides(lab.get("paper-fig1-digits28"), {"batch_size": 250})  # SGD at 0.1
+    assert lr(sgd) == pytest.approx([0.1 * 2 / 250, 0.1])
+    assert lr(adam, base_batch_size=2) == pytest.approx([1e-3, 1e-3 * (250 / 2) ** 0.5])
+    assert sweep.scaling_for(adam) == "sqrt" and sweep.scaling_for(sgd) == "linear" and sweep.scaling_for(adam, "none") == "none"
     assert sweep.base_learning_rate(lab.get("diabetes")) == pytest.approx(1e-3)  # Adam's Keras default
     assert sweep.base_learning_rate(lab.get("paper-fig1")) == pytest.approx(0.1)
 
@@ -67,6 +80,9 @@ def test_without_norm_in_the_grid_the_recipes_own_layer_stays():
     recipe = lab.with_overrides(lab.get("blobs"), {"norm": "torch"})
     (cell,) = sweep.plan(recipe, "epochs=3")
     assert (cell.arm, cell.recipe.norm, cell.recipe.epochs, cell.id) == ("bn", "torch", 3, "epochs=3")
+    ids = [c.id for c in sweep.plan(recipe, "batch_size=8,16 epochs=3 norm=bn,ghost")]  # one value: not in the id
+    assert ids == ["batch_size=8+norm=bn", "batch_size=8+norm=ghost", "batch_size=16+norm=bn", "batch_size=16+norm=ghost"]
+    assert sweep.plan(recipe, "batch_size=8,16 epochs=3 norm=bn,ghost")[1].same_as == "batch_size=8+norm=bn"
 
 
 def test_bad_cell_values_are_refused_with_the_cell_named():
@@ -100,19 +116,27 @@ def test_aggregation_gives_mean_and_t_interval_per_group_and_counts_diverged_run
             for seed in range(4):
                 acc = float(rng.uniform(0.5, 1.0))
                 runs.append(({"batch_size": bs, "norm": norm}, seed, {"val_accuracy": acc, "loss": 1.0}))
-    runs.append(({"batch_size": 2, "norm": "bn"}, 4, {"val_accuracy": math.nan}))  # a diverged seed
+    runs.append(({"batch_size": 2, "norm": "bn"}, 4, {"val_accuracy": math.nan}))  # a non-finite figure
+    runs.append(({"batch_size": 8, "norm": "none"}, 4, {"diverged_epoch": 3, "loss": 1.0}))  # final.json of a diverged run: no figures
     rows = sweep.aggregate(runs, "val_accuracy")
     assert [(r["norm"], r["batch_size"]) for r in rows] == [("bn", 2), ("bn", 8), ("none", 2), ("none", 8)]
     for r in rows:
-        vals = [f["val_accuracy"] for s, _, f in runs if (s["norm"], s["batch_size"]) == (r["norm"], r["batch_size"])]
+        vals = [f.get("val_accuracy", math.nan) for s, _, f in runs if (s["norm"], s["batch_size"]) == (r["norm"], r["batch_size"])]
         finite = [v for v in vals if math.isfinite(v)]
         assert (r["mean"], r["low"], r["high"]) == pytest.approx(_t_interval(finite), rel=1e-12)
         assert r["n"] == len(vals) and r["nonfinite"] == len(vals) - len(finite)
     assert rows[0]["nonfinite"] == 1 and math.isnan(rows[0]["values"][-1])
+    assert rows[3]["nonfinite"] == 1 and rows[3]["n"] == 5 and math.isnan(rows[3]["values"][-1])
     one = sweep.aggregate(runs[:1], "val_accuracy")[0]
     assert one["mean"] == runs[0][2]["val_accuracy"] and math.isnan(one["low"])  # one seed: no interval
     with pytest.raises(SweepError, match="has no final 'test_accuracy'"):
         sweep.aggregate(runs, "test_accuracy")
+
+
+def test_the_default_metric_is_the_test_figure_of_the_recipes_kind():
+    assert sweep.default_metric(lab.get("digits28-cnn")) == "test_accuracy"
+    assert sweep.default_metric(lab.get("diabetes")) == "test_loss"
+    assert sweep.default_metric(lab.get("bn-params")) == "val_loss"  # no test evaluation
 
 
 def test_mean_interval_is_the_one_sample_t_interval():
