@@ -226,3 +226,12 @@ def test_epochs_to_target():
     ett = analysis.epochs_to_target(bn, ref, higher=True)
     assert ett == {"target": 0.9, "reference_epoch": 4, "bn_epoch": 3, "speedup": 4 / 3}
     assert analysis.epochs_to_target(ref, bn, higher=True)["bn_epoch"] is None
+    # the final value as target: the reference curve first reached its last mean 0.8 at epoch 2
+    ref = np.array([[0.4, 0.8, 0.9, 0.8], [0.4, 0.8, 0.9, 0.8]])
+    assert analysis.epochs_to_target(bn, ref, higher=True, target="final") == {"target": 0.8, "reference_epoch": 2, "bn_epoch": 2, "speedup": 1.0}
+    assert analysis.epochs_to_target(bn, ref, higher=True)["target"] == 0.9
+    assert analysis.epochs_to_target(-bn, -ref, higher=False, target="final")["bn_epoch"] == 2
+    ref = np.array([[0.4, 0.85, 0.9, 0.8], [0.4, 0.85, 0.9, 0.8]])  # first past its last value 0.8 at epoch 2, with 0.85
+    assert analysis.epochs_to_target(bn, ref, higher=True, target="final") == {"target": 0.8, "reference_epoch": 2, "bn_epoch": 2, "speedup": 1.0}
+    with pytest.raises(ValueError, match="target must be 'best' or 'final'"):
+        analysis.epochs_to_target(bn, ref, higher=True, target="last")

@@ -185,13 +185,20 @@ def primary_metric(exp: Experiment) -> str:
     return "loss"
 
 
-def epochs_to_target(bn_curve: np.ndarray, ref_curve: np.ndarray, higher: bool) -> dict:
-    """First epoch (1-based) at which the mean BN curve reaches the best of the mean reference curve."""
+def epochs_to_target(bn_curve: np.ndarray, ref_curve: np.ndarray, higher: bool, target: str = "best") -> dict:
+    """First epoch (1-based) at which the mean BN curve reaches the best (``target="best"``) or the last
+    (``"final"``) value of the mean reference curve, and the first epoch at which the reference curve did."""
     if bn_curve.size == 0 or ref_curve.size == 0:
         return {}
     bn_mean, ref_mean = bn_curve.mean(0), ref_curve.mean(0)
-    best_idx = int(np.argmax(ref_mean) if higher else np.argmin(ref_mean))
-    target = float(ref_mean[best_idx])
+    if target not in ("best", "final"):
+        raise ValueError(f"target must be 'best' or 'final', got {target!r}")
+    if target == "final":  # a noisy plateau may have touched its last value before the end
+        target = float(ref_mean[-1])
+        best_idx = int(np.nonzero(ref_mean >= target if higher else ref_mean <= target)[0][0])
+    else:
+        best_idx = int(np.argmax(ref_mean) if higher else np.argmin(ref_mean))
+        target = float(ref_mean[best_idx])
     reached = np.nonzero(bn_mean >= target if higher else bn_mean <= target)[0]
     out = {"target": target, "reference_epoch": best_idx + 1}
     if reached.size:

@@ -29,8 +29,9 @@ import numpy as np
 from .analysis import Experiment, base_metric, figure_rows, primary_metric
 
 __all__ = ["ARM_STYLE", "OKABE_ITO", "STYLE", "DPI", "curves_figure", "finals_figure", "thumbnail_figure", "plot_curves",
-           "plot_finals", "plot_all", "fig1_figure", "plot_fig1", "last_activation_layer", "landscape_figure",
-           "plot_landscape", "SWEEP_STYLE", "batch_size_figure", "plot_batch_size"]
+           "plot_finals", "plot_all", "fig1_figure", "plot_fig1", "last_activation_layer", "layer_figure", "plot_layer",
+           "drift_figure", "plot_drift", "landscape_figure", "plot_landscape", "SWEEP_STYLE", "batch_size_figure",
+           "plot_batch_size"]
 
 # Okabe & Ito's eight colours, distinct under the common colour-vision deficiencies.
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
@@ -289,18 +290,19 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
     (b, c) the percentiles of one unit's input to the last hidden sigmoid, without and with BN.
 
     ``exp``: the experiment (its ``val_accuracy`` is test accuracy when the recipe
-    validates on the test set; an epoch is ``steps_per_epoch`` steps).
-    ``probes``: ``{arm: [ProbeRecords per seed]}``. ``layers``: ``{arm: layer
-    name}``; by default each arm's last probed sigmoid. The step at which the
-    mean BN curve first reaches the no-BN arm's best mean accuracy is marked
-    (:func:`bnlab.lab.analysis.epochs_to_target`, in steps).
+    validates on the test set; an epoch is ``steps_per_epoch`` steps, from the
+    run's facts or the recipe). ``probes``: ``{arm: [ProbeRecords per seed]}``.
+    ``layers``: ``{arm: layer name}``; by default each arm's last probed
+    sigmoid. The step at which the mean BN curve first reaches the no-BN arm's
+    final mean accuracy is marked (:func:`bnlab.lab.analysis.epochs_to_target`
+    with ``target="final"``, in steps): the paper's speed-up figure.
     """
     from .analysis import epochs_to_target
 
     plt = _mpl()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     recipe = exp.recipe
-    per_epoch = recipe.get("steps_per_epoch") or 1
+    per_epoch = (exp.config.get("facts") or {}).get("steps_per_epoch") or recipe.get("steps_per_epoch") or 1
     ax = axes[0]
     curves = {}
     for arm, rec in exp.arms.items():
@@ -312,11 +314,14 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
         style = _style(arm)
         _seed_lines(ax, [(steps, c) for c in curve], style["color"], f"{style['label']} (n={curve.shape[0]})")
     if "bn" in curves and "no_bn" in curves:
-        ett = epochs_to_target(curves["bn"], curves["no_bn"], higher=True)
+        ett = epochs_to_target(curves["bn"], curves["no_bn"], higher=True, target="final")
         if ett.get("bn_epoch"):
             ax.axvline(ett["bn_epoch"] * per_epoch, color=ARM_STYLE["bn"]["color"], ls=":", lw=1)
-            ax.set_title(f"(a) test accuracy; BN reaches no-BN's best ({ett['target']:.3f}) at step "
-                         f"{ett['bn_epoch'] * per_epoch:,} vs {ett['reference_epoch'] * per_epoch:,}", fontsize=9)
+            ax.set_title(f"(a) test accuracy; BN reaches no-BN's final {ett['target']:.3f} at step "
+                         f"{ett['bn_epoch'] * per_epoch:,} vs {ett['reference_epoch'] * per_epoch:,} ({ett['speedup']:.3g}x)",
+                         fontsize=9)
+        elif ett:
+            ax.set_title(f"(a) test accuracy; BN never reaches no-BN's final {ett['target']:.3f}", fontsize=9)
     if not ax.get_title():
         ax.set_title("(a) test accuracy", fontsize=9)
     ax.set_xlabel("training step")
@@ -333,10 +338,11 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
             continue
         layer = (layers or {}).get(arm) or last_activation_layer(recs[0].meta, "sigmoid")
         unit = recs[0].meta.get("layers", {}).get(layer, {}).get("unit", "?")
+        act = recs[0].meta.get("layers", {}).get(layer, {}).get("activation") or "activation"
         pcts = [q for q in recs[0].quantities(layer) if q.startswith("unit_p")]
         for q, color in zip(pcts, (OKABE_ITO["reddish purple"], OKABE_ITO["bluish green"], OKABE_ITO["orange"], OKABE_ITO["sky blue"], OKABE_ITO["black"]), strict=False):
             _seed_lines(ax, [r.series(layer, q) for r in recs], color, f"{q[5:]} (n={len(recs)})")
-        ax.set_title(f"{tag}: input to sigmoid unit {unit} of layer {layer!r}", fontsize=9)
+        ax.set_title(f"{tag}: input to {act} unit {unit} of layer {layer!r}", fontsize=9)
         ax.set_ylabel("pre-activation percentiles")
         ax.legend(fontsize=8)
         lims.append(ax.get_ylim())
@@ -349,12 +355,83 @@ def fig1_figure(exp: Experiment, probes: dict, layers: dict | None = None):
     return fig
 
 
-def last_activation_layer(meta: dict, activation: str = "sigmoid") -> str:
-    """The last layer (in module order) of ``probes.json`` whose recorded input feeds ``activation``."""
-    names = [n for n, d in meta.get("layers", {}).items() if d.get("activation") == activation]
+def last_activation_layer(meta: dict, activation: str | None = "sigmoid") -> str:
+    """The last layer (in module order) of ``probes.json`` whose recorded input feeds ``activation`` (None: any)."""
+    names = [n for n, d in meta.get("layers", {}).items() if d.get("activation") and activation in (None, d.get("activation"))]
     if not names:
-        raise ValueError(f"no probed {activation} layer; probed: {list(meta.get('layers', {}))}")
+        raise ValueError(f"no probed {activation or 'activation'} layer; probed: {list(meta.get('layers', {}))}")
     return names[-1]
+
+
+def layer_figure(rec, layer: str, title: str = ""):
+    """Everything the probes recorded for one layer over training: one small panel per kind of quantity
+    (percentiles together, then mean and std, saturation, drift, affine norms). ``rec``: a ``ProbeRecords``."""
+    groups = [("percentiles of all inputs", [q for q in rec.quantities(layer) if q.startswith("p")]),
+              ("percentiles of the unit's inputs", [q for q in rec.quantities(layer) if q.startswith("unit_p")]),
+              ("mean and std", [q for q in ("mean", "std") if (layer, q) in rec.data]),
+              ("saturated share", [q for q in ("saturated",) if (layer, q) in rec.data]),
+              ("BN drift", [q for q in ("mean_diff", "mean_shift", "var_ratio") if (layer, q) in rec.data]),
+              ("affine norms", [q for q in ("gamma_norm", "beta_norm") if (layer, q) in rec.data])]
+    groups = [(name, qs) for name, qs in groups if qs]
+    plt = _mpl()
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.6 * max(len(groups), 1), 3.0), squeeze=False)
+    for ax, (name, qs) in zip(axes[0], groups, strict=False):
+        for i, q in enumerate(qs):
+            steps, values = rec.series(layer, q)
+            ax.plot(steps, values, color=f"C{i}", lw=1.2, label=q)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title + ': ' if title else ''}layer {layer!r}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer(rec, layer: str, path: Path, title: str = "") -> Path:
+    """:func:`layer_figure` saved to ``path`` (its suffix gives the format, e.g. ``.png``), atomically."""
+    path = Path(path)
+    fig = layer_figure(rec, layer, title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    _mpl().close(fig)
+    return path
+
+
+def drift_figure(probes: list, title: str = ""):
+    """Train/inference drift of every probed BN layer over training (mean over seeds, each seed thin):
+    (a) ``mean_shift``, the batch mean's distance from the moving mean in batch standard deviations,
+    (b) ``var_ratio``, moving over batch variance (geometric mean over features; 1: no drift).
+    ``probes``: the BN arm's ``ProbeRecords``, one per seed.
+    """
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    layers = [n for n, d in (probes[0].meta.get("layers", {}) if probes else {}).items() if "bn" in d.get("kinds", [])]
+    for i, layer in enumerate(layers):
+        for ax, q in zip(axes, ("mean_shift", "var_ratio"), strict=True):
+            series = [r.series(layer, q) for r in probes if (layer, q) in r.data]
+            if series:
+                _seed_lines(ax, series, f"C{i % 10}", f"layer {layer!r} (n={len(series)})", lw=1.4)
+    for ax, t in zip(axes, ("(a) |batch mean - moving mean| / batch std (RMS over features)",
+                            "(b) moving variance / batch variance (geometric mean)"), strict=True):
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    if axes[1].has_data():
+        axes[1].set_yscale("log")
+        axes[1].axhline(1.0, color="black", lw=0.8, ls=":")
+    fig.suptitle(f"{title + ': ' if title else ''}BN layers, training statistics against the moving ones", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_drift(probes: list, out: Path, title: str = "") -> list[Path]:
+    """:func:`drift_figure` saved as ``bn-drift.png`` and ``.svg``."""
+    return _save(drift_figure(probes, title), Path(out), "bn-drift")
 
 
 def plot_fig1(exp: Experiment, probes: dict, out: Path, layers: dict | None = None) -> list[Path]:

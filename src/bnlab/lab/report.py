@@ -33,7 +33,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import analysis, records
+from . import analysis, diagnostics_report, records
 from .plots import plot_all
 from .recipes import render_notes
 
@@ -440,8 +440,8 @@ def build_report(path: Path, exp: analysis.Experiment | None = None, *, sections
     rows = analysis.figure_rows(exp, cmp)
     figs = plot_all(exp, path / "plots")
     sections = list(sections)
-    # EXTRA SECTIONS: a module that always contributes sections is called here, e.g.
-    #     sections += diagnostics_report.sections(exp, path)
+    # EXTRA SECTIONS: a module that always contributes sections is called here.
+    sections += diagnostics_report.sections(exp, path)  # probes, Figure 1, BN drift, the loss landscape (issue 23)
     r = exp.recipe
     if index_href is None and (exp.config.get("command") or [None])[0] == "demo":
         index_href = "../index.html"
