@@ -331,3 +331,17 @@ def test_inspect_layer_without_probes_says_how_to_get_them(tmp_path, capsys):
 def test_steps_per_epoch_follows_the_split_and_the_recipe():
     assert runner.steps_per_epoch(lab.get("diabetes"), 397) == math.ceil(337 / 64)
     assert runner.steps_per_epoch(lab.get("paper-fig1-digits28"), 1437) == 500
+
+
+def test_a_damaged_probe_file_is_named_and_left_out_of_the_report(fig1_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fig1_run, copy)
+    damaged = copy / "bn" / "seed-1" / "probes.csv"
+    damaged.write_text("step,layer,quantity,value\n5,9,p50,0.1\n0,9,p50,0.2\n")  # steps going back
+    code, _, err = run_cli(capsys, "report", copy)
+    md = (copy / "report.md").read_text()
+    assert code == 0 and "Traceback" not in err
+    assert "## Diagnostics left out" in md and f"{damaged}:3: step 0 comes after step 5" in md
+    assert "(b) without BN and (c) with BN" in md and "![fig1](plots/fig1.png)" in md  # drawn from the seeds that remain

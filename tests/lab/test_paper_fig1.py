@@ -9,7 +9,7 @@ from torch import nn
 from bnlab import lab
 from bnlab.lab import landscape, plots
 from bnlab.lab.analysis import ArmRecords, Experiment
-from bnlab.lab.probes import Probes, read_probes
+from bnlab.lab.probes import read_probes
 
 
 def _count(model, trainable):
@@ -49,21 +49,15 @@ def test_the_recipes_run_the_papers_schedule():
 
 
 def _short_run(tmp_path, recipe, arm, seed):
-    """What the CLI will do for one arm and seed: probes on the model, the landscape after each epoch."""
-    ds = lab.load_data(recipe)
-    model = lab.build_model(recipe, arm, seed)
+    """What the CLI does for one arm and seed: run() records the recipe's probes and landscape into the run's directory."""
     rd = tmp_path / arm / f"seed-{seed}"
     rd.mkdir(parents=True)
-    cb = landscape.landscape_callback(rd / landscape.LANDSCAPE_JSONL, ds.x_train, ds.y_train, loss=recipe.loss,
-                                      etas=landscape.etas_for(recipe.learning_rate), batch_size=recipe.batch_size,
-                                      seed=seed, steps_per_epoch=recipe.steps_per_epoch)
-    with Probes(model, rd / "probes.csv", every=10):
-        res = lab.run(recipe, arm=arm, seed=seed, dataset=ds, model=model, callbacks=[cb])
+    res = lab.run(recipe, arm=arm, seed=seed, records_dir=rd)
     return res, read_probes(rd), landscape.read_landscape(rd)
 
 
 def test_a_short_run_of_the_digits28_recipe_with_probes_and_the_landscape(tmp_path):
-    recipe = lab.with_overrides(lab.get("paper-fig1-digits28"), ["epochs=3", "steps_per_epoch=20"])
+    recipe = lab.with_overrides(lab.get("paper-fig1-digits28"), ["epochs=3", "steps_per_epoch=20", "probes=10", "landscape=1"])
     results = {arm: [_short_run(tmp_path, recipe, arm, seed) for seed in (0, 1)] for arm in lab.ARMS}
     for arm, runs in results.items():
         for res, probes, land in runs:

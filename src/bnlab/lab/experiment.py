@@ -11,6 +11,13 @@ resume, those that diverged included: divergence is a result.
 
 Before anything is written the configuration is checked against the data
 (``runner.check_runnable``), so a run that cannot work fails at once.
+
+Runs are independent: each (arm, seed) writes only its own directory, so
+``jobs=N`` runs them in N worker processes (:func:`execute`) with the same
+bytes as one process, ``only=`` runs a part (one task of a cluster's job
+array), and :func:`merge` puts the parts' directories together.
+:func:`run_sweep` runs a grid of cells (:mod:`bnlab.lab.sweep`), each cell an
+experiment directory under the sweep's.
 """
 
 from __future__ import annotations
