@@ -195,27 +195,28 @@ def sections(path: Path, exp: analysis.Experiment) -> list[tuple]:
                        ("p", "(a) test accuracy against training steps (each seed thin, the mean bold); (b) without BN and (c) "
                              "with BN, the 15th, 50th and 85th percentiles of the input to one unit of the last "
                              f"{'sigmoid' if sigmoid else 'activation'} layer over the training batch, recorded every "
-                             f"{next(iter(recs_by_arm.values()))[0].meta.get('every', '?')} steps."),
-                       ("img", "fig1")]
+                             f"{next(iter(recs_by_arm.values()))[0].meta.get('every', '?')} steps.")]
             blocks += [("p", s) for s in fig1_summary(exp, recs_by_arm)]
+            blocks.append(("img", "fig1"))  # each section's figure comes last, after its text
+        head, rows = probe_table(probes)
+        blocks += [("h2", "Probed layers" if not probes.get("bn") else "BN layers: training against inference statistics"),
+                   ("p", "Every probed layer at its last record (mean over seeds; p15/p50/p85 over all units' inputs; "
+                         "saturated: share of sigmoid/tanh inputs with |x| > "
+                         f"{next(iter(probes.values()))[0].meta.get('saturation', 2.5):g}; mean_shift: how far, in batch "
+                         "standard deviations, a training batch's mean sits from the moving mean that inference uses; "
+                         "var_ratio: the moving variance over the batch variance, 1 for none; both measured before the "
+                         "recorded batch updated the moving statistics):"),
+                   ("table", head, rows)]
         if probes.get("bn") and any("bn" in d.get("kinds", []) for d in probes["bn"][0].meta.get("layers", {}).values()):
             plots.plot_drift(probes["bn"], path / "plots", exp.recipe["name"])
-            blocks += [("h2", "BN layers: training against inference statistics"),
-                       ("p", "mean_shift: how far, in batch standard deviations, a training batch's mean sits from the moving mean "
-                             "that inference uses; var_ratio: the moving variance over the batch variance (1: none). Measured "
-                             "before each recorded batch updated the moving statistics."),
-                       ("img", "bn-drift")]
-        head, rows = probe_table(probes)
-        blocks += [("p", "Every probed layer at its last record (mean over seeds; p15/p50/p85 over all units' inputs; "
-                         "saturated: share of sigmoid/tanh inputs with |x| > "
-                         f"{next(iter(probes.values()))[0].meta.get('saturation', 2.5):g}):"),
-                   ("table", head, rows)]
+            blocks.append(("img", "bn-drift"))
     if lands:
         plots.plot_landscape(lands, path / "plots", exp.recipe["name"])
-        blocks += [("h2", "Loss landscape along the gradient (Santurkar et al. 2018)"), ("img", "landscape")]
+        blocks.append(("h2", "Loss landscape along the gradient (Santurkar et al. 2018)"))
         sentence = _landscape_sentence(lands)
         if sentence:
             blocks.append(("p", sentence))
+        blocks.append(("img", "landscape"))
     if problems:
         blocks += [("h2", "Diagnostics left out"), ("ul", [(p, "") for p in problems])]
     return blocks
