@@ -292,7 +292,7 @@ def test_the_report_shows_figure_1_the_speed_up_and_the_landscape(fig1_run):
     for png in ("fig1", "bn-drift", "landscape"):
         assert (fig1_run / "plots" / f"{png}.png").stat().st_size > 10_000
     html = (fig1_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == md.count("![")
+    assert html.count("data:image/svg+xml;base64,") == md.count("![")  # every figure embedded
 
 
 def test_percentile_sentences_are_the_seed_means_of_the_records(fig1_run):

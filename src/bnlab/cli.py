@@ -12,6 +12,7 @@ with whole lines.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -399,7 +400,7 @@ def _show_sweep(out: Path, paths: dict) -> int:
     """Print a sweep's cells (mean and interval per cell) and where its report is; 1 if records were unreadable."""
     from rich.table import Table
 
-    from .lab import diagnostics_report
+    from .lab import analysis, diagnostics_report
 
     cfg, rows, unfinished, problems = diagnostics_report.sweep_rows(out)
     for problem in problems:
@@ -409,8 +410,8 @@ def _show_sweep(out: Path, paths: dict) -> int:
     for k in [*keys, "n", "mean", "95% CI", "diverged"]:
         t.add_column(k, justify="right" if k not in keys else "left")
     for r in rows:
-        ci = "—" if math.isnan(r["low"]) else f"[{r['low']:.4f}, {r['high']:.4f}]"
-        t.add_row(*[str(r[k]) for k in keys], str(r["n"]), _fmt(r["mean"]), ci, str(r["nonfinite"]))
+        ci = "—" if math.isnan(r["low"]) else f"[{analysis.fmt(r['low'], 4)}, {analysis.fmt(r['high'], 4)}]"
+        t.add_row(*[str(r[k]) for k in keys], str(r["n"]), analysis.fmt(r["mean"], 4), ci, str(r["nonfinite"]))
     con = _console()
     con.print(t)
     if unfinished:

@@ -1,10 +1,9 @@
 """The diagnostics' part of a report, from records alone: probes, the original paper's Figure 1, the loss landscape,
 and a batch-size sweep's own report.
 
-:func:`sections` gives the blocks an experiment's report adds after its curves
-(``report.build_report`` calls it; each block is ``("h2", text)``, ``("p",
-text)``, ``("ul", [(key, text)])``, ``("table", head, rows)`` or ``("img",
-name)`` for ``plots/<name>.png``), drawing the figures into ``plots/``:
+:func:`sections` gives the :class:`bnlab.lab.report.Section` objects an
+experiment's report adds after its curves (``report.build_report`` calls it at
+its ``EXTRA SECTIONS`` mark), drawing their figures into ``plots/``:
 
 * **Figure 1** (Ioffe & Szegedy 2015, arXiv:1502.03167): (a) test accuracy
   against steps, (b, c) the 15/50/85th percentiles of the input to one unit of
@@ -58,7 +57,8 @@ def _read_each(exp: analysis.Experiment, name: str, reader) -> tuple[dict, list[
 
 
 def _f(x, digits=3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+    """A number as the report writes numbers (:func:`bnlab.lab.analysis.fmt`); infinite ones too."""
+    return str(x) if isinstance(x, float) and math.isinf(x) else analysis.fmt(x, digits)
 
 
 def _mean_series(recs, layer: str, quantity: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +131,7 @@ def fig1_summary(exp: analysis.Experiment, probes: dict) -> list[str]:
             continue
         name = "without BN" if arm == "no_bn" else "with BN"
         v = next(iter(d.values()))
-        at = lambda key: "/".join(f"{d[q][key]:+.2f}" for q in d)  # noqa: E731
+        at = lambda key: "/".join(analysis.fmt(d[q][key], 2, sign=True) for q in d)  # noqa: E731
         out.append(f"Percentiles ({'/'.join(q[5:] for q in d)}) of the shown unit's input {name} (layer {layer!r}, mean over "
                    f"{len(recs)} seeds): {at('first')} at step 0, {at('at_10pct')} at step {v['step_10pct']:,}, {at('last')} at "
                    f"step {v['steps']:,}; from step {v['step_10pct']:,} on each moved within a range of at most "
@@ -177,49 +177,64 @@ def _landscape_sentence(lands: dict) -> str:
             + "; ".join(parts) + ". Santurkar et al. find both smaller with BN.")
 
 
-def sections(path: Path, exp: analysis.Experiment) -> list[tuple]:
-    """The diagnostics' report blocks for the experiment at ``path`` (figures drawn into ``path/plots``); [] if none."""
+def _table(head: list[str], rows: list[list[str]], numeric_from: int = 0):
+    """A :class:`bnlab.lab.report.Table` of plain cells (columns from ``numeric_from`` on are numbers)."""
+    from .report import Cell, Table
+
+    return Table(head, [("", [Cell(c, "num" if i >= numeric_from else "") for i, c in enumerate(row)]) for row in rows],
+                 numeric=set(range(numeric_from, len(head))))
+
+
+def _fragments(table) -> tuple[str, str]:
+    """A table's HTML and Markdown, rendered as the report renders its own tables."""
+    from . import report
+
+    return report._table_html(table), report._markdown([("table", table)]).rstrip("\n")
+
+
+def sections(exp: analysis.Experiment, path: Path) -> list:
+    """The diagnostics' :class:`bnlab.lab.report.Section` objects for the experiment at ``path`` (figures drawn into
+    ``path/plots``); [] when it recorded no probes and no landscape."""
+    from .report import Section
+
     path = Path(path)
-    (path / "plots").mkdir(parents=True, exist_ok=True)
     probes, problems = _read_each(exp, PROBES_CSV, read_probes)
     lands, more = _read_each(exp, LANDSCAPE_JSONL, read_landscape)
     problems += more
-    blocks: list[tuple] = []
+    out = []
     if probes:
         recs_by_arm = {arm: recs for arm, recs in probes.items() if _shown_layer(recs) is not None}
         if recs_by_arm:
             layers = {arm: _shown_layer(recs) for arm, recs in recs_by_arm.items()}
             plots.plot_fig1(exp, recs_by_arm, path / "plots", layers)
             sigmoid = all(recs[0].meta["layers"][layers[arm]].get("activation") == "sigmoid" for arm, recs in recs_by_arm.items())
-            blocks += [("h2", "Inside the network: Figure 1 of Ioffe & Szegedy (2015)" if sigmoid else "Inside the network: probes"),
-                       ("p", "(a) test accuracy against training steps (each seed thin, the mean bold); (b) without BN and (c) "
-                             "with BN, the 15th, 50th and 85th percentiles of the input to one unit of the last "
-                             f"{'sigmoid' if sigmoid else 'activation'} layer over the training batch, recorded every "
-                             f"{next(iter(recs_by_arm.values()))[0].meta.get('every', '?')} steps.")]
-            blocks += [("p", s) for s in fig1_summary(exp, recs_by_arm)]
-            blocks.append(("img", "fig1"))  # each section's figure comes last, after its text
+            caption = ("(a) test accuracy against training steps (each seed thin, the mean bold); (b) without BN and (c) "
+                       "with BN, the 15th, 50th and 85th percentiles of the input to one unit of the last "
+                       f"{'sigmoid' if sigmoid else 'activation'} layer over the training batch, recorded every "
+                       f"{next(iter(recs_by_arm.values()))[0].meta.get('every', '?')} steps.")
+            out.append(Section("Inside the network: Figure 1 of Ioffe & Szegedy (2015)" if sigmoid else "Inside the network: probes",
+                               [caption, *fig1_summary(exp, recs_by_arm)], ["fig1"]))
         head, rows = probe_table(probes)
-        blocks += [("h2", "Probed layers" if not probes.get("bn") else "BN layers: training against inference statistics"),
-                   ("p", "Every probed layer at its last record (mean over seeds; p15/p50/p85 over all units' inputs; "
-                         "saturated: share of sigmoid/tanh inputs with |x| > "
-                         f"{next(iter(probes.values()))[0].meta.get('saturation', 2.5):g}; mean_shift: how far, in batch "
-                         "standard deviations, a training batch's mean sits from the moving mean that inference uses; "
-                         "var_ratio: the moving variance over the batch variance, 1 for none; both measured before the "
-                         "recorded batch updated the moving statistics):"),
-                   ("table", head, rows)]
+        html, markdown = _fragments(_table(head, rows, numeric_from=3))
+        figures = []
         if probes.get("bn") and any("bn" in d.get("kinds", []) for d in probes["bn"][0].meta.get("layers", {}).values()):
             plots.plot_drift(probes["bn"], path / "plots", exp.recipe["name"])
-            blocks.append(("img", "bn-drift"))
+            figures.append("bn-drift")
+        out.append(Section(
+            "BN layers: training against inference statistics" if figures else "Probed layers",
+            ["mean_shift: how far, in batch standard deviations, a training batch's mean sits from the moving mean that "
+             "inference uses; var_ratio: the moving variance over the batch variance (1: none); both measured before the "
+             "recorded batch updated the moving statistics. The table: every probed layer at its last record, mean over "
+             "seeds (p15/p50/p85 over all units' inputs; saturated: the share of sigmoid/tanh inputs with |x| > "
+             f"{next(iter(probes.values()))[0].meta.get('saturation', 2.5):g})."],
+            figures, html, markdown))
     if lands:
         plots.plot_landscape(lands, path / "plots", exp.recipe["name"])
-        blocks.append(("h2", "Loss landscape along the gradient (Santurkar et al. 2018)"))
         sentence = _landscape_sentence(lands)
-        if sentence:
-            blocks.append(("p", sentence))
-        blocks.append(("img", "landscape"))
+        out.append(Section("Loss landscape along the gradient (Santurkar et al. 2018)", [sentence] if sentence else [], ["landscape"]))
     if problems:
-        blocks += [("h2", "Diagnostics left out"), ("ul", [(p, "") for p in problems])]
-    return blocks
+        out.append(Section("Diagnostics left out", problems))
+    return out
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -306,48 +321,44 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
 
     root = Path(root)
     cfg, rows, unfinished, problems = sweep_rows(root)
-    (root / "plots").mkdir(exist_ok=True)
     keys = list(cfg["grid"])
     metric = cfg["metric"]
     records.atomic_write_bytes(root / "sweep.csv", _csv(rows, keys))
     r = cfg["recipe"]
-    blocks = [("h1", f"{r['name']}: sweep over {', '.join(keys)}")]
     grid = " ".join(f"{k}={','.join(v)}" for k, v in cfg["grid"].items())
-    blocks.append(("p", f"Grid {grid}; seeds "
-                        f"{', '.join(map(str, cfg['seeds']))}; learning rate {cfg['lr_scaling']}-scaled from the recipe's "
-                        f"{sweep.base_learning_rate(_recipe(r)):g} at batch {cfg['base_batch_size']}; ghost batches of "
-                        f"{cfg['ghost_batch']}; each cell's figure is the final {metric}, mean and 95% t interval over seeds."))
+    blocks = [("h1", f"{r['name']}: sweep over {', '.join(k for k, v in cfg['grid'].items() if len(v) > 1) or ', '.join(keys)}"),
+              ("lead", f"Tutorial {r['tutorial']}: {r['title']}"),
+              ("p", f"Grid `{grid}`; seeds {', '.join(map(str, cfg['seeds']))}; learning rate {cfg['lr_scaling']}-scaled from the "
+                    f"recipe's {sweep.base_learning_rate(_recipe(r)):g} at batch {cfg['base_batch_size']}; ghost batches of "
+                    f"{cfg['ghost_batch']}; each cell's figure is the final {metric}, mean and 95% t interval over seeds.")]
     if unfinished:
         blocks.append(("warn", f"Incomplete: {len(unfinished)} runs have no result yet ({', '.join(unfinished[:8])}"
                                f"{', ...' if len(unfinished) > 8 else ''})."))
     paths = {"csv": root / "sweep.csv"}
-    if rows and {"norm", "batch_size"} <= set(keys):
+    several = [k for k, v in cfg["grid"].items() if len(v) > 1 and k not in ("norm", "batch_size")]
+    if rows and {"norm", "batch_size"} <= set(keys) and not several:
         made = plots.plot_batch_size(rows, metric, root / "plots", r["name"])
         paths["plot"] = made[0]
-        blocks += [("h2", "Accuracy against batch size"), ("img", made[0].stem)]
-        blocks += [("p", s) for s in _where_bn_falls_behind(rows)]
-    head = [*keys, "learning rate", "n", f"mean {metric}", "95% CI", "diverged"]
+        blocks += [("h2", "Accuracy against batch size" if "accuracy" in metric else f"{metric} against batch size"),
+                   *[("p", s) for s in _where_bn_falls_behind(rows)],
+                   ("figure", made[0].stem, "Mean over seeds (line) and 95% t interval (band); a cell with diverged seeds says how many.")]
     lrs = {tuple(c["settings"][k] for k in keys): c["learning_rate"] for c in cfg["cells"]}
+    head = [*keys, "learning rate", "n", f"mean {metric}", "95% CI", "diverged"]
     table = [[str(row[k]) for k in keys] + [f"{lrs.get(tuple(row[k] for k in keys)) or math.nan:.3g}", str(row["n"]),
-             _f(row["mean"], 4), f"[{_f(row['low'], 4)}, {_f(row['high'], 4)}]", str(row["nonfinite"])] for row in rows]
-    blocks += [("h2", "Cells"), ("table", head, table)]
+             analysis.fmt(row["mean"], 4), f"[{analysis.fmt(row['low'], 4)}, {analysis.fmt(row['high'], 4)}]", str(row["nonfinite"])]
+             for row in rows]
+    blocks += [("h2", "Cells"), ("table", _table(head, table, numeric_from=len(keys)))]
     same = [c for c in cfg["cells"] if c["same_as"]]
     if same:
-        blocks.append(("p", "Not run, being the same model as another cell (a ghost batch that holds the whole batch is plain BN): "
-                            + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
+        blocks.append(("note", "Not run, being the same model as another cell (a ghost batch that holds the whole batch is plain "
+                               "BN): " + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
+    blocks.append(("p", "Records: [sweep.json](sweep.json) (recipe, grid, rules, cells), [sweep.csv](sweep.csv) (this table's "
+                        "numbers and every seed's value); each cell is an experiment directory with its own report data."))
     if problems:
         blocks += [("h2", "Left out"), ("ul", [(p, "") for p in problems])]
     records.atomic_write_bytes(root / "report.md", report._markdown(blocks).encode())
-    page = report._html(_Titled({"name": f"{r['name']} sweep"}), blocks, root)
-    records.atomic_write_bytes(root / "report.html", page.encode())
+    records.atomic_write_bytes(root / "report.html", report._html(f"bnlab sweep: {r['name']}", blocks, root / "plots").encode())
     return {**paths, "md": root / "report.md", "html": root / "report.html"}
-
-
-class _Titled:
-    """What ``report._html`` reads of an experiment (its recipe's name, for the page title)."""
-
-    def __init__(self, recipe: dict):
-        self.recipe = recipe
 
 
 def _recipe(d: dict):

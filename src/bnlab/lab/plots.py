@@ -394,7 +394,7 @@ def plot_layer(rec, layer: str, path: Path, title: str = "") -> Path:
     path = Path(path)
     fig = layer_figure(rec, layer, title)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI, bbox_inches="tight")
     tmp.replace(path)
     _mpl().close(fig)
     return path
