@@ -166,3 +166,12 @@ def test_the_same_weights_saved_by_different_processes_are_the_same_bytes(tmp_pa
     torch.manual_seed(0)
     want = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
     assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_a_run_records_when_it_started(tmp_path):
+    import datetime
+
+    before = datetime.datetime.now().astimezone().replace(microsecond=0)
+    out = experiment.run_experiment(lab.with_overrides(lab.get("blobs"), ["epochs=1"]), tmp_path / "r", seeds=[0], arms=["bn"])
+    started = datetime.datetime.fromisoformat(records.read_env(out / "env.json")["started"])
+    assert started.utcoffset() is not None and before <= started <= datetime.datetime.now().astimezone()

@@ -23,7 +23,7 @@ BN, NO_BN = [0.97, 0.99, 0.98], [0.80, 0.82, 0.81]  # BN reaches no-BN's best (0
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("pages")
     env = {"bnlab": "0.1.0", "torch": torch.__version__, "numpy": np.__version__, "python": "3.11.7", "cpu_count": 2,
-           "git_commit": COMMIT}
+           "git_commit": COMMIT, "started": "2026-12-01T09:30:05+01:00"}
     write_experiment(root / "blobs-deep", {"bn": BN, "no_bn": NO_BN}, recipe="blobs-deep", test=True, facts={"steps_per_epoch": 3},
                      command=["run", "blobs-deep", "--seeds", "3", "epochs=5"], env=env)
     write_experiment(root / "digits28-mlp", {"bn": [0.97, 0.96, 0.975], "no_bn": [0.95, 0.962, 0.955]}, recipe="digits28-mlp",
@@ -123,7 +123,9 @@ def test_setup_lists_command_overrides_date_versions_commit_and_links_the_record
     items = setup_items(page(root))
     assert items["command"] == "bnlab run blobs-deep --seeds 3 epochs=5"
     assert "epochs=5 (recipe default 100)" in items["overrides"] and "batch_size" not in items["overrides"]
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d", items["date"])
+    assert items["date"] == "2026-12-01 09:30 (UTC+01:00)"  # env.json's "started", in the run's own time zone
+    older = setup_items(page(root, "digits28-mlp"))["date"]  # records from before env.json held it: config.json's time
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d \(when config.json was written", older), older
     assert COMMIT in items["code"] and f"torch {torch.__version__}" in items["software"]
     assert items["model"].startswith("blobs_mlp (depth=11)") and "{" not in items["model"]
     hrefs = {a.attrs.get("href") for a in page(root).find_all("a")}

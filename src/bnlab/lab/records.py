@@ -317,9 +317,14 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict:
+    """Versions and machine facts for ``env.json``, and ``started``: the local time the records were begun
+    (ISO 8601 with the UTC offset), which the report's Setup shows."""
+    import datetime
+
     import bnlab
 
     return {
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "bnlab": bnlab.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,

@@ -296,7 +296,12 @@ def _date(exp: analysis.Experiment) -> str:
     for where in (exp.config, exp.env):
         for key in ("started", "date"):
             if isinstance(where.get(key), str):
-                return where[key]
+                try:
+                    when = _dt.datetime.fromisoformat(where[key])
+                except ValueError:
+                    return where[key]
+                zone = when.strftime(" (UTC%z)") if when.utcoffset() is not None else ""
+                return when.strftime("%Y-%m-%d %H:%M") + (zone[:-3] + ":" + zone[-3:] if zone else "")
     try:
         t = (exp.path / "config.json").stat().st_mtime
     except OSError:
