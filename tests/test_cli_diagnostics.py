@@ -345,3 +345,15 @@ def test_a_damaged_probe_file_is_named_and_left_out_of_the_report(fig1_run, tmp_
     assert code == 0 and "Traceback" not in err
     assert "## Diagnostics left out" in md and f"{damaged}:3: step 0 comes after step 5" in md
     assert "(b) without BN and (c) with BN" in md and "![fig1](plots/fig1.png)" in md  # drawn from the seeds that remain
+
+
+def test_a_report_whose_only_probe_file_is_damaged_still_builds_and_names_it(tmp_path, capsys):
+    # one seed, one arm: no good probe file is left for the report to draw from
+    out = tmp_path / "r"
+    assert main(["run", "blobs", "epochs=1", "--seeds", "1", "--bn-only", "--probes=2", "--quiet", "--no-report", "--out", str(out)]) == 0
+    damaged = out / "bn" / "seed-0" / "probes.csv"
+    damaged.write_text("step,layer,quantity,value\n0,1,mean_diff,abc\n")
+    code, _, err = run_cli(capsys, "report", out)
+    assert code == 0 and "Traceback" not in err
+    md = (out / "report.md").read_text()
+    assert "## Diagnostics left out" in md and f"{damaged}:2: expected an int step and a float value" in md

@@ -50,9 +50,11 @@ def _read_each(exp: analysis.Experiment, name: str, reader) -> tuple[dict, list[
             if not path.exists():
                 continue
             try:
-                found.setdefault(arm, []).append(reader(path))
+                rec = reader(path)
             except (ValueError, OSError, KeyError, TypeError) as exc:
                 problems.append(f"{path}: {exc} (left out)")
+                continue
+            found.setdefault(arm, []).append(rec)  # only after a good read: an arm whose every file is damaged has no entry
     return found, problems
 
 
