@@ -361,3 +361,34 @@ def test_the_reader_keeps_diverged_values_and_names_missing_series(tmp_path):
     assert steps.tolist() == [0, 5] and np.isnan(values[0]) and np.isinf(values[1])
     with pytest.raises(KeyError, match=r"no 'p15' for layer '2'; it has quantities \['p50'\]"):
         rec.series("2", "p15")
+
+
+def test_a_frozen_batchnormact_is_probed_with_the_moving_statistics_it_normalizes_with():
+    # Keras: trainable=False runs the layer in inference mode even while the model trains; the recorded
+    # pre-activation must be the one the sigmoid gets (moving statistics), not the batch-normalized one.
+    torch.manual_seed(0)
+    act = bnlab.nn.BatchNormAct(num_features=4, activation="sigmoid")
+    model = nn.Sequential(nn.Linear(3, 4), act)
+    for _ in range(5):
+        model(torch.randn(32, 3) * 3 + 2)  # moving statistics away from the batch's
+    act.trainable = False
+    x = torch.randn(16, 3)
+    got, handles = _capture(model, {"1"})
+    probe = Probes(model, every=1, layers=["1"])
+    out = model(x)
+    probe.remove()
+    for h in handles:
+        h.remove()
+    h, bufs = got["1"]
+    g, b = act.weight.detach().double().numpy(), act.bias.detach().double().numpy()
+    pre = g * (h - bufs["running_mean"].double().numpy()) / np.sqrt(bufs["running_var"].double().numpy() + 1e-3) + b
+    assert np.allclose(torch.sigmoid(torch.from_numpy(pre)).numpy(), out.detach().double().numpy(), atol=1e-6)  # what ran
+    _check(_rows(probe.rows, 0), "1", _activation_expect(pre, 0, True))
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]\n", '{"format": "bnlab-probes/1", "layers": [1]}\n'])
+def test_the_reader_names_a_probes_json_that_is_not_what_probes_write(tmp_path, meta):
+    (tmp_path / PROBES_CSV).write_text("step,layer,quantity,value\n0,1,p50,0.5\n")
+    (tmp_path / "probes.json").write_text(meta)
+    with pytest.raises(ValueError, match=r"probes.json: expected a JSON object with a 'layers' object"):
+        read_probes(tmp_path)

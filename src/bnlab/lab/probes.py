@@ -474,9 +474,10 @@ class Probes:
             self._put(layer.name, "var_ratio", torch.log((var + eps) / (var_b + eps)).mean().exp())
         if not (layer.activation and isinstance(m, bnlab.nn.BatchNormAct)):
             return None
-        if m.training and not _plain_bn(m):
+        training = m.training and m.trainable  # Keras: a layer with trainable=False runs in inference mode
+        if training and not _plain_bn(m):
             return None  # renorm, ghost or synchronized statistics: not this batch's plain normalization
-        if not m.training:
+        if not training:
             if mu is None:
                 return None
             mean_b, var_b = mu, var
@@ -569,6 +570,8 @@ def read_probes(path: Path | str) -> ProbeRecords:
         raise FileNotFoundError(f"no probe records at {path}")
     meta_path = path.with_name(PROBES_JSON) if path.name == PROBES_CSV else path.with_suffix(".json")
     meta = records.read_json(meta_path) if meta_path.exists() else {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
+        raise ValueError(f"{meta_path}: expected a JSON object with a 'layers' object, as Probes writes it")
     if meta and meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: expected format {FORMAT!r}, got {meta.get('format')!r}")
     known = set(meta.get("layers", {})) if meta else None
