@@ -246,3 +246,19 @@ def test_the_update_rules_backends_agree(var_factor, dtype):
             expected = 0.95 * torch.linspace(-1, 1, 33, dtype=torch.float64)[0].item() + 0.05 * stats[0, 0].item()
             assert m[0].item() == pytest.approx(expected, rel=1e-6)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_numpy_update_moves_features_whose_statistics_are_finite_but_sum_past_the_range(dtype, recwarn):
+    # The NumPy path tests every statistic of the scratch at once (one isfinite over its buffer; a sum would
+    # overflow): finite values near the range limit must still move the moving statistics, with no warning.
+    big = torch.finfo(dtype).max / 2
+    mm, mv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+    scratch = ops.scratch(4, dtype)
+    scratch.mean.copy_(torch.tensor([big, big, big, 1.0], dtype=dtype))
+    scratch.var.copy_(torch.tensor([big, 2.0, 3.0, float("nan")], dtype=dtype))
+    F._update(mm, mv, scratch.mean, scratch.var, 0.5, 1.0, scratch=scratch)
+    assert mm.tolist() == [big / 2, big / 2, big / 2, 0.0]  # feature 3: its variance is NaN, so it stays
+    assert mv.tolist() == [(1.0 + big) / 2, 1.5, 2.0, 1.0]
+    assert not scratch.mean.any() and not scratch.var.any()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -45,6 +45,8 @@ from . import _dispatch
 from ._kernels import ACTIVATION_CODES as _ACT_CODES
 from ._kernels import ops as _ops
 
+_np_isfinite = np.isfinite
+
 __all__ = [
     "ACTIVATIONS",
     "apply_activation",
@@ -526,24 +528,29 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
         _check_storage(moving_mean=moving_mean, moving_variance=moving_variance)
     if counter is not None:
         counter.add_(1)
-    with torch.no_grad():
-        if (scratch is not None and scalar and moving_mean.dtype is scratch.dtype is moving_variance.dtype
-                and not (moving_mean.is_neg() or moving_variance.is_neg())):
-            bm, bv = scratch.arrays  # (the scratch's own memory: NumPy, no torch op, no version bump)
-            bv *= factor
-            if np.isfinite(bm).all() and np.isfinite(bv).all():  # the common case: one fused op for both
-                if mean.shape != moving_mean.shape:  # (multi-axis features; a view costs autograd bookkeeping)
-                    mean = mean.view(moving_mean.shape)
-                if var.shape != moving_variance.shape:
-                    var = var.view(moving_variance.shape)
-                torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
+    if (scratch is not None and scalar and moving_mean.dtype is scratch.dtype is moving_variance.dtype
+            and not (moving_mean.is_neg() or moving_variance.is_neg())):
+        # (the scratch's own memory: NumPy, no torch op, no version bump; one test for both statistics)
+        if factor != 1.0:
+            scratch.arrays[1].__imul__(factor)
+        if _np_isfinite(scratch.buffer).all():  # the common case (never warns, unlike a sum): one fused op for both
+            if mean.shape != moving_mean.shape:  # (multi-axis features; a view costs autograd bookkeeping)
+                mean = mean.view(moving_mean.shape)
+            if var.shape != moving_variance.shape:
+                var = var.view(moving_variance.shape)
+            if moving_mean.requires_grad or moving_variance.requires_grad:  # (a buffer set to require grad)
+                with torch.no_grad():
+                    torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
             else:
-                _update_torch_(moving_mean, moving_variance, mean, var, momentum, 1.0, valid)
+                torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
         else:
+            with torch.no_grad():
+                _update_torch_(moving_mean, moving_variance, mean, var, momentum, 1.0, valid)
+    else:
+        with torch.no_grad():
             _update_torch_(moving_mean, moving_variance, mean, var, momentum, factor, valid)
     if scratch is not None:  # zeroed through NumPy: no in-place torch op that autograd would see
-        for a in scratch.arrays:
-            a.fill(0)
+        scratch.buffer.fill(0)
         _ops.give_back(scratch)
 
 

@@ -70,22 +70,25 @@ class Scratch:
     """Two vectors of ``c`` zeros for PyTorch's ``torch.batch_norm`` to write a batch's mean and
     unbiased variance into (with momentum 1 it writes ``0 * buffer + statistic``).
 
-    The memory belongs to two NumPy arrays made here; ``mean`` and ``var`` are
-    tensors over it (:func:`torch.from_numpy`). :func:`update_moving` reads the
-    statistics through the arrays' own addresses, never through the tensors,
-    and zeroes them; the NumPy path does the same. So C touches only memory
-    this object owns and sized itself, whatever happens to the tensors, and no
+    The memory belongs to one NumPy array of ``2 * c`` values made here
+    (``buffer``: the mean, then the variance; ``arrays``: its two halves);
+    ``mean`` and ``var`` are tensors over the halves (:func:`torch.from_numpy`).
+    :func:`update_moving` reads the statistics through the buffer's own
+    addresses, never through the tensors, and zeroes them; the NumPy path
+    does the same (one finiteness test over the whole buffer). So C touches only memory this
+    object owns and sized itself, whatever happens to the tensors, and no
     in-place torch op bumps the tensors' version (autograd saves them, but
-    never reads them, in training mode). A NumPy array that other objects view
-    cannot be resized, so the addresses stay valid.
+    never reads them, in training mode). A NumPy array that other objects
+    view cannot be resized, so the addresses stay valid.
     """
 
-    __slots__ = ("mean", "var", "arrays", "addresses", "c", "dtype")
+    __slots__ = ("mean", "var", "buffer", "arrays", "addresses", "c", "dtype", "itemsize")
 
     def __init__(self, c: int, dtype):
-        self.c, self.dtype = c, dtype
+        self.c, self.dtype, self.itemsize = c, dtype, (4 if dtype is torch.float32 else 8)
         npdt = {torch.float32: "float32", torch.float64: "float64"}[dtype]
-        self.arrays = (np.zeros(c, dtype=npdt), np.zeros(c, dtype=npdt))
+        self.buffer = np.zeros(2 * c, dtype=npdt)
+        self.arrays = (self.buffer[:c], self.buffer[c:])
         self.mean, self.var = (torch.from_numpy(a) for a in self.arrays)
         self.addresses = tuple(a.ctypes.data for a in self.arrays)
 
@@ -223,32 +226,31 @@ def inference(kernels, x: Tensor, dims, gamma, beta, moving_mean, moving_var, ep
     return y
 
 
-def _check_moving(moving_mean, moving_var, pdt, c: int, counter) -> None:
-    """The checks of :func:`_vector` for the moving statistics and the counter, written out (on small
-    layers this runs every step)."""
-    size = 4 if pdt is torch.float32 else 8
-    for t in (moving_mean, moving_var):
-        if not (t.dtype is pdt and t.is_cpu and t.numel() == c and t.is_contiguous() and not t.is_neg()
-                and t.untyped_storage().nbytes() >= (t.storage_offset() + c) * size):
-            _vector(t, pdt, c, "moving statistic")  # raises, naming what is wrong
-    if counter is not None and not (counter.dtype is torch.int64 and counter.is_cpu and counter.numel() == 1
-                                    and not counter.is_neg() and counter.untyped_storage().nbytes()
-                                    >= (counter.storage_offset() + 1) * 8):
-        _vector(counter, torch.int64, 1, "num_batches_tracked")  # raises, naming what is wrong
-
-
 def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float, var_factor: float, counter) -> None:
     """``moving <- momentum * moving + (1 - momentum) * statistic`` in C, from a :class:`Scratch`.
 
     The variance averaged is the scratch's times ``var_factor``; the arithmetic
     is in float64, and a feature whose new mean or variance would not be
     finite keeps its values. The scratch is zeroed and given back to the pool.
-    ``counter``: an int64 scalar incremented once, or ``None``.
+    ``counter``: an int64 scalar incremented once, or ``None``. The checks of
+    :func:`_vector` are written out here for the two statistics and the
+    counter (on small layers this runs every step).
     """
-    pdt, c = s.dtype, s.c
-    _check_moving(moving_mean, moving_var, pdt, c, counter)
-    kernels.update_moving[pdt](
-        moving_mean.data_ptr(), moving_var.data_ptr(), s.addresses[0], s.addresses[1], c, momentum, var_factor,
-        None if counter is None else counter.data_ptr(),
-    )
-    give_back(s)
+    pdt, c, mm, mv = s.dtype, s.c, moving_mean, moving_var
+    nbytes = c * s.itemsize
+    if not (mm.dtype is pdt and mv.dtype is pdt and mm.is_cpu and mv.is_cpu and mm.numel() == c and mv.numel() == c
+            and mm.is_contiguous() and mv.is_contiguous() and not mm.is_neg() and not mv.is_neg()
+            and mm.untyped_storage().nbytes() >= mm.storage_offset() * s.itemsize + nbytes
+            and mv.untyped_storage().nbytes() >= mv.storage_offset() * s.itemsize + nbytes):
+        _vector(mm, pdt, c, "moving_mean")  # raises, naming what is wrong
+        _vector(mv, pdt, c, "moving_variance")
+    if counter is None:
+        p_counter = None
+    elif (counter.dtype is torch.int64 and counter.is_cpu and counter.numel() == 1 and not counter.is_neg()
+          and counter.untyped_storage().nbytes() >= (counter.storage_offset() + 1) * 8):
+        p_counter = counter.data_ptr()
+    else:
+        p_counter = _vector(counter, torch.int64, 1, "num_batches_tracked")  # raises, naming what is wrong
+    kernels.update_moving[pdt](mm.data_ptr(), mv.data_ptr(), s.addresses[0], s.addresses[1], c, momentum, var_factor,
+                               p_counter)
+    give_back(s)  # (zeroed by C)
