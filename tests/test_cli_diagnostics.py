@@ -178,7 +178,8 @@ def test_the_sweep_runs_each_cell_and_reports_mean_and_interval(cnn_sweep, capsy
     assert code == 0, err
     cfg = json.loads((out / "sweep.json").read_text())
     ids = [c["id"] for c in cfg["cells"]]
-    assert len(ids) == 8 and cfg["lr_scaling"] == "sqrt"  # Adam: square-root scaling from batch 250
+    assert len(ids) == 8 and cfg["lr_scaling"] == "auto"  # as asked; Adam's cells: square-root scaling from batch 250
+    assert {(c["lr_scaling"], c["base_learning_rate"]) for c in cfg["cells"]} == {("sqrt", 1e-3)}
     ran = sorted(p.name for p in out.iterdir() if (p / "config.json").exists())
     assert "batch_size=4+norm=ghost" not in ran and len(ran) == 7  # ghost:8 holds batch 4 whole
     lines = [line for line in err.splitlines() if line.startswith("[")]

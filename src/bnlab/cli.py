@@ -816,7 +816,8 @@ def _parser() -> argparse.ArgumentParser:
                                                              "directories with 'bnlab report DIR... --out MERGED'")
     s.add_argument("--lr-scaling", choices=("auto", "linear", "sqrt", "none"), default="auto",
                    help="learning rate against batch size: linear (Goyal et al. 2017, the GN paper), sqrt (Malladi et al. "
-                        "2022, for Adam/RMSprop), none; auto (default): linear for SGD, sqrt for Adam and RMSprop")
+                        "2022, for Adam/RMSprop), none; auto (default): linear for SGD, sqrt for Adam and RMSprop, by each "
+                        "cell's optimizer")
     s.add_argument("--base-batch-size", type=int, metavar="B", help="the batch size the recipe's learning rate is for (default: the recipe's)")
     s.add_argument("--ghost-batch", type=int, default=16, metavar="K", help="samples per ghost batch for norm=ghost (default 16)")
     s.add_argument("--metric", help="the final figure to compare (default test_accuracy for classifiers, else test_loss)")

@@ -411,33 +411,44 @@ def execute(tasks: Sequence[Task], jobs: int, *, on_epoch: Callable | None = Non
 # ----------------------------------------------------------------------------- sweeps
 
 SWEEP_JSON = "sweep.json"
-SWEEP_FORMAT = "bnlab-sweep/1"
+# 2: "lr_scaling" is the rule asked for ("auto", ...) and each cell records the rule it resolved to and the rate it scaled.
+# 1 (read, not resumed): "lr_scaling" was the base recipe's resolved rule, applied with the base recipe's rate to every cell.
+SWEEP_FORMAT = "bnlab-sweep/2"
+_SWEEP_FORMAT_1 = "bnlab-sweep/1"
+
+
+def _cell_record(c: sweep.Cell) -> dict:
+    return {"id": c.id, "settings": c.settings, "arm": c.arm, "norm": c.recipe.norm if c.arm == "bn" else None,
+            "batch_size": c.recipe.batch_size, "learning_rate": c.recipe.learning_rate, "lr_scaling": c.lr_scaling,
+            "base_learning_rate": c.base_learning_rate, "same_as": c.same_as}
 
 
 def sweep_config(recipe: Recipe, spec, *, seeds, lr_scaling: str, base_batch_size: int | None, ghost_batch: int,
                  metric: str, argv=None) -> dict:
-    """What ``sweep.json`` holds: the base recipe, the grid and its rules, the seeds, the metric and the cells they plan."""
+    """What ``sweep.json`` holds: the base recipe, the grid and its rules (``lr_scaling`` as asked, e.g. ``"auto"``), the
+    seeds, the metric and the cells they plan, each with the rule it resolved to and the rate it scaled from."""
     cells = sweep.plan(recipe, spec, lr_scaling=lr_scaling, base_batch_size=base_batch_size, ghost_batch=ghost_batch)
     return {"format": SWEEP_FORMAT, "recipe": recipe.to_dict(), "grid": sweep.parse_grid(spec),
-            "lr_scaling": sweep.scaling_for(recipe, lr_scaling), "base_batch_size": base_batch_size or recipe.batch_size,
+            "lr_scaling": lr_scaling, "base_batch_size": base_batch_size or recipe.batch_size,
             "ghost_batch": ghost_batch, "seeds": list(seeds), "metric": metric, "command": list(argv or []),
-            "cells": [{"id": c.id, "settings": c.settings, "arm": c.arm, "norm": c.recipe.norm if c.arm == "bn" else None,
-                       "batch_size": c.recipe.batch_size, "learning_rate": c.recipe.learning_rate, "same_as": c.same_as}
-                      for c in cells]}
+            "cells": [_cell_record(c) for c in cells]}
 
 
 def read_sweep(root: Path) -> tuple[dict, list]:
-    """``(sweep.json, its cells)``, checked: the cells are planned again from the recipe and grid it records.
+    """``(sweep.json, its cells)``, checked: the cells are planned again from the recipe, grid and rules it records.
 
     :class:`~bnlab.lab.records.RecordError` names the file when it is damaged
-    or its cells are not what its recipe and grid give.
+    or its cells (ids, learning rates and rules) are not what its recipe and
+    grid give. A format-1 file (older bnlab, which recorded the base recipe's
+    resolved rule) is read with each cell's rule and base rate filled in as
+    that bnlab applied them: the rule for every cell and the base recipe's rate.
     """
     from .recipes import Recipe as _Recipe
     from .recipes import validate
 
     path = Path(root) / SWEEP_JSON
     cfg = records.read_json(path)
-    if not isinstance(cfg, dict) or cfg.get("format") != SWEEP_FORMAT:
+    if not isinstance(cfg, dict) or cfg.get("format") not in (SWEEP_FORMAT, _SWEEP_FORMAT_1):
         raise records.RecordError(path, f"is not a bnlab sweep record (expected format {SWEEP_FORMAT!r})")
     try:
         recipe = validate(_Recipe.from_dict(cfg["recipe"]))
@@ -447,10 +458,21 @@ def read_sweep(root: Path) -> tuple[dict, list]:
         seeds = cfg["seeds"]
         assert isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
         assert isinstance(cfg["metric"], str)
+        stored = cfg.get("cells", [])
+        assert isinstance(stored, list) and all(isinstance(c, dict) for c in stored)
+        if cfg["format"] == _SWEEP_FORMAT_1:
+            rule = "none" if "learning_rate" in cfg["grid"] else cfg["lr_scaling"]
+            filled = {"lr_scaling": rule, "base_learning_rate": sweep.base_learning_rate(recipe)}
+            cfg = {**cfg, "cells": [{**filled, **c} for c in stored]}
     except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
         raise records.RecordError(path, f"is damaged or from another bnlab ({type(exc).__name__}: {str(exc)[:160]})") from None
-    if [c["id"] for c in cfg.get("cells", [])] != [c.id for c in cells]:
+    if [c.get("id") for c in cfg["cells"]] != [c.id for c in cells]:
         raise records.RecordError(path, "lists other cells than its recipe and grid give")
+    if cfg["format"] == SWEEP_FORMAT:
+        planned = json.loads(json.dumps(records._jsonable([_cell_record(c) for c in cells])))
+        if cfg["cells"] != planned:
+            raise records.RecordError(path, "records other settings, learning rates or rules for its cells than its recipe, "
+                                            "grid and rules give")
     return cfg, cells
 
 
@@ -560,6 +582,9 @@ def _prepare_sweep_dir(out: Path, cfg: dict, cell_ids: Sequence[str], *, resume:
             raise ExperimentError(f"{out} is not empty and holds no bnlab sweep: choose another --out, or --overwrite")
         else:
             old, _ = read_sweep(out)
+            if old["format"] != SWEEP_FORMAT:
+                raise ExperimentError(f"{out} holds a sweep of an older bnlab ({old['format']}: its learning rates came from "
+                                      "the base recipe's rule); it can be reported and merged, not continued: choose another --out")
             if not resume:
                 raise ExperimentError(f"{out} already holds a sweep: use --resume to continue it or --overwrite to start again")
             if _sweep_comparable(old) != _sweep_comparable(json.loads(json.dumps(records._jsonable(cfg)))):
