@@ -211,17 +211,21 @@ def test_the_sweep_runs_each_cell_and_reports_mean_and_interval(cnn_sweep, capsy
 
 
 def test_sweep_parts_run_with_only_and_merge(cnn_sweep, tmp_path, capsys):
-    out, argv = cnn_sweep
-    argv = [a for a in argv if not str(a).startswith(str(out))][:-1] + ["--quiet", "--no-report"]
+    _, argv = cnn_sweep
+    argv = argv[:argv.index("--out")] + ["--quiet", "--no-report"]
     cell = "batch_size=32+norm=none"
     assert main([*argv, "--only", f"{cell}/1", "--out", str(tmp_path / "p1")]) == 0
     assert [p.parent.name for p in (tmp_path / "p1").rglob("final.json")] == ["seed-1"]
     assert main([*argv, "--only", f"{cell}/0", "--out", str(tmp_path / "p2")]) == 0
     assert main(["report", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out", str(tmp_path / "m")]) == 0
+    assert "14 runs have no result yet" in capsys.readouterr().out  # of the 8 cells x 2 seeds, the parts ran 2
+    # The reference: this one cell swept whole (its own grid of one cell, so every key names it; the same recipe and rate).
+    one = [a for a in argv if not a.startswith(("batch_size=", "norm="))] + ["batch_size=32", "norm=none"]
+    assert main([*one, "--out", str(tmp_path / "whole")]) == 0
+    (whole,) = [p for p in (tmp_path / "whole").iterdir() if (p / "config.json").is_file()]
     for s in (0, 1):
         a = (tmp_path / "m" / cell / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
-        assert a == (out / cell / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
-    assert "14 runs have no result yet" in capsys.readouterr().out  # of the 8 cells x 2 seeds, the parts ran 2
+        assert a == (whole / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("argv, code, message", [
