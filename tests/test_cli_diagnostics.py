@@ -155,8 +155,28 @@ def test_merging_refuses_other_experiments_and_needs_out(tmp_path, capsys):
     assert code == 2 and "give --out MERGED" in err
     code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m")
     assert code == 1 and "holds another experiment" in err
+    assert not (tmp_path / "m").exists()  # checked before anything is written: no empty --out left behind
     code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "nothing", "--out", tmp_path / "m")
     assert code == 1 and "nothing holds no bnlab records" in err
+
+
+def test_merging_lists_the_union_of_the_seeds_and_refuses_a_run_changed_after_it_ended(tmp_path, capsys):
+    common = ["run", "blobs", "epochs=1", "--bn-only", "--quiet", "--no-report"]
+    assert main([*common, "--seeds", "2", "--out", str(tmp_path / "a")]) == 0  # seeds 0, 1
+    assert main([*common, "--seeds", "4", "--only", "2,3", "--out", str(tmp_path / "b")]) == 0  # seeds 2, 3 of 0-3
+    code, out, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m")
+    assert code == 0 and "merged 4 runs from 2 directories" in out, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["seeds"] == [0, 1, 2, 3]
+    assert sorted(p.parent.name for p in (tmp_path / "m").rglob("final.json")) == [f"seed-{s}" for s in range(4)]
+    assert "(n=4)" in out
+    run = tmp_path / "b" / "bn" / "seed-3"
+    for name in ("history.csv", "weights.safetensors"):  # altered after final.json recorded its digest
+        kept = (run / name).read_bytes()
+        (run / name).write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))
+        code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / f"m-{name}")
+        assert code == 1 and f"{run / name}" in err and "has changed since its run finished" in err
+        assert not (tmp_path / f"m-{name}").exists()  # every run is checked before the first is copied
+        (run / name).write_bytes(kept)
 
 
 # ----------------------------------------------------------------------------- bnlab sweep

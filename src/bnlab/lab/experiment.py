@@ -609,8 +609,15 @@ def _copy_run(src: Path, dst: Path) -> None:
         records.atomic_write_bytes(dst / name, (src / name).read_bytes())
 
 
-def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[str]:
-    """Merge experiment directories of one configuration into ``out``; returns one line per run copied."""
+def _merge_plan(sources: Sequence[Path], out: Path, seeds=None) -> tuple[dict, list[tuple[Path, Path, str]]]:
+    """Check experiment directories of one configuration for merging into ``out``: ``(merged config.json, runs to copy)``.
+
+    Nothing is written: the configurations, every run to copy (its files
+    against the digests its ``final.json`` recorded) and every run that ended
+    in two places are all checked first, so a refused merge leaves ``out`` as
+    it was. The merged configuration lists the union of the sources' seeds
+    and arms (and ``seeds``, and those of an earlier merge in ``out``).
+    """
     cfgs = [records.read_config(src / "config.json") for src in sources]
     first = cfgs[0]
     for src, cfg in zip(sources, cfgs, strict=True):
@@ -620,6 +627,8 @@ def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[st
                                   "overrides or processes differ): only runs of one configuration merge")
     seeds = sorted(set(seeds or []).union(*(c["seeds"] for c in cfgs)))
     arms = [a for a in ARMS if any(a in c["arms"] for c in cfgs)]
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"output path {out} exists and is not a directory")
     if (out / "config.json").exists():
         old = records.read_config(out / "config.json")
         if _comparable(old)["recipe"] != _comparable(first)["recipe"]:
@@ -627,30 +636,40 @@ def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[st
         seeds, arms = sorted(set(seeds) | set(old["seeds"])), [a for a in ARMS if a in arms or a in old["arms"]]
     elif out.exists() and any(out.iterdir()):
         raise ExperimentError(f"{out} is not empty and holds no bnlab records: choose another --out")
-    copied = []
+    copies = []
     for arm in arms:
         for seed in seeds:
             dst = records.run_dir(out, arm, seed)
+            have = records.read_final(dst / "final.json", arm, seed) if (dst / "final.json").exists() else None
+            have_in = out
             for src in sources:
                 rd = records.run_dir(src, arm, seed)
                 if rd.resolve() == dst.resolve() or not (rd / "final.json").exists():
                     continue
                 final = records.read_final(rd / "final.json", arm, seed)
-                if (dst / "final.json").exists():
-                    have = records.read_final(dst / "final.json", arm, seed)
+                if have is not None:
                     if have["sha256"] != final["sha256"]:
-                        raise ExperimentError(f"{arm} seed {seed} ended in both {dst.parents[1]} and {src} with different records; "
+                        raise ExperimentError(f"{arm} seed {seed} ended in both {have_in} and {src} with different records; "
                                               "merge one of them")
                     continue
                 for name, digest in final["sha256"].items():
                     records.check_digest(rd / name, {name: digest})
-                _copy_run(rd, dst)
-                copied.append(f"{src}: {arm} seed {seed}")
+                copies.append((rd, dst, f"{src}: {arm} seed {seed}"))
+                have, have_in = final, src
     cfg = {**first, "seeds": seeds, "arms": arms, "command": ["merge", *map(str, sources)]}
+    return cfg, copies
+
+
+def _merge_write(sources: Sequence[Path], out: Path, cfg: dict, copies) -> list[str]:
+    """Write what :func:`_merge_plan` checked: ``config.json`` first (a cut merge is an earlier merge of this experiment,
+    to merge again), then each run, ``final.json`` last; returns one line per run copied."""
+    out.mkdir(parents=True, exist_ok=True)
     records.write_json(out / "config.json", cfg)
     if not (out / "env.json").exists():
         records.atomic_write_bytes(out / "env.json", (sources[0] / "env.json").read_bytes())
-    return copied
+    for rd, dst, _ in copies:
+        _copy_run(rd, dst)
+    return [line for _, _, line in copies]
 
 
 def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
@@ -680,9 +699,10 @@ def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
         raise ExperimentError("a sweep merges only with sweeps, an experiment only with experiments")
     if any(s.resolve() == out.resolve() for s in sources[1:]):
         raise ExperimentError(f"--out {out} is one of the later sources; merge into a new directory or the first source")
-    out.mkdir(parents=True, exist_ok=True)
-    if kinds[sources[0]] == "experiment":
-        return out, _merge_experiment(sources, out)
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"output path {out} exists and is not a directory")
+    if kinds[sources[0]] == "experiment":  # everything is checked before anything is written: a refused merge leaves no --out
+        return out, _merge_write(sources, out, *_merge_plan(sources, out))
     swept = [read_sweep(src) for src in sources]
     first = swept[0][0]
     for src, (cfg, _) in zip(sources, swept, strict=True):
@@ -695,14 +715,18 @@ def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
         if {k: v for k, v in old.items() if k not in ("command", "seeds")} != {k: v for k, v in first.items() if k not in ("command", "seeds")}:
             raise ExperimentError(f"{out} holds another sweep: choose another --out")
         seeds = sorted(set(seeds) | set(old["seeds"]))
-    elif any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()):
         raise ExperimentError(f"{out} is not empty and holds no bnlab sweep: choose another --out")
-    copied = []
+    plans = []
     for cell in swept[0][1]:
         if cell.same_as is not None:
             continue
         cell_sources = [src / cell.id for src in sources if (src / cell.id / "config.json").is_file()]
         if cell_sources:
-            copied += _merge_experiment(cell_sources, out / cell.id, seeds)
+            plans.append((cell_sources, out / cell.id, *_merge_plan(cell_sources, out / cell.id, seeds)))
+    out.mkdir(parents=True, exist_ok=True)
     records.write_json(out / SWEEP_JSON, {**first, "seeds": seeds, "command": ["merge", *map(str, sources)]})
+    copied = []
+    for cell_sources, cell_out, cfg, copies in plans:
+        copied += _merge_write(cell_sources, cell_out, cfg, copies)
     return out, copied
