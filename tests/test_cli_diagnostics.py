@@ -248,6 +248,14 @@ def test_sweep_parts_run_with_only_and_merge(cnn_sweep, tmp_path, capsys):
         assert a == (whole / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
 
 
+def test_an_empty_only_selects_no_run_in_a_sweep_as_in_an_experiment(tmp_path):
+    with pytest.raises(experiment.ExperimentError, match="--only selects no run"):
+        experiment.run_experiment(lab.get("blobs"), tmp_path / "r", seeds=[0], only=[])
+    with pytest.raises(experiment.ExperimentError, match="--only selects no run"):
+        experiment.run_sweep(lab.get("blobs"), "norm=bn,none", tmp_path / "s", seeds=[0], only=[])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["sweep"], 2, "'sweep' needs a recipe name first"),
     (["sweep", "blobs"], 2, "'sweep' needs a grid after the recipe"),

@@ -527,6 +527,8 @@ def run_sweep(
         if stray:
             raise ExperimentError(f"--only {', '.join(stray)}: not a run of this sweep; its cells are {', '.join(ids)} "
                                   f"and its seeds {', '.join(map(str, seeds))}")
+        if not wanted:  # as select_runs: an empty selection is a mistake, not a sweep that ran
+            raise ExperimentError("--only selects no run")
         pairs = [p for p in pairs if p in wanted]
     datasets = {}
     for c in ran:  # every cell that cannot run fails here, named, before anything is written
