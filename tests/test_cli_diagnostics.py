@@ -266,6 +266,9 @@ def test_an_empty_only_selects_no_run_in_a_sweep_as_in_an_experiment(tmp_path):
     (["sweep", "digits28-cnn", "batch_size=1", "norm=torch"], 2, "cell batch_size=1+norm=torch: norm=torch"),
     (["sweep", "blobs", "norm=bn", "--only", "norm=bn"], 2, "--only 'norm=bn': expected CELL/SEED"),
     (["sweep", "blobs", "norm=bn", "--only", "norm=none/0"], 1, "--only norm=none/0: not a run of this sweep"),
+    (["sweep", "blobs", "norm=bn,ghost", "batch_size=8", "--only", "norm=ghost/0"], 1,
+     "--only norm=ghost/0: not a run of this sweep; norm=ghost is the same model as norm=bn (a ghost batch that holds the "
+     "whole batch is plain BN), so it is not run and the report gives it norm=bn's results; its cells are norm=bn"),
     (["sweep", "blobs", "norm=bn", "--metric", "test_mae"], 2, "metric 'test_mae': cell norm=bn of blobs records loss, accuracy"),
     (["run", "blobs", "--jobs", "0"], 2, "--jobs must be >= 1"),
     (["run", "blobs", "--probes=0"], 2, "--probes must be >= 1"),

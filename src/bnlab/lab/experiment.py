@@ -525,7 +525,11 @@ def run_sweep(
         wanted = list(dict.fromkeys(only))
         stray = [f"{c}/{s}" for c, s in wanted if (c, s) not in pairs]
         if stray:
-            raise ExperimentError(f"--only {', '.join(stray)}: not a run of this sweep; its cells are {', '.join(ids)} "
+            twins = {c.id: c.same_as for c in cells if c.same_as is not None}
+            skipped = sorted({c for c, _ in wanted if c in twins})
+            why = "".join(f"; {c} is the same model as {twins[c]} (a ghost batch that holds the whole batch is plain BN), "
+                          f"so it is not run and the report gives it {twins[c]}'s results" for c in skipped)
+            raise ExperimentError(f"--only {', '.join(stray)}: not a run of this sweep{why}; its cells are {', '.join(ids)} "
                                   f"and its seeds {', '.join(map(str, seeds))}")
         if not wanted:  # as select_runs: an empty selection is a mistake, not a sweep that ran
             raise ExperimentError("--only selects no run")
