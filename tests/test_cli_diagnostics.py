@@ -364,6 +364,18 @@ def test_inspect_layer_without_probes_says_how_to_get_them(tmp_path, capsys):
     assert code == 1 and "has no probe records (probes.csv): run the recipe with --probes" in err
 
 
+def test_inspect_layer_of_a_run_stopped_before_its_first_probe_step_says_so(tmp_path, capsys):
+    assert main(["run", "blobs", "epochs=1", "--seeds", "1", "--bn-only", "--probes=5", "--quiet", "--no-report",
+                 "--out", str(tmp_path / "r")]) == 0
+    rd = tmp_path / "r" / "bn" / "seed-0"  # as a run killed before its first probe step leaves it: the header alone
+    (rd / "probes.csv").write_text((rd / "probes.csv").read_text().splitlines()[0] + "\n")
+    (rd / "final.json").unlink()
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "r", "--layer", "1")
+    assert code == 1 and "┃" not in out  # no empty table
+    assert (f"{rd / 'probes.csv'} holds no rows for layer '1': no probe step has been recorded yet: the run stopped (or is "
+            "still) before its first probe step (probes record every 5 steps)") in err
+
+
 def test_steps_per_epoch_follows_the_split_and_the_recipe():
     assert runner.steps_per_epoch(lab.get("diabetes"), 397) == math.ceil(337 / 64)
     assert runner.steps_per_epoch(lab.get("paper-fig1-digits28"), 1437) == 500

@@ -613,6 +613,12 @@ def _inspect_layer(args) -> int:
                           for name, d in layers.items())
         raise CLIError(f"{rd} has no probed layer {args.layer!r}; its probed layers: {known or 'none'}", EXIT_USAGE)
     meta = layers[args.layer]
+    if not rec.quantities(args.layer):
+        every = rec.meta.get("every")
+        when = ("no probe step has been recorded yet: the run stopped (or is still) before its first probe step"
+                + (f" (probes record every {every} steps)" if every else "") if not rec.data else
+                "the other probed layers have rows, this one has none")
+        raise CLIError(f"{rd / PROBES_CSV} holds no rows for layer {args.layer!r}: {when}")
     con = _console()
     kind = " + ".join(filter(None, [meta.get("activation") and f"input to {meta['activation']}", "BN" if "bn" in meta.get("kinds", []) else None]))
     con.print(f"[bold]{cfg['recipe']['name']}[/bold], arm {arm}, seed {seed}: layer {args.layer!r} ({meta.get('type')}; {kind}), "
