@@ -369,7 +369,8 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
     same = [c for c in cfg["cells"] if c["same_as"]]
     if same:
         blocks.append(("note", "Not run, being the same model as another cell (a ghost batch that holds the whole batch is plain "
-                               "BN): " + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
+                               "BN), whose results stand for it (the same formula; a run of its own would differ by "
+                               "rounding, not bit for bit): " + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
     blocks.append(("p", "Records: [sweep.json](sweep.json) (recipe, grid, rules, cells), [sweep.csv](sweep.csv) (this table's "
                         "numbers and every seed's value); each cell is an experiment directory with its own report data."))
     if problems:

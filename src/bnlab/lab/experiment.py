@@ -506,7 +506,8 @@ def run_sweep(
     ``out/<cell id>`` with its one arm (``norm=none`` is the no-BN arm),
     written as :func:`run_experiment` writes one. A cell that runs the same
     model as another (``same_as``: a ghost batch holding the whole batch) is
-    not run; its results are its twin's. Every cell's configuration is
+    not run; its twin's results stand for it (the same formula, not the same
+    bits: see :mod:`bnlab.lab.sweep`). Every cell's configuration is
     checked before anything is written. ``only``: the (cell id, seed) pairs to
     run. ``on_plan(tasks, works)`` gets the :class:`Task` list and each task's
     rough work (:func:`bnlab.lab.sweep.work`) before the first run; the other

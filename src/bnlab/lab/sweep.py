@@ -34,7 +34,10 @@ at small-batch quality. We take ``K = 16`` by default: the GN paper's
 Figure 1 has BN at full accuracy down to 16 samples per batch and falling
 below it, so 16 is the smallest group that is safely "a good BN batch".
 Cells where the ghost layer is plain BN say so (``same_as``), so a runner may
-skip them.
+skip them and report the bn cell's results for them. They stand for the ghost
+cell, not equal it bit for bit: the ghost layer computes the same formula by
+another code path, whose float32 outputs differ from plain BN's by rounding (a
+few 1e-7 on unit-scale activations), which training may then amplify.
 
 Learning rate. ``lr = base_lr * (batch_size / base_batch_size) ** p``, where
 ``base_lr`` is the cell's learning rate before scaling (the recipe's, or the
