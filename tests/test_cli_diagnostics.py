@@ -155,8 +155,28 @@ def test_merging_refuses_other_experiments_and_needs_out(tmp_path, capsys):
     assert code == 2 and "give --out MERGED" in err
     code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m")
     assert code == 1 and "holds another experiment" in err
+    assert not (tmp_path / "m").exists()  # checked before anything is written: no empty --out left behind
     code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "nothing", "--out", tmp_path / "m")
     assert code == 1 and "nothing holds no bnlab records" in err
+
+
+def test_merging_lists_the_union_of_the_seeds_and_refuses_a_run_changed_after_it_ended(tmp_path, capsys):
+    common = ["run", "blobs", "epochs=1", "--bn-only", "--quiet", "--no-report"]
+    assert main([*common, "--seeds", "2", "--out", str(tmp_path / "a")]) == 0  # seeds 0, 1
+    assert main([*common, "--seeds", "4", "--only", "2,3", "--out", str(tmp_path / "b")]) == 0  # seeds 2, 3 of 0-3
+    code, out, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m")
+    assert code == 0 and "merged 4 runs from 2 directories" in out, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["seeds"] == [0, 1, 2, 3]
+    assert sorted(p.parent.name for p in (tmp_path / "m").rglob("final.json")) == [f"seed-{s}" for s in range(4)]
+    assert "(n=4)" in out
+    run = tmp_path / "b" / "bn" / "seed-3"
+    for name in ("history.csv", "weights.safetensors"):  # altered after final.json recorded its digest
+        kept = (run / name).read_bytes()
+        (run / name).write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))
+        code, _, err = run_cli(capsys, "report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / f"m-{name}")
+        assert code == 1 and f"{run / name}" in err and "has changed since its run finished" in err
+        assert not (tmp_path / f"m-{name}").exists()  # every run is checked before the first is copied
+        (run / name).write_bytes(kept)
 
 
 # ----------------------------------------------------------------------------- bnlab sweep
@@ -178,7 +198,8 @@ def test_the_sweep_runs_each_cell_and_reports_mean_and_interval(cnn_sweep, capsy
     assert code == 0, err
     cfg = json.loads((out / "sweep.json").read_text())
     ids = [c["id"] for c in cfg["cells"]]
-    assert len(ids) == 8 and cfg["lr_scaling"] == "sqrt"  # Adam: square-root scaling from batch 250
+    assert len(ids) == 8 and cfg["lr_scaling"] == "auto"  # as asked; Adam's cells: square-root scaling from batch 250
+    assert {(c["lr_scaling"], c["base_learning_rate"]) for c in cfg["cells"]} == {("sqrt", 1e-3)}
     ran = sorted(p.name for p in out.iterdir() if (p / "config.json").exists())
     assert "batch_size=4+norm=ghost" not in ran and len(ran) == 7  # ghost:8 holds batch 4 whole
     lines = [line for line in err.splitlines() if line.startswith("[")]
@@ -210,17 +231,29 @@ def test_the_sweep_runs_each_cell_and_reports_mean_and_interval(cnn_sweep, capsy
 
 
 def test_sweep_parts_run_with_only_and_merge(cnn_sweep, tmp_path, capsys):
-    out, argv = cnn_sweep
-    argv = [a for a in argv if not str(a).startswith(str(out))][:-1] + ["--quiet", "--no-report"]
+    _, argv = cnn_sweep
+    argv = argv[:argv.index("--out")] + ["--quiet", "--no-report"]
     cell = "batch_size=32+norm=none"
     assert main([*argv, "--only", f"{cell}/1", "--out", str(tmp_path / "p1")]) == 0
     assert [p.parent.name for p in (tmp_path / "p1").rglob("final.json")] == ["seed-1"]
     assert main([*argv, "--only", f"{cell}/0", "--out", str(tmp_path / "p2")]) == 0
     assert main(["report", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out", str(tmp_path / "m")]) == 0
+    assert "14 runs have no result yet" in capsys.readouterr().out  # of the 8 cells x 2 seeds, the parts ran 2
+    # The reference: this one cell swept whole (its own grid of one cell, so every key names it; the same recipe and rate).
+    one = [a for a in argv if not a.startswith(("batch_size=", "norm="))] + ["batch_size=32", "norm=none"]
+    assert main([*one, "--out", str(tmp_path / "whole")]) == 0
+    (whole,) = [p for p in (tmp_path / "whole").iterdir() if (p / "config.json").is_file()]
     for s in (0, 1):
         a = (tmp_path / "m" / cell / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
-        assert a == (out / cell / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
-    assert "14 runs have no result yet" in capsys.readouterr().out  # of the 8 cells x 2 seeds, the parts ran 2
+        assert a == (whole / "no_bn" / f"seed-{s}" / "weights.safetensors").read_bytes()
+
+
+def test_an_empty_only_selects_no_run_in_a_sweep_as_in_an_experiment(tmp_path):
+    with pytest.raises(experiment.ExperimentError, match="--only selects no run"):
+        experiment.run_experiment(lab.get("blobs"), tmp_path / "r", seeds=[0], only=[])
+    with pytest.raises(experiment.ExperimentError, match="--only selects no run"):
+        experiment.run_sweep(lab.get("blobs"), "norm=bn,none", tmp_path / "s", seeds=[0], only=[])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("argv, code, message", [
@@ -233,6 +266,9 @@ def test_sweep_parts_run_with_only_and_merge(cnn_sweep, tmp_path, capsys):
     (["sweep", "digits28-cnn", "batch_size=1", "norm=torch"], 2, "cell batch_size=1+norm=torch: norm=torch"),
     (["sweep", "blobs", "norm=bn", "--only", "norm=bn"], 2, "--only 'norm=bn': expected CELL/SEED"),
     (["sweep", "blobs", "norm=bn", "--only", "norm=none/0"], 1, "--only norm=none/0: not a run of this sweep"),
+    (["sweep", "blobs", "norm=bn,ghost", "batch_size=8", "--only", "norm=ghost/0"], 1,
+     "--only norm=ghost/0: not a run of this sweep; norm=ghost is the same model as norm=bn (a ghost batch that holds the "
+     "whole batch is plain BN), so it is not run and the report gives it norm=bn's results; its cells are norm=bn"),
     (["sweep", "blobs", "norm=bn", "--metric", "test_mae"], 2, "metric 'test_mae': cell norm=bn of blobs records loss, accuracy"),
     (["run", "blobs", "--jobs", "0"], 2, "--jobs must be >= 1"),
     (["run", "blobs", "--probes=0"], 2, "--probes must be >= 1"),
@@ -326,6 +362,18 @@ def test_inspect_layer_without_probes_says_how_to_get_them(tmp_path, capsys):
     assert main(["run", "blobs", "epochs=1", "--seeds", "1", "--bn-only", "--quiet", "--no-report", "--out", str(tmp_path / "r")]) == 0
     code, _, err = run_cli(capsys, "inspect", tmp_path / "r", "--layer", "1")
     assert code == 1 and "has no probe records (probes.csv): run the recipe with --probes" in err
+
+
+def test_inspect_layer_of_a_run_stopped_before_its_first_probe_step_says_so(tmp_path, capsys):
+    assert main(["run", "blobs", "epochs=1", "--seeds", "1", "--bn-only", "--probes=5", "--quiet", "--no-report",
+                 "--out", str(tmp_path / "r")]) == 0
+    rd = tmp_path / "r" / "bn" / "seed-0"  # as a run killed before its first probe step leaves it: the header alone
+    (rd / "probes.csv").write_text((rd / "probes.csv").read_text().splitlines()[0] + "\n")
+    (rd / "final.json").unlink()
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "r", "--layer", "1")
+    assert code == 1 and "┃" not in out  # no empty table
+    assert (f"{rd / 'probes.csv'} holds no rows for layer '1': no probe step has been recorded yet: the run stopped (or is "
+            "still) before its first probe step (probes record every 5 steps)") in err
 
 
 def test_steps_per_epoch_follows_the_split_and_the_recipe():

@@ -613,6 +613,12 @@ def _inspect_layer(args) -> int:
                           for name, d in layers.items())
         raise CLIError(f"{rd} has no probed layer {args.layer!r}; its probed layers: {known or 'none'}", EXIT_USAGE)
     meta = layers[args.layer]
+    if not rec.quantities(args.layer):
+        every = rec.meta.get("every")
+        when = ("no probe step has been recorded yet: the run stopped (or is still) before its first probe step"
+                + (f" (probes record every {every} steps)" if every else "") if not rec.data else
+                "the other probed layers have rows, this one has none")
+        raise CLIError(f"{rd / PROBES_CSV} holds no rows for layer {args.layer!r}: {when}")
     con = _console()
     kind = " + ".join(filter(None, [meta.get("activation") and f"input to {meta['activation']}", "BN" if "bn" in meta.get("kinds", []) else None]))
     con.print(f"[bold]{cfg['recipe']['name']}[/bold], arm {arm}, seed {seed}: layer {args.layer!r} ({meta.get('type')}; {kind}), "
@@ -816,7 +822,8 @@ def _parser() -> argparse.ArgumentParser:
                                                              "directories with 'bnlab report DIR... --out MERGED'")
     s.add_argument("--lr-scaling", choices=("auto", "linear", "sqrt", "none"), default="auto",
                    help="learning rate against batch size: linear (Goyal et al. 2017, the GN paper), sqrt (Malladi et al. "
-                        "2022, for Adam/RMSprop), none; auto (default): linear for SGD, sqrt for Adam and RMSprop")
+                        "2022, for Adam/RMSprop), none; auto (default): linear for SGD, sqrt for Adam and RMSprop, by each "
+                        "cell's optimizer")
     s.add_argument("--base-batch-size", type=int, metavar="B", help="the batch size the recipe's learning rate is for (default: the recipe's)")
     s.add_argument("--ghost-batch", type=int, default=16, metavar="K", help="samples per ghost batch for norm=ghost (default 16)")
     s.add_argument("--metric", help="the final figure to compare (default test_accuracy for classifiers, else test_loss)")

@@ -1,6 +1,7 @@
 """Sweeps: grid parsing (and its errors), the norm mapping, learning-rate scaling, cell ids, aggregation against
 a direct t interval, and the batch-size plot."""
 
+import json
 import math
 
 import numpy as np
@@ -74,6 +75,18 @@ def test_auto_scaling_is_linear_for_sgd_and_square_root_for_adam_and_rmsprop():
     assert sweep.scaling_for(adam) == "sqrt" and sweep.scaling_for(sgd) == "linear" and sweep.scaling_for(adam, "none") == "none"
     assert sweep.base_learning_rate(lab.get("diabetes")) == pytest.approx(1e-3)  # Adam's Keras default
     assert sweep.base_learning_rate(lab.get("paper-fig1")) == pytest.approx(0.1)
+
+
+def test_a_grid_over_the_optimizer_scales_each_cells_own_rate_by_its_own_rule():
+    cells = {c.id: c for c in sweep.plan(lab.get("digits28-cnn"), "batch_size=25,250 optimizer=adam,sgd")}
+    adam, sgd = cells["batch_size=25+optimizer=adam"], cells["batch_size=25+optimizer=sgd"]
+    assert (adam.lr_scaling, adam.base_learning_rate) == ("sqrt", pytest.approx(1e-3))  # Keras' Adam default, root rule
+    assert adam.recipe.learning_rate == pytest.approx(1e-3 * (25 / 250) ** 0.5)
+    assert (sgd.recipe.optimizer, sgd.lr_scaling, sgd.base_learning_rate) == ("sgd", "linear", pytest.approx(0.01))
+    assert sgd.recipe.learning_rate == pytest.approx(0.01 * 25 / 250)  # Keras' SGD default, linear rule
+    assert cells["batch_size=250+optimizer=sgd"].recipe.learning_rate == pytest.approx(0.01)
+    fixed = sweep.plan(lab.get("digits28-cnn"), "optimizer=adam,sgd learning_rate=0.05")
+    assert [(c.lr_scaling, c.recipe.learning_rate) for c in fixed] == [("none", 0.05), ("none", 0.05)]  # the grid sets it
 
 
 def test_without_norm_in_the_grid_the_recipes_own_layer_stays():
@@ -157,3 +170,44 @@ def test_batch_size_plot_has_a_log2_axis_and_one_line_per_norm(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8"]
     paths = plots.plot_batch_size(rows, "acc", tmp_path)
     assert [p.name for p in paths] == ["batch-size-acc.png", "batch-size-acc.svg"] and all(p.stat().st_size for p in paths)
+
+
+def test_sweep_json_keeps_the_asked_rule_and_each_cells_own_and_is_planned_again_the_same(tmp_path):
+    from bnlab.lab import diagnostics_report, experiment, records
+
+    def write(root, grid, **changes):
+        cfg = experiment.sweep_config(lab.get("digits28-cnn"), grid, seeds=[0], lr_scaling="auto", base_batch_size=None,
+                                      ghost_batch=16, metric="test_accuracy")
+        records.write_json(root / "sweep.json", {**cfg, **changes})
+        return cfg
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write(mixed, "batch_size=25,250 optimizer=adam,sgd")
+    cfg, cells = experiment.read_sweep(mixed)
+    assert cfg["lr_scaling"] == "auto" and cfg["format"] == "bnlab-sweep/2"  # as asked: resolved again per cell on resume
+    assert [(c["lr_scaling"], c["base_learning_rate"]) for c in cfg["cells"]] == [("sqrt", 1e-3), ("linear", 0.01)] * 2
+    assert [c["learning_rate"] for c in cfg["cells"]] == [c.recipe.learning_rate for c in cells]
+    diagnostics_report.build_sweep_report(mixed)
+    assert ("learning rate scaled by each cell's optimizer (auto) from its rate at batch 250: sqrt from 0.001 in 2 cells, "
+            "linear from 0.01 in 2 cells") in (mixed / "report.md").read_text()
+
+    damaged = json.loads((mixed / "sweep.json").read_text())
+    damaged["cells"][1]["learning_rate"] = 1e-3 * (25 / 250) ** 0.5  # what the base recipe's rule and rate gave
+    records.write_json(mixed / "sweep.json", damaged)
+    with pytest.raises(records.RecordError, match="records other settings, learning rates or rules for its cells"):
+        experiment.read_sweep(mixed)
+
+    old = tmp_path / "old"  # format 1: the base recipe's resolved rule, no rule or rate per cell
+    old.mkdir()
+    cfg = write(old, "batch_size=25,250 norm=bn,none", format="bnlab-sweep/1", lr_scaling="sqrt")
+    records.write_json(old / "sweep.json", {**json.loads((old / "sweep.json").read_text()),
+                                            "cells": [{k: v for k, v in c.items() if k not in ("lr_scaling", "base_learning_rate")}
+                                                      for c in cfg["cells"]]})
+    got, _ = experiment.read_sweep(old)
+    assert [(c["lr_scaling"], c["base_learning_rate"], c["learning_rate"]) for c in got["cells"]] == [
+        (c["lr_scaling"], c["base_learning_rate"], c["learning_rate"]) for c in cfg["cells"]]
+    diagnostics_report.build_sweep_report(old)
+    assert "learning rate sqrt-scaled from the recipe's 0.001 at batch 250" in (old / "report.md").read_text()
+    with pytest.raises(experiment.ExperimentError, match="a sweep of an older bnlab .* can be reported and merged, not continued"):
+        experiment._prepare_sweep_dir(old, cfg, [c["id"] for c in cfg["cells"]], resume=True, overwrite=False)

@@ -317,6 +317,23 @@ def _where_bn_falls_behind(rows: list[dict]) -> list[str]:
     return out
 
 
+def _lr_rule(cfg: dict) -> str:
+    """How the cells' learning rates were set, from the rule and base rate each cell of ``sweep.json`` records."""
+    groups: dict[tuple, int] = {}  # (rule, base rate) -> cells; a grid over optimizer= has one per optimizer under "auto"
+    for c in cfg["cells"]:
+        if c["lr_scaling"] != "none":
+            key = (c["lr_scaling"], c["base_learning_rate"])
+            groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return "learning rate not scaled with the batch size" + (" (the grid sets it)" if "learning_rate" in cfg["grid"] else "")
+    at = f"at batch {cfg['base_batch_size']}"
+    if len(groups) == 1:
+        (rule, base), = groups
+        return f"learning rate {rule}-scaled from the recipe's {base:g} {at}"
+    return (f"learning rate scaled by each cell's optimizer ({cfg['lr_scaling']}) from its rate {at}: "
+            + ", ".join(f"{rule} from {base:g} in {n} cells" for (rule, base), n in groups.items()))
+
+
 def build_sweep_report(root: Path) -> dict[str, Path]:
     """Write ``sweep.csv``, the batch-size plot and ``report.md``/``report.html`` of the sweep at ``root``; returns their paths."""
     from . import report
@@ -330,8 +347,7 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
     grid = " ".join(f"{k}={','.join(v)}" for k, v in cfg["grid"].items())
     blocks = [("h1", f"{r['name']}: sweep over {', '.join(k for k, v in cfg['grid'].items() if len(v) > 1) or ', '.join(keys)}"),
               ("lead", f"Tutorial {r['tutorial']}: {r['title']}"),
-              ("p", f"Grid `{grid}`; seeds {', '.join(map(str, cfg['seeds']))}; learning rate {cfg['lr_scaling']}-scaled from the "
-                    f"recipe's {sweep.base_learning_rate(_recipe(r)):g} at batch {cfg['base_batch_size']}; ghost batches of "
+              ("p", f"Grid `{grid}`; seeds {', '.join(map(str, cfg['seeds']))}; {_lr_rule(cfg)}; ghost batches of "
                     f"{cfg['ghost_batch']}; each cell's figure is the final {metric}, mean and 95% t interval over seeds.")]
     if unfinished:
         blocks.append(("warn", f"Incomplete: {len(unfinished)} runs have no result yet ({', '.join(unfinished[:8])}"
@@ -353,7 +369,8 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
     same = [c for c in cfg["cells"] if c["same_as"]]
     if same:
         blocks.append(("note", "Not run, being the same model as another cell (a ghost batch that holds the whole batch is plain "
-                               "BN): " + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
+                               "BN), whose results stand for it (the same formula; a run of its own would differ by "
+                               "rounding, not bit for bit): " + ", ".join(f"{c['id']} (= {c['same_as']})" for c in same) + "."))
     blocks.append(("p", "Records: [sweep.json](sweep.json) (recipe, grid, rules, cells), [sweep.csv](sweep.csv) (this table's "
                         "numbers and every seed's value); each cell is an experiment directory with its own report data."))
     if problems:
@@ -361,9 +378,3 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
     records.atomic_write_bytes(root / "report.md", report._markdown(blocks).encode())
     records.atomic_write_bytes(root / "report.html", report._html(f"bnlab sweep: {r['name']}", blocks, root / "plots").encode())
     return {**paths, "md": root / "report.md", "html": root / "report.html"}
-
-
-def _recipe(d: dict):
-    from .recipes import Recipe
-
-    return Recipe.from_dict(d)

@@ -411,33 +411,44 @@ def execute(tasks: Sequence[Task], jobs: int, *, on_epoch: Callable | None = Non
 # ----------------------------------------------------------------------------- sweeps
 
 SWEEP_JSON = "sweep.json"
-SWEEP_FORMAT = "bnlab-sweep/1"
+# 2: "lr_scaling" is the rule asked for ("auto", ...) and each cell records the rule it resolved to and the rate it scaled.
+# 1 (read, not resumed): "lr_scaling" was the base recipe's resolved rule, applied with the base recipe's rate to every cell.
+SWEEP_FORMAT = "bnlab-sweep/2"
+_SWEEP_FORMAT_1 = "bnlab-sweep/1"
+
+
+def _cell_record(c: sweep.Cell) -> dict:
+    return {"id": c.id, "settings": c.settings, "arm": c.arm, "norm": c.recipe.norm if c.arm == "bn" else None,
+            "batch_size": c.recipe.batch_size, "learning_rate": c.recipe.learning_rate, "lr_scaling": c.lr_scaling,
+            "base_learning_rate": c.base_learning_rate, "same_as": c.same_as}
 
 
 def sweep_config(recipe: Recipe, spec, *, seeds, lr_scaling: str, base_batch_size: int | None, ghost_batch: int,
                  metric: str, argv=None) -> dict:
-    """What ``sweep.json`` holds: the base recipe, the grid and its rules, the seeds, the metric and the cells they plan."""
+    """What ``sweep.json`` holds: the base recipe, the grid and its rules (``lr_scaling`` as asked, e.g. ``"auto"``), the
+    seeds, the metric and the cells they plan, each with the rule it resolved to and the rate it scaled from."""
     cells = sweep.plan(recipe, spec, lr_scaling=lr_scaling, base_batch_size=base_batch_size, ghost_batch=ghost_batch)
     return {"format": SWEEP_FORMAT, "recipe": recipe.to_dict(), "grid": sweep.parse_grid(spec),
-            "lr_scaling": sweep.scaling_for(recipe, lr_scaling), "base_batch_size": base_batch_size or recipe.batch_size,
+            "lr_scaling": lr_scaling, "base_batch_size": base_batch_size or recipe.batch_size,
             "ghost_batch": ghost_batch, "seeds": list(seeds), "metric": metric, "command": list(argv or []),
-            "cells": [{"id": c.id, "settings": c.settings, "arm": c.arm, "norm": c.recipe.norm if c.arm == "bn" else None,
-                       "batch_size": c.recipe.batch_size, "learning_rate": c.recipe.learning_rate, "same_as": c.same_as}
-                      for c in cells]}
+            "cells": [_cell_record(c) for c in cells]}
 
 
 def read_sweep(root: Path) -> tuple[dict, list]:
-    """``(sweep.json, its cells)``, checked: the cells are planned again from the recipe and grid it records.
+    """``(sweep.json, its cells)``, checked: the cells are planned again from the recipe, grid and rules it records.
 
     :class:`~bnlab.lab.records.RecordError` names the file when it is damaged
-    or its cells are not what its recipe and grid give.
+    or its cells (ids, learning rates and rules) are not what its recipe and
+    grid give. A format-1 file (older bnlab, which recorded the base recipe's
+    resolved rule) is read with each cell's rule and base rate filled in as
+    that bnlab applied them: the rule for every cell and the base recipe's rate.
     """
     from .recipes import Recipe as _Recipe
     from .recipes import validate
 
     path = Path(root) / SWEEP_JSON
     cfg = records.read_json(path)
-    if not isinstance(cfg, dict) or cfg.get("format") != SWEEP_FORMAT:
+    if not isinstance(cfg, dict) or cfg.get("format") not in (SWEEP_FORMAT, _SWEEP_FORMAT_1):
         raise records.RecordError(path, f"is not a bnlab sweep record (expected format {SWEEP_FORMAT!r})")
     try:
         recipe = validate(_Recipe.from_dict(cfg["recipe"]))
@@ -447,10 +458,21 @@ def read_sweep(root: Path) -> tuple[dict, list]:
         seeds = cfg["seeds"]
         assert isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
         assert isinstance(cfg["metric"], str)
+        stored = cfg.get("cells", [])
+        assert isinstance(stored, list) and all(isinstance(c, dict) for c in stored)
+        if cfg["format"] == _SWEEP_FORMAT_1:
+            rule = "none" if "learning_rate" in cfg["grid"] else cfg["lr_scaling"]
+            filled = {"lr_scaling": rule, "base_learning_rate": sweep.base_learning_rate(recipe)}
+            cfg = {**cfg, "cells": [{**filled, **c} for c in stored]}
     except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
         raise records.RecordError(path, f"is damaged or from another bnlab ({type(exc).__name__}: {str(exc)[:160]})") from None
-    if [c["id"] for c in cfg.get("cells", [])] != [c.id for c in cells]:
+    if [c.get("id") for c in cfg["cells"]] != [c.id for c in cells]:
         raise records.RecordError(path, "lists other cells than its recipe and grid give")
+    if cfg["format"] == SWEEP_FORMAT:
+        planned = json.loads(json.dumps(records._jsonable([_cell_record(c) for c in cells])))
+        if cfg["cells"] != planned:
+            raise records.RecordError(path, "records other settings, learning rates or rules for its cells than its recipe, "
+                                            "grid and rules give")
     return cfg, cells
 
 
@@ -484,7 +506,8 @@ def run_sweep(
     ``out/<cell id>`` with its one arm (``norm=none`` is the no-BN arm),
     written as :func:`run_experiment` writes one. A cell that runs the same
     model as another (``same_as``: a ghost batch holding the whole batch) is
-    not run; its results are its twin's. Every cell's configuration is
+    not run; its twin's results stand for it (the same formula, not the same
+    bits: see :mod:`bnlab.lab.sweep`). Every cell's configuration is
     checked before anything is written. ``only``: the (cell id, seed) pairs to
     run. ``on_plan(tasks, works)`` gets the :class:`Task` list and each task's
     rough work (:func:`bnlab.lab.sweep.work`) before the first run; the other
@@ -503,8 +526,14 @@ def run_sweep(
         wanted = list(dict.fromkeys(only))
         stray = [f"{c}/{s}" for c, s in wanted if (c, s) not in pairs]
         if stray:
-            raise ExperimentError(f"--only {', '.join(stray)}: not a run of this sweep; its cells are {', '.join(ids)} "
+            twins = {c.id: c.same_as for c in cells if c.same_as is not None}
+            skipped = sorted({c for c, _ in wanted if c in twins})
+            why = "".join(f"; {c} is the same model as {twins[c]} (a ghost batch that holds the whole batch is plain BN), "
+                          f"so it is not run and the report gives it {twins[c]}'s results" for c in skipped)
+            raise ExperimentError(f"--only {', '.join(stray)}: not a run of this sweep{why}; its cells are {', '.join(ids)} "
                                   f"and its seeds {', '.join(map(str, seeds))}")
+        if not wanted:  # as select_runs: an empty selection is a mistake, not a sweep that ran
+            raise ExperimentError("--only selects no run")
         pairs = [p for p in pairs if p in wanted]
     datasets = {}
     for c in ran:  # every cell that cannot run fails here, named, before anything is written
@@ -560,6 +589,9 @@ def _prepare_sweep_dir(out: Path, cfg: dict, cell_ids: Sequence[str], *, resume:
             raise ExperimentError(f"{out} is not empty and holds no bnlab sweep: choose another --out, or --overwrite")
         else:
             old, _ = read_sweep(out)
+            if old["format"] != SWEEP_FORMAT:
+                raise ExperimentError(f"{out} holds a sweep of an older bnlab ({old['format']}: its learning rates came from "
+                                      "the base recipe's rule); it can be reported and merged, not continued: choose another --out")
             if not resume:
                 raise ExperimentError(f"{out} already holds a sweep: use --resume to continue it or --overwrite to start again")
             if _sweep_comparable(old) != _sweep_comparable(json.loads(json.dumps(records._jsonable(cfg)))):
@@ -584,8 +616,15 @@ def _copy_run(src: Path, dst: Path) -> None:
         records.atomic_write_bytes(dst / name, (src / name).read_bytes())
 
 
-def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[str]:
-    """Merge experiment directories of one configuration into ``out``; returns one line per run copied."""
+def _merge_plan(sources: Sequence[Path], out: Path, seeds=None) -> tuple[dict, list[tuple[Path, Path, str]]]:
+    """Check experiment directories of one configuration for merging into ``out``: ``(merged config.json, runs to copy)``.
+
+    Nothing is written: the configurations, every run to copy (its files
+    against the digests its ``final.json`` recorded) and every run that ended
+    in two places are all checked first, so a refused merge leaves ``out`` as
+    it was. The merged configuration lists the union of the sources' seeds
+    and arms (and ``seeds``, and those of an earlier merge in ``out``).
+    """
     cfgs = [records.read_config(src / "config.json") for src in sources]
     first = cfgs[0]
     for src, cfg in zip(sources, cfgs, strict=True):
@@ -595,6 +634,8 @@ def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[st
                                   "overrides or processes differ): only runs of one configuration merge")
     seeds = sorted(set(seeds or []).union(*(c["seeds"] for c in cfgs)))
     arms = [a for a in ARMS if any(a in c["arms"] for c in cfgs)]
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"output path {out} exists and is not a directory")
     if (out / "config.json").exists():
         old = records.read_config(out / "config.json")
         if _comparable(old)["recipe"] != _comparable(first)["recipe"]:
@@ -602,30 +643,40 @@ def _merge_experiment(sources: Sequence[Path], out: Path, seeds=None) -> list[st
         seeds, arms = sorted(set(seeds) | set(old["seeds"])), [a for a in ARMS if a in arms or a in old["arms"]]
     elif out.exists() and any(out.iterdir()):
         raise ExperimentError(f"{out} is not empty and holds no bnlab records: choose another --out")
-    copied = []
+    copies = []
     for arm in arms:
         for seed in seeds:
             dst = records.run_dir(out, arm, seed)
+            have = records.read_final(dst / "final.json", arm, seed) if (dst / "final.json").exists() else None
+            have_in = out
             for src in sources:
                 rd = records.run_dir(src, arm, seed)
                 if rd.resolve() == dst.resolve() or not (rd / "final.json").exists():
                     continue
                 final = records.read_final(rd / "final.json", arm, seed)
-                if (dst / "final.json").exists():
-                    have = records.read_final(dst / "final.json", arm, seed)
+                if have is not None:
                     if have["sha256"] != final["sha256"]:
-                        raise ExperimentError(f"{arm} seed {seed} ended in both {dst.parents[1]} and {src} with different records; "
+                        raise ExperimentError(f"{arm} seed {seed} ended in both {have_in} and {src} with different records; "
                                               "merge one of them")
                     continue
                 for name, digest in final["sha256"].items():
                     records.check_digest(rd / name, {name: digest})
-                _copy_run(rd, dst)
-                copied.append(f"{src}: {arm} seed {seed}")
+                copies.append((rd, dst, f"{src}: {arm} seed {seed}"))
+                have, have_in = final, src
     cfg = {**first, "seeds": seeds, "arms": arms, "command": ["merge", *map(str, sources)]}
+    return cfg, copies
+
+
+def _merge_write(sources: Sequence[Path], out: Path, cfg: dict, copies) -> list[str]:
+    """Write what :func:`_merge_plan` checked: ``config.json`` first (a cut merge is an earlier merge of this experiment,
+    to merge again), then each run, ``final.json`` last; returns one line per run copied."""
+    out.mkdir(parents=True, exist_ok=True)
     records.write_json(out / "config.json", cfg)
     if not (out / "env.json").exists():
         records.atomic_write_bytes(out / "env.json", (sources[0] / "env.json").read_bytes())
-    return copied
+    for rd, dst, _ in copies:
+        _copy_run(rd, dst)
+    return [line for _, _, line in copies]
 
 
 def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
@@ -655,9 +706,10 @@ def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
         raise ExperimentError("a sweep merges only with sweeps, an experiment only with experiments")
     if any(s.resolve() == out.resolve() for s in sources[1:]):
         raise ExperimentError(f"--out {out} is one of the later sources; merge into a new directory or the first source")
-    out.mkdir(parents=True, exist_ok=True)
-    if kinds[sources[0]] == "experiment":
-        return out, _merge_experiment(sources, out)
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"output path {out} exists and is not a directory")
+    if kinds[sources[0]] == "experiment":  # everything is checked before anything is written: a refused merge leaves no --out
+        return out, _merge_write(sources, out, *_merge_plan(sources, out))
     swept = [read_sweep(src) for src in sources]
     first = swept[0][0]
     for src, (cfg, _) in zip(sources, swept, strict=True):
@@ -670,14 +722,18 @@ def merge(sources: Sequence[Path], out: Path) -> tuple[Path, list[str]]:
         if {k: v for k, v in old.items() if k not in ("command", "seeds")} != {k: v for k, v in first.items() if k not in ("command", "seeds")}:
             raise ExperimentError(f"{out} holds another sweep: choose another --out")
         seeds = sorted(set(seeds) | set(old["seeds"]))
-    elif any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()):
         raise ExperimentError(f"{out} is not empty and holds no bnlab sweep: choose another --out")
-    copied = []
+    plans = []
     for cell in swept[0][1]:
         if cell.same_as is not None:
             continue
         cell_sources = [src / cell.id for src in sources if (src / cell.id / "config.json").is_file()]
         if cell_sources:
-            copied += _merge_experiment(cell_sources, out / cell.id, seeds)
+            plans.append((cell_sources, out / cell.id, *_merge_plan(cell_sources, out / cell.id, seeds)))
+    out.mkdir(parents=True, exist_ok=True)
     records.write_json(out / SWEEP_JSON, {**first, "seeds": seeds, "command": ["merge", *map(str, sources)]})
+    copied = []
+    for cell_sources, cell_out, cfg, copies in plans:
+        copied += _merge_write(cell_sources, cell_out, cfg, copies)
     return out, copied

@@ -34,16 +34,21 @@ at small-batch quality. We take ``K = 16`` by default: the GN paper's
 Figure 1 has BN at full accuracy down to 16 samples per batch and falling
 below it, so 16 is the smallest group that is safely "a good BN batch".
 Cells where the ghost layer is plain BN say so (``same_as``), so a runner may
-skip them.
+skip them and report the bn cell's results for them. They stand for the ghost
+cell, not equal it bit for bit: the ghost layer computes the same formula by
+another code path, whose float32 outputs differ from plain BN's by rounding (a
+few 1e-7 on unit-scale activations), which training may then amplify.
 
 Learning rate. ``lr = base_lr * (batch_size / base_batch_size) ** p``, where
-``base_lr`` is the recipe's learning rate (or its optimizer's default) and
+``base_lr`` is the cell's learning rate before scaling (the recipe's, or the
+default of the cell's optimizer when the recipe gives none) and
 ``base_batch_size`` the recipe's batch size unless given. ``lr_scaling``:
 ``"linear"`` (p = 1: Goyal et al., 2017, arXiv:1706.02677; the GN paper does
 the same, with SGD), ``"sqrt"`` (p = 1/2: the square-root rule Malladi et al.,
 2022, arXiv:2205.10287, derive for Adam and RMSprop, whose steps do not grow
 with the gradient), ``"none"``, or ``"auto"`` (the default): linear for SGD,
-square root for Adam and RMSprop. Linear scaling of Adam's rate would have
+square root for Adam and RMSprop, decided for each cell by its own optimizer
+(a grid may vary ``optimizer``). Linear scaling of Adam's rate would have
 ``digits28-cnn`` (Adam's 1e-3 at batch 250) train at 8e-6 at batch 2, which
 mostly measures a learning rate too small to train, not BN. A grid that sets
 ``learning_rate`` itself is not scaled.
@@ -93,6 +98,8 @@ class Cell:
     recipe: Recipe
     arm: str  # "bn" or "no_bn"
     same_as: str | None = None  # the id of a cell that runs the same model (ghost with batch <= K)
+    lr_scaling: str = "none"  # the rule this cell's learning rate was scaled by ("none": not scaled, e.g. the grid sets it)
+    base_learning_rate: float | None = None  # the rate it was scaled from: its recipe's, or its optimizer's default
 
 
 def parse_grid(spec: str | Sequence[str]) -> dict[str, list[str]]:
@@ -166,17 +173,18 @@ def plan(recipe: Recipe, spec: str | Sequence[str], *, lr_scaling: str = "auto",
 
     Each cell's recipe has the grid's overrides applied (type-checked as
     ``key=value`` overrides are), the norm's layer, and the scaled learning
-    rate (see the module docstring); bad values raise :class:`SweepError`.
+    rate (see the module docstring): ``lr_scaling`` is resolved for each cell
+    from its own optimizer and scales its own base rate (:attr:`Cell.lr_scaling`,
+    :attr:`Cell.base_learning_rate`), so a grid over ``optimizer=`` scales each
+    optimizer's rate by its rule. Bad values raise :class:`SweepError`.
     """
     grid = parse_grid(spec)
     if not isinstance(ghost_batch, int) or isinstance(ghost_batch, bool) or ghost_batch < 1:
         raise SweepError(f"ghost_batch must be a positive int, got {ghost_batch!r}")
     if base_batch_size is not None and (not isinstance(base_batch_size, int) or isinstance(base_batch_size, bool) or base_batch_size < 1):
         raise SweepError(f"base_batch_size must be a positive int, got {base_batch_size!r}")
-    lr_scaling = scaling_for(recipe, lr_scaling)
-    scaled_lr = lr_scaling != "none" and "learning_rate" not in grid
+    scaling_for(recipe, lr_scaling)  # an unknown rule fails before any cell is planned
     base_bs = base_batch_size or recipe.batch_size
-    base_lr = base_learning_rate(recipe)
     varying = [k for k, v in grid.items() if len(v) > 1] or list(grid)  # a key with one value sets every cell: not in the id
 
     def _id(settings):
@@ -195,14 +203,17 @@ def plan(recipe: Recipe, spec: str | Sequence[str], *, lr_scaling: str = "auto",
             r = with_overrides(recipe, overrides)
         except OverrideError as exc:
             raise SweepError(f"cell {cell_id(raw)}: {exc}") from None
-        if scaled_lr:
-            r = dataclasses.replace(r, learning_rate=scaled_learning_rate(base_lr, r.batch_size, base_bs, lr_scaling))
+        # The rule and the rate to scale from are the cell's: a grid over optimizer= scales SGD's rate linearly, Adam's by the root.
+        rule = "none" if "learning_rate" in grid else scaling_for(r, lr_scaling)
+        base_lr = base_learning_rate(r)
+        if rule != "none":
+            r = dataclasses.replace(r, learning_rate=scaled_learning_rate(base_lr, r.batch_size, base_bs, rule))
         settings = {k: (getattr(r, k) if k != "norm" else v) for k, v in raw.items()}
         cid = _id(settings)
         if cid in by_id:
             raise SweepError(f"two cells have the id {cid!r}: {by_id[cid]} and {raw}")
         by_id[cid] = raw
-        cells.append(Cell(cid, settings, r, arm))
+        cells.append(Cell(cid, settings, r, arm, lr_scaling=rule, base_learning_rate=base_lr))
     for i, c in enumerate(cells):  # a ghost batch that holds the whole batch is plain BN: point at its bn cell
         twin = _id({**c.settings, "norm": "bn"})
         if c.settings.get("norm") == "ghost" and c.recipe.batch_size <= ghost_batch and twin in by_id:
