@@ -262,3 +262,18 @@ def test_the_numpy_update_moves_features_whose_statistics_are_finite_but_sum_pas
     assert mv.tolist() == [(1.0 + big) / 2, 1.5, 2.0, 1.0]
     assert not scratch.mean.any() and not scratch.var.any()
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_strided_statistic_whose_storage_was_shrunk_is_refused_on_pytorch_s_route(training):
+    # Every other value of 16: its values reach 15 elements of storage. Shrunk to 9 elements, a check that counts
+    # only offset + numel (8 <= 9) let PyTorch's op read past the storage; the check follows the strides.
+    x = torch.randn(4, 8)  # a small batch: PyTorch's op takes it, not the kernels
+    base = torch.ones(16)
+    var = base[::2]
+    base.untyped_storage().resize_(9 * 4)
+    with pytest.raises(ValueError, match="storage holds 36 bytes"):
+        if training:
+            F.batch_norm(x, torch.zeros(8), var, training=True, axis=-1, momentum=0.9)
+        else:
+            F.batch_norm_inference(x, torch.zeros(8), var, axis=-1)

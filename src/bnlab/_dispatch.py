@@ -134,7 +134,7 @@ def dense_acb(x: Tensor, feature_axes: tuple[int, ...]) -> tuple[Tensor, tuple[i
     return x, dims
 
 
-def _small(x: Tensor, feature_axes: tuple[int, ...], n: int) -> bool:
+def small(x: Tensor, feature_axes: tuple[int, ...], n: int) -> bool:
     """A batch of ``n`` values small enough that PyTorch's op costs less than a call into the kernels."""
     if feature_axes != (1,):
         return False
@@ -177,7 +177,7 @@ def train_route(x: Tensor, feature_axes: tuple[int, ...], n: int, c: int, kernel
     if impl == "auto":
         if masked:
             return _COMPOSITE
-        if graph and feature_axes == (1,) and n <= SMALL_ROWS_NUMEL and (x.ndim == 2 or _small(x, feature_axes, n)):
+        if graph and feature_axes == (1,) and n <= SMALL_ROWS_NUMEL and (x.ndim == 2 or small(x, feature_axes, n)):
             return _aten(x, feature_axes) if n > c else _COMPOSITE  # small: PyTorch's op, its autograd node is C++
         if kernels is not None and n and _kernel_dtypes(x, per_feature):
             return _kernels_route(x, feature_axes)
@@ -199,7 +199,7 @@ def train_route(x: Tensor, feature_axes: tuple[int, ...], n: int, c: int, kernel
 def inference_route(x: Tensor, feature_axes: tuple[int, ...], n: int, kernels, per_feature, graph: bool) -> Route:
     """How to compute an inference batch of ``n`` values: the kernels when they take it, no graph is
     recorded and the batch is not small; else PyTorch's op."""
-    if graph or kernels is None or not n or _small(x, feature_axes, n) or not _kernel_dtypes(x, per_feature):
+    if graph or kernels is None or not n or small(x, feature_axes, n) or not _kernel_dtypes(x, per_feature):
         return _aten(x, feature_axes)
     return _kernels_route(x, feature_axes)
 

@@ -612,14 +612,23 @@ def _check_sizes(c: int, gamma, beta, moving_mean, moving_variance) -> None:
                                  f"(shape {tuple(t.shape)})")
 
 
+def _extent(t: Tensor) -> int:
+    """Bytes of storage ``t``'s values reach: its offset, then its last element by its strides."""
+    n = t.numel()
+    if not n:
+        return 0
+    last = t.storage_offset() + (n - 1 if t.is_contiguous() else sum((s - 1) * st for s, st in zip(t.shape, t.stride())))
+    return (last + 1) * t.element_size()
+
+
 def _check_storage(**tensors: Tensor | None) -> None:
-    """``ValueError`` for a tensor whose storage is smaller than its values need (freed with
-    ``untyped_storage().resize_(0)``, as FSDP-style code does): nothing may read or write it.
+    """``ValueError`` for a tensor whose storage is smaller than its values reach (freed with
+    ``untyped_storage().resize_(0)``, as FSDP-style code does, or shrunk): nothing may read or write it.
     (Not under ``torch.compile``, whose fake tensors have no storage to ask.)"""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():
-        if t is not None and t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
+        if t is not None and t.untyped_storage().nbytes() < _extent(t):
             raise ValueError(f"{name}'s storage holds {t.untyped_storage().nbytes()} bytes, fewer than its "
                              f"{t.numel()} values need (was its storage freed?)")
 
@@ -633,10 +642,15 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     """Inference transform (+ ``act``) of ``x`` with its feature axes ``feat`` already normalized."""
     if not x.is_floating_point():
         raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
-    _check_sizes(_channels(x, feat), gamma, beta, moving_mean, moving_variance)
-    kernels = _ops.loaded()
-    route = _dispatch.inference_route(x, feat, x.numel(), kernels, (gamma, beta, moving_mean, moving_variance),
-                                      _graph(x, gamma, beta))
+    c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
+    if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
+            or (moving_mean is not None and moving_mean.numel() != c)
+            or (moving_variance is not None and moving_variance.numel() != c)):
+        _check_sizes(c, gamma, beta, moving_mean, moving_variance)  # raises, naming the tensor
+    n, graph = x.numel(), _graph(x, gamma, beta)
+    # (a graph, an empty or a small batch takes PyTorch's op whatever the kernels: no need to ask for them)
+    kernels = None if graph or not n or _dispatch.small(x, feat, n) else _ops.loaded()
+    route = _dispatch.inference_route(x, feat, n, kernels, (gamma, beta, moving_mean, moving_variance), graph)
     fused = act if act in _ACT_CODES else None
     if route.impl == "kernels":
         xd, dims = _dispatch.dense_acb(x, feat) if route.copy else (x, route.dims)
@@ -654,7 +668,9 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     mean, var = _flat(moving_mean, dtype).contiguous(), _flat(moving_variance, dtype).contiguous()
     if mean.requires_grad or var.requires_grad:
         mean, var = mean.detach(), var.detach()
-    y = _aten(xn, _flat(gamma, dtype), _flat(beta, dtype), mean, var, False, epsilon)
+    y = _aten(xn, gamma if gamma is None or gamma.ndim == 1 and gamma.dtype is dtype else _flat(gamma, dtype),
+              beta if beta is None or beta.ndim == 1 and beta.dtype is dtype else _flat(beta, dtype),
+              mean, var, False, epsilon)
     if restore is not None:
         y = restore(y)
     if y.dtype is not x.dtype:
