@@ -4,6 +4,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -221,6 +222,14 @@ def test_the_sweep_runs_each_cell_and_reports_mean_and_interval(cnn_sweep, capsy
     cell_32_ghost = records.read_config(out / "batch_size=32+norm=ghost" / "config.json")
     assert cell_32_ghost["recipe"]["norm"] == "ghost:8"
     assert (out / "plots" / "batch-size-val_accuracy.png").exists() and "![batch-size-val_accuracy]" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()  # each cell's updates, from the facts its own records hold; true minus signs
+    for row in rows:
+        cell = f"batch_size={row['batch_size']}+norm={row['norm']}"
+        twin = cell.replace("norm=ghost", "norm=bn") if cell not in ran else cell
+        updates = records.read_config(out / twin / "config.json")["facts"]["updates"]
+        assert f"| {row['batch_size']} | {row['norm']} | " in md and f" | {updates:,} | 2 | " in md
+    differences = [line for line in md.splitlines() if "minus BN per batch size" in line]
+    assert differences and not any(re.search(r": -\d", line) for line in differences)
     assert "val_accuracy" in stdout and "report:" in stdout
     before = _files(out)
     code, _, err = run_cli(capsys, *argv, "--resume")  # everything finished: nothing runs again

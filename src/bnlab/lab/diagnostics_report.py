@@ -302,7 +302,7 @@ def _where_bn_falls_behind(rows: list[dict]) -> list[str]:
     if not bn:
         return []
     best = max(bn, key=lambda r: r["mean"])
-    out = [f"BN's best mean is {best['mean']:.4f} at batch {best['batch_size']}."]
+    out = [f"BN's best mean is {analysis.fmt(best['mean'], 4)} at batch {best['batch_size']}."]
     behind = [r for r in bn if math.isfinite(r["high"]) and math.isfinite(best["low"]) and r["high"] < best["low"]]
     if behind:
         out.append("BN's interval lies wholly below that best one at batch " + ", ".join(str(r["batch_size"]) for r in behind) + ".")
@@ -313,8 +313,18 @@ def _where_bn_falls_behind(rows: list[dict]) -> list[str]:
         pairs = [(b, o) for b, o in pairs if o is not None and math.isfinite(o["mean"])]
         if pairs:
             name = plots.SWEEP_STYLE[norm]["label"]
-            out.append(f"{name} minus BN per batch size: " + ", ".join(f"{b['batch_size']}: {o['mean'] - b['mean']:+.4f}" for b, o in pairs) + ".")
+            out.append(f"{name} minus BN per batch size: "
+                       + ", ".join(f"{b['batch_size']}: {analysis.fmt(o['mean'] - b['mean'], 4, sign=True)}" for b, o in pairs) + ".")
     return out
+
+
+def _updates(cell_dir: Path) -> str | None:
+    """The training steps of a cell's runs, from the facts its ``config.json`` recorded (``None`` when it has none)."""
+    try:
+        n = records.read_config(cell_dir / "config.json").get("facts", {}).get("updates")
+    except (OSError, records.RecordError):
+        return None
+    return f"{n:,}" if isinstance(n, int) else None
 
 
 def _lr_rule(cfg: dict) -> str:
@@ -361,11 +371,18 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
                    *[("p", s) for s in _where_bn_falls_behind(rows)],
                    ("figure", made[0].stem, "Mean over seeds (line) and 95% t interval (band); a cell with diverged seeds says how many.")]
     lrs = {tuple(c["settings"][k] for k in keys): c["learning_rate"] for c in cfg["cells"]}
-    head = [*keys, "learning rate", "n", f"mean {metric}", "95% CI", "diverged"]
-    table = [[str(row[k]) for k in keys] + [f"{lrs.get(tuple(row[k] for k in keys)) or math.nan:.3g}", str(row["n"]),
-             analysis.fmt(row["mean"], 4), f"[{analysis.fmt(row['low'], 4)}, {analysis.fmt(row['high'], 4)}]", str(row["nonfinite"])]
+    updates = {tuple(c["settings"][k] for k in keys): _updates(root / (c["same_as"] or c["id"])) for c in cfg["cells"]}
+    head = [*keys, "learning rate", "updates", "n", f"mean {metric}", "95% CI", "diverged"]
+    table = [[str(row[k]) for k in keys] + [f"{lrs.get(tuple(row[k] for k in keys)) or math.nan:.3g}",
+             updates.get(tuple(row[k] for k in keys)) or "—", str(row["n"]), analysis.fmt(row["mean"], 4),
+             f"[{analysis.fmt(row['low'], 4)}, {analysis.fmt(row['high'], 4)}]", str(row["nonfinite"])]
              for row in rows]
-    blocks += [("h2", "Cells"), ("table", _table(head, table, numeric_from=len(keys)))]
+    blocks += [("h2", "Cells"), ("table", _table(head, table, numeric_from=len(keys))),
+               ("note", "updates: training steps of each run (steps per epoch × epochs), so also how many times each BN "
+                        "layer's moving statistics moved; at momentum m they keep m^updates of their initial values, "
+                        "and they average roughly the last 1/(1 − m) steps' batches (100 at 0.99): with few updates, or "
+                        "weights that change much within those steps, inference normalizes with statistics that lag "
+                        "the trained weights.")]
     same = [c for c in cfg["cells"] if c["same_as"]]
     if same:
         blocks.append(("note", "Not run, being the same model as another cell (a ghost batch that holds the whole batch is plain "
