@@ -995,8 +995,12 @@ def compare_case(c: dict, tested: dict, reference: dict, tested_npz: Path, refer
                 skip = kink[0] if kink[0].shape == ta[key].shape else np.ones(ta[key].shape, bool) if kink[0].any() else None
             elif name.startswith("grad.") and kinked is not None:
                 skip = kinked
+            # a gradient sums over every value of its feature, and so does y's batch mean: a float32 reduction over M
+            # values (PyTorch's op sums them in order) rounds by up to ~sqrt(M) units, which the normalization then
+            # amplifies (seed 100198: x = 3 + 1e-3 N(0, 1), M = 3,136; PyTorch's op was 1e-4 off a float64 truth,
+            # the kernels 4e-6)
             why = compare_arrays(ta[key], ra[key], coarsest if mt[0] in ROUNDOFF else mt[0], amp,
-                                 terms if "grad" in name else 1, skip)
+                                 terms if ("grad" in name or name == "y") else 1, skip)
             if why:
                 problems.append(f"{where}: {name} {mt[0]}{tuple(mt[1])}: {why} ({what})")
     return problems

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlab
 from bnlab import _dispatch, _kernels
 from bnlab._kernels import ops
 from bnlab import functional as F
@@ -277,3 +278,45 @@ def test_a_strided_statistic_whose_storage_was_shrunk_is_refused_on_pytorch_s_ro
             F.batch_norm(x, torch.zeros(8), var, training=True, axis=-1, momentum=0.9)
         else:
             F.batch_norm_inference(x, torch.zeros(8), var, axis=-1)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "aten", "composite"])
+@pytest.mark.parametrize("shape", [(64, 16), (8, 4, 5, 5)])
+def test_a_constant_feature_with_epsilon_zero_gives_beta_and_zero_gradients_on_every_route(impl, shape):
+    # PyTorch's training op takes 1/sqrt(var + eps) as 0 when both are 0 (y = beta, no NaN); the kernels and the
+    # composite path computed 0 * inf = NaN there, so the routes disagreed (found by the state fuzz, seed 100300).
+    axis = 1 if len(shape) == 4 else -1
+    c = shape[axis]
+    x = torch.randn(shape, dtype=torch.float64).float()
+    x.select(axis, 0).fill_(2.5)  # feature 0 constant, the others not
+    x.requires_grad_(True)
+    gamma = torch.full((c,), 1.5, requires_grad=True)
+    beta = torch.linspace(-1, 1, c).requires_grad_(True)
+    y, mean, var, _ = F.batch_norm_train(x, gamma, beta, axis=axis, epsilon=0.0, impl=impl)
+    dy = torch.randn(shape)
+    y.backward(dy)
+    assert var[0] == 0 and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(y.select(axis, 0), torch.full_like(y.select(axis, 0), beta[0].item()))
+    assert torch.equal(x.grad.select(axis, 0), torch.zeros_like(x.grad.select(axis, 0))) and gamma.grad[0] == 0
+    # the other features: the formula
+    keep = [i for i in range(c) if i != 0]
+    red = [d for d in range(len(shape)) if d != axis % len(shape)]
+    xd = x.detach().double()
+    m, v = xd.mean(red, keepdim=True), xd.var(red, unbiased=False, keepdim=True)
+    want = (xd - m) / v.sqrt() * gamma.detach().double().view([-1 if d == axis % len(shape) else 1 for d in range(len(shape))]) \
+        + beta.detach().double().view([-1 if d == axis % len(shape) else 1 for d in range(len(shape))])
+    assert torch.allclose(y.detach().double().index_select(axis, torch.tensor(keep)), want.index_select(axis, torch.tensor(keep)),
+                          atol=1e-4)
+
+
+def test_inference_without_moving_statistics_is_refused_before_any_kernel_runs():
+    # A FrozenBatchNorm whose running_mean was set to None crashed the process: the kernels' inference read a NULL
+    # pointer (found by the state fuzz, seed 100421). Now every route refuses it with the same message.
+    x = torch.randn(8, 3, 2)
+    for mean, var in ((None, torch.ones(2)), (torch.zeros(2), None)):
+        with pytest.raises(ValueError, match="expected moving_mean and moving_variance"):
+            F.batch_norm_inference(x, mean, var, axis=-1)
+    layer = bnlab.FrozenBatchNorm(2, axis=-1)
+    layer.running_mean = None
+    with pytest.raises(ValueError, match="moving statistics"):
+        layer(x)

@@ -284,6 +284,19 @@ def normalize(
     return x * inv + shift
 
 
+def _train_invstd(var: Tensor, epsilon: float) -> Tensor:
+    """``1 / sqrt(var + epsilon)`` for a training batch, and 0 where the batch variance and ``epsilon`` are both 0.
+
+    The one exception to the formula, PyTorch's convention in its training op (``InvStd`` in ATen's
+    batch-norm kernels): a constant feature with ``epsilon=0`` gives ``y = beta`` and zero gradients instead
+    of ``0 * inf = NaN``. Every training route follows it (the compiled kernels too), so they agree.
+    """
+    inv = torch.rsqrt(var + epsilon)
+    if epsilon == 0:
+        inv = torch.where(var == 0, torch.zeros_like(inv), inv)
+    return inv
+
+
 def batch_norm_backward(
     dy: Tensor,
     x: Tensor,
@@ -353,7 +366,7 @@ class _BatchNormTrain(torch.autograd.Function):
                 has_data = count > 0
                 norm_mean = torch.where(has_data, mean, fallback_mean.to(mean.dtype))
                 norm_var = torch.where(has_data, var, fallback_var.to(var.dtype))
-        invstd = torch.rsqrt(norm_var + epsilon)
+        invstd = _train_invstd(norm_var, epsilon)
         scale = invstd if gamma is None else invstd * gamma
         shift = -norm_mean * scale
         if beta is not None:
@@ -386,7 +399,7 @@ def _differentiable_train(x3: Tensor, gamma, beta, epsilon: float, act, slope) -
     """Training transform in plain differentiable torch ops (for gradients of gradients)."""
     c = x3.shape[1]
     var, mean = torch.var_mean(x3.float() if x3.dtype == torch.bfloat16 else x3, dim=(0, 2), correction=0)
-    scale = torch.rsqrt(var + epsilon)
+    scale = _train_invstd(var, epsilon)
     if gamma is not None:
         scale = scale * gamma
     y = (x3 - mean.view(1, c, 1)) * scale.view(1, c, 1)
@@ -642,6 +655,9 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     """Inference transform (+ ``act``) of ``x`` with its feature axes ``feat`` already normalized."""
     if not x.is_floating_point():
         raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
+    if moving_mean is None or moving_variance is None:
+        raise ValueError("inference normalizes with the moving statistics: expected moving_mean and moving_variance "
+                         f"tensors, got {type(moving_mean).__name__} and {type(moving_variance).__name__}")
     c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
     if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
             or (moving_mean is not None and moving_mean.numel() != c)
@@ -1053,7 +1069,7 @@ def ghost_batch_norm_train(
     xc = x3 - mean_g[gid].unsqueeze(2)
     s2 = x3.new_zeros(groups, c).index_add(0, gid, xc.square().sum(2))
     var_g = s2 / counts.unsqueeze(1)
-    scale = torch.rsqrt(var_g + epsilon)[gid].unsqueeze(2)
+    scale = _train_invstd(var_g, epsilon)[gid].unsqueeze(2)
     y = xc * scale
     if gamma is not None:
         y = y * gamma.reshape(1, c, 1).to(dtype)
@@ -1121,7 +1137,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         n, mean64, m2 = _merge_moments(torch.stack(gathered))
         var64 = m2 / n.clamp(min=1)
         mean = mean64.to(x3.dtype)
-        invstd = torch.rsqrt(var64 + epsilon).to(x3.dtype)
+        invstd = _train_invstd(var64, epsilon).to(x3.dtype)
         scale = invstd if gamma is None else invstd * gamma
         shift = -mean * scale if beta is None else beta - mean * scale
         y = x3 * scale.view(1, c, 1) + shift.view(1, c, 1)

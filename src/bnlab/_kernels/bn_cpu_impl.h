@@ -397,7 +397,8 @@ static PER_FEATURE int FN(fwd_finish)(const T *x, i64 A, i64 C, i64 B, rows_plan
         for (int u = 0; u < nt; u++)
             for (i64 j = c; j < W; j += C) { s1 += ws[2 * W * u + j]; s2 += ws[2 * W * u + W + j]; }
         FN(finish_stats)(x, A, C, B, c, (double)Kw[c], s1, s2, &m, &var);
-        const double inv = 1.0 / sqrt(var + eps);
+        /* 0 for a constant feature with eps = 0: PyTorch's training op gives y = beta there (functional._train_invstd) */
+        const double inv = (var == 0.0 && eps == 0.0) ? 0.0 : 1.0 / sqrt(var + eps);
         mu[c] = (F)m;
         scale[c] = (F)(gamma ? inv * (double)gamma[c] : inv);
         shift[c] = beta ? beta[c] : (F)0;

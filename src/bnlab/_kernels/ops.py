@@ -215,6 +215,8 @@ def inference(kernels, x: Tensor, dims, gamma, beta, moving_mean, moving_var, ep
     """``act(gamma * (x - moving_mean) / sqrt(moving_var + epsilon) + beta)``."""
     a, c, b = dims
     pdt = PARAM_DTYPE.get(x.dtype)
+    if moving_mean is None or moving_var is None:  # (C reads both: NULL is for gamma and beta only)
+        raise BoundaryError("inference needs the moving mean and variance, got None")
     _data(x, dims, "x")
     y = _output_like(x, "x")
     rc = kernels.infer[x.dtype](
