@@ -320,3 +320,30 @@ def test_inference_without_moving_statistics_is_refused_before_any_kernel_runs()
     layer.running_mean = None
     with pytest.raises(ValueError, match="moving statistics"):
         layer(x)
+
+
+@pytest.mark.parametrize("how", ["strided", "expanded"])
+@pytest.mark.parametrize("layout", ["sliced", "channels_last"])
+def test_a_strided_or_expanded_gamma_gives_pytorch_s_op_the_right_gradients(how, layout):
+    # PyTorch's CPU backward read a non-contiguous weight as contiguous on the (A, C, B) view (x.grad built from the
+    # NaN between gamma's elements; found by the state fuzz, seeds 300377, 300723, 300778): bnlab hands it a dense one.
+    c = 16
+    if how == "strided":
+        big = torch.full((2 * c,), float("nan"))
+        big[::2] = torch.rand(c) + 0.5
+        gamma = big[::2]
+    else:
+        gamma = torch.tensor([1.7]).expand(c)
+    if layout == "sliced":
+        x, axis = torch.randn(40, 2 * c)[:, ::2], -1
+    else:
+        x, axis = torch.randn(6, c, 5, 5).contiguous(memory_format=torch.channels_last)[:, :, :, 1:], 1
+    dy = torch.randn(x.shape)
+    grads = {}
+    for impl in ("aten", "composite"):
+        xx = x.detach().clone().requires_grad_(True)
+        y = F.batch_norm_train(xx, gamma, None, axis=axis, epsilon=1e-3, impl=impl)[0]
+        y.backward(dy)
+        grads[impl] = xx.grad
+    assert torch.isfinite(grads["aten"]).all()
+    assert torch.allclose(grads["aten"], grads["composite"], atol=1e-4)

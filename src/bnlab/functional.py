@@ -188,6 +188,14 @@ def _flat(t: Tensor | None, dtype) -> Tensor | None:
     return t.reshape(-1).to(dtype)
 
 
+def _dense(t: Tensor | None, dtype) -> Tensor | None:
+    """``t`` as a contiguous vector of ``dtype`` for PyTorch's op (itself when it already is one; a copy keeps the
+    autograd link to ``t``)."""
+    if t is None or (t.ndim == 1 and t.dtype is dtype and t.is_contiguous()):
+        return t
+    return t.reshape(-1).to(dtype).contiguous()
+
+
 def apply_activation(y: Tensor, activation: str | None, negative_slope: float = 0.01) -> Tensor:
     """``activation`` (one of :data:`ACTIVATIONS`, or ``None``) applied to ``y`` with PyTorch ops."""
     return _activate(y, activation, negative_slope)
@@ -684,9 +692,7 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     mean, var = _flat(moving_mean, dtype).contiguous(), _flat(moving_variance, dtype).contiguous()
     if mean.requires_grad or var.requires_grad:
         mean, var = mean.detach(), var.detach()
-    y = _aten(xn, gamma if gamma is None or gamma.ndim == 1 and gamma.dtype is dtype else _flat(gamma, dtype),
-              beta if beta is None or beta.ndim == 1 and beta.dtype is dtype else _flat(beta, dtype),
-              mean, var, False, epsilon)
+    y = _aten(xn, _dense(gamma, dtype), _dense(beta, dtype), mean, var, False, epsilon)
     if restore is not None:
         y = restore(y)
     if y.dtype is not x.dtype:
@@ -746,10 +752,10 @@ def _train_aten(route, x, feat, c, gamma, beta, epsilon, mm, mv, momentum, unbia
         mean, var = scratch.mean, scratch.var
     else:
         mean, var = x.new_zeros(c, dtype=dtype), x.new_zeros(c, dtype=dtype)
-    # with momentum 1 the op writes the batch mean and the UNBIASED batch variance into mean and var
-    y = _aten(xn, gamma if gamma is None or gamma.ndim == 1 and gamma.dtype is dtype else _flat(gamma, dtype),
-              beta if beta is None or beta.ndim == 1 and beta.dtype is dtype else _flat(beta, dtype),
-              mean, var, True, epsilon)
+    # with momentum 1 the op writes the batch mean and the UNBIASED batch variance into mean and var; gamma and beta
+    # contiguous: PyTorch's CPU backward read a strided or expanded weight as if it were contiguous (x.grad from the
+    # values between its elements; state fuzz, seeds 300377, 300723, 300778)
+    y = _aten(xn, _dense(gamma, dtype), _dense(beta, dtype), mean, var, True, epsilon)
     if restore is not None:
         y = restore(y)
     if y.dtype is not x.dtype:
