@@ -896,14 +896,16 @@ def _tolerance(dtype: str, amp: float, terms: int) -> tuple[float, float]:
 
 
 def compare_arrays(a: np.ndarray, b: np.ndarray, dtype: str, amp: float = 0.0, terms: int = 1,
-                   skip: np.ndarray | None = None) -> str | None:
+                   skip: np.ndarray | None = None, cast: bool = False) -> str | None:
     """Why ``a`` (tested) differs from ``b`` (reference), or ``None``: same shape, NaN and inf places, values close.
 
     ``dtype``: the coarsest float dtype the case has used so far (it sets the
     tolerance); ``amp``: the largest rounding amplification seen so far;
     ``terms``: how many amplified values a result sums (a parameter's gradient
     sums over every value of its feature: ``sqrt(terms)`` more rounding);
-    ``skip``: places not compared (see :func:`_at_the_kink`).
+    ``skip``: places not compared (see :func:`_at_the_kink`); ``cast``: integers
+    that were floats (a statistic re-viewed as int64 after training: values
+    within rounding of .5 may truncate apart), equal within 1.
     """
     if a.shape != b.shape:
         return f"shape {a.shape} vs {b.shape}"
@@ -912,7 +914,10 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, dtype: str, amp: float = 0.0, t
     if a.size == 0:
         return None
     if a.dtype.kind in "biu" or b.dtype.kind in "biu":
-        return None if np.array_equal(a, b) else f"values differ (integers): {a.ravel()[:4]} vs {b.ravel()[:4]}"
+        if np.array_equal(a, b) or (cast and a.dtype == b.dtype and np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 1):
+            return None
+        where = np.flatnonzero(a.ravel() != b.ravel())[:4]
+        return f"values differ (integers) at {where.tolist()}: {a.ravel()[where]} vs {b.ravel()[where]}"
     na, nb = np.isnan(a), np.isnan(b)
     if (na != nb).any():
         return f"NaN in different places ({int(na.sum())} vs {int(nb.sum())} NaN)"
@@ -969,6 +974,7 @@ def compare_case(c: dict, tested: dict, reference: dict, tested_npz: Path, refer
     ra = np.load(reference_npz, allow_pickle=False) if reference_npz.exists() else {}
     coarsest, amp, gamp, terms = "float64", 0.0, 0.0, 1  # all only grow: what a step rounds, later steps inherit
     kinked = None  # features whose gradients met the activation's kink (parameters' gradients accumulate)
+    apart = None  # the step where a float statistic cast to an integer truncated apart (x.5 within rounding)
     for st, sr in zip(tested["steps"], reference["steps"], strict=True):
         i = st["step"]
         for meta in list(st["tensors"].values()) + list(sr["tensors"].values()):
@@ -1001,6 +1007,8 @@ def compare_case(c: dict, tested: dict, reference: dict, tested_npz: Path, refer
                 problems.append(f"{where}: {name} is {mt[0]}{tuple(mt[1])} vs {mr[0]}{tuple(mr[1])} ({what})")
                 continue
             key = f"s{i}.{name}"
+            if apart is not None:  # the two states differ by whole units since then: their values say nothing more
+                continue
             skip = None
             if name == "x.grad" and kink is not None:
                 # BN's backward couples every value of a feature (its sums): a kink anywhere in a feature moves all
@@ -1013,9 +1021,19 @@ def compare_case(c: dict, tested: dict, reference: dict, tested_npz: Path, refer
             # values (PyTorch's op sums them in order) rounds by up to ~sqrt(M) units, which the normalization then
             # amplifies (seed 100198: x = 3 + 1e-3 N(0, 1), M = 3,136; PyTorch's op was 1e-4 off a float64 truth,
             # the kernels 4e-6)
+            # the moving statistics are reductions over M values too (the kernels sum float32 deviations within
+            # a chunk: seed 600560, a feature whose first value lay 3 standard deviations out, mean off by 2e-6 of one)
+            stat = name.startswith("buffer.") and "num_batches" not in name
+            a_, b_ = ta[key], ra[key]
+            if ((stat or name.startswith("param.")) and a_.dtype.kind in "iu" and a_.dtype == b_.dtype
+                    and a_.shape == b_.shape and not np.array_equal(a_, b_)
+                    and np.abs(a_.astype(np.int64) - b_.astype(np.int64)).max() <= 1):
+                apart = i  # (seed 600292: a running mean of 49.5 +- rounding became 49 in one mode, 50 in the other)
+                continue
             why = compare_arrays(ta[key], ra[key], coarsest if mt[0] in ROUNDOFF else mt[0],
                                  max(amp, gamp) if "grad" in name else amp,
-                                 terms if ("grad" in name or name == "y") else 1, skip)
+                                 terms if ("grad" in name or name == "y" or stat) else 1, skip,
+                                 cast=stat or name.startswith("param."))
             if why:
                 problems.append(f"{where}: {name} {mt[0]}{tuple(mt[1])}: {why} ({what})")
     return problems
