@@ -95,9 +95,11 @@ def test_two_jobs_write_the_same_bytes_as_one(diabetes_runs):
     one, two = _files(diabetes_runs / "probed"), _files(diabetes_runs / "jobs2")
     assert one.keys() == two.keys()
     differ = [k for k in one if one[k] != two[k] and not k.endswith("final.json")]
-    assert differ == ["config.json"]  # its command line names --out and --jobs
+    assert set(differ) <= {"config.json", "env.json"}  # the command line names --out and --jobs; when each started
     cfg = [{k: v for k, v in json.loads(c[k]).items() if k != "command"} for c in (one, two) for k in ["config.json"]]
     assert cfg[0] == cfg[1]
+    env = [{k: v for k, v in json.loads(c["env.json"]).items() if k != "started"} for c in (one, two)]
+    assert env[0] == env[1]
     assert _finals_without_seconds(diabetes_runs / "probed") == _finals_without_seconds(diabetes_runs / "jobs2")
 
 

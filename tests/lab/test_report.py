@@ -235,3 +235,18 @@ def test_epochs_to_target():
     assert analysis.epochs_to_target(bn, ref, higher=True, target="final") == {"target": 0.8, "reference_epoch": 2, "bn_epoch": 2, "speedup": 1.0}
     with pytest.raises(ValueError, match="target must be 'best' or 'final'"):
         analysis.epochs_to_target(bn, ref, higher=True, target="last")
+
+
+def test_a_speed_up_reached_at_the_first_measurement_is_a_lower_bound(tmp_path):
+    # paper-fig1-digits28's BN arm was at the no-BN arm's best at its first measurement: "54.0 times fewer" was only
+    # a lower bound, and the verdict said it as if exact
+    root = write_experiment(tmp_path / "x", {"bn": [0.9, 0.9], "no_bn": [0.85, 0.85]})
+    curves = {"bn": [0.9, 0.9, 0.9, 0.9, 0.9], "no_bn": [0.5, 0.6, 0.7, 0.8, 0.85]}
+    for arm, curve in curves.items():
+        for seed in (0, 1):
+            records.write_history(records.run_dir(root, arm, seed) / "history.csv",
+                                  {"loss": [1.0, 0.9, 0.8, 0.7, 0.6], "val_accuracy": curve})
+    said = analysis.verdict(analysis.load(root))
+    assert "at epoch 1: at least 5.0 times fewer epochs in this run (BN was there at its first measurement)" in said
+    later = write_experiment(tmp_path / "y", {"bn": [0.9, 0.9], "no_bn": [0.85, 0.85]})  # BN's curve rises too
+    assert "at least" not in analysis.verdict(analysis.load(later))

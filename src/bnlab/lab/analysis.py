@@ -431,7 +431,10 @@ def _speedup_sentence(exp: Experiment, cmp: dict, decimals: int) -> str | None:
     if not ett.get("bn_epoch"):
         return f"BN never reached the no-BN arm's best mean {metric} ({target}, at epoch {ett['reference_epoch']}{step(ett['reference_epoch'])})."
     ratio = ett["speedup"]
-    if ratio > 1:
+    if ratio > 1 and ett["bn_epoch"] == 1:  # already there at its first measurement: it may have been sooner
+        gain = (f"at least {ratio:.1f} times fewer epochs{' and steps' if per_epoch else ''} in this run (BN was there at "
+                f"its first measurement)")
+    elif ratio > 1:
         gain = f"{ratio:.1f} times fewer epochs{' and steps' if per_epoch else ''} in this run"
     else:
         gain = "no fewer epochs" + (" or steps" if per_epoch else "") + " in this run"
