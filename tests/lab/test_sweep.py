@@ -211,3 +211,17 @@ def test_sweep_json_keeps_the_asked_rule_and_each_cells_own_and_is_planned_again
     assert "learning rate sqrt-scaled from the recipe's 0.001 at batch 250" in (old / "report.md").read_text()
     with pytest.raises(experiment.ExperimentError, match="a sweep of an older bnlab .* can be reported and merged, not continued"):
         experiment._prepare_sweep_dir(old, cfg, [c["id"] for c in cfg["cells"]], resume=True, overwrite=False)
+
+
+def test_an_accuracy_band_is_drawn_within_0_and_1():
+    rows = sweep.aggregate([({"batch_size": bs, "norm": "bn"}, s, {"test_accuracy": v})
+                            for bs, vals in ((64, (0.1, 0.5, 0.9)), (128, (0.97, 0.99, 0.995))) for s, v in enumerate(vals)],
+                           "test_accuracy")
+    assert rows[0]["low"] < 0 or rows[1]["high"] > 1  # the t interval itself reaches past [0, 1] here
+    ax = plots.batch_size_figure(rows, "test_accuracy").axes[0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() >= 0.0 and band.max() <= 1.0
+    loss_rows = sweep.aggregate([({"batch_size": bs, "norm": "bn"}, s, {"test_loss": v - 0.8})
+                                 for bs, vals in ((64, (0.1, 0.5, 0.9)),) for s, v in enumerate(vals)], "test_loss")
+    band = plots.batch_size_figure(loss_rows, "test_loss").axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() < 0  # other metrics: as computed

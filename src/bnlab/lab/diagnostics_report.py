@@ -369,7 +369,7 @@ def build_sweep_report(root: Path) -> dict[str, Path]:
         paths["plot"] = made[0]
         blocks += [("h2", "Accuracy against batch size" if "accuracy" in metric else f"{metric} against batch size"),
                    *[("p", s) for s in _where_bn_falls_behind(rows)],
-                   ("figure", made[0].stem, "Mean over seeds (line) and 95% t interval (band); a cell with diverged seeds says how many.")]
+                   ("figure", made[0].stem, "Mean over seeds (line) and 95% t interval (band" + (", drawn within [0, 1]" if "accuracy" in metric else "") + "); a cell with diverged seeds says how many.")]
     lrs = {tuple(c["settings"][k] for k in keys): c["learning_rate"] for c in cfg["cells"]}
     updates = {tuple(c["settings"][k] for k in keys): _updates(root / (c["same_as"] or c["id"])) for c in cfg["cells"]}
     head = [*keys, "learning rate", "updates", "n", f"mean {metric}", "95% CI", "diverged"]
