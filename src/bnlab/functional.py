@@ -34,6 +34,7 @@ others. ``impl=`` on the training functions forces one of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -553,16 +554,14 @@ def _update(moving_mean, moving_variance, mean, var, momentum, factor, valid=Non
             and not (moving_mean.is_neg() or moving_variance.is_neg())):
         # (the scratch's own memory: NumPy, no torch op, no version bump; one test for both statistics)
         if factor != 1.0:
-            scratch.arrays[1].__imul__(factor)
+            np.multiply(scratch.arrays[1], factor, out=scratch.arrays[1])
         if _np_isfinite(scratch.buffer).all():  # the common case (never warns, unlike a sum): one fused op for both
             if mean.shape != moving_mean.shape:  # (multi-axis features; a view costs autograd bookkeeping)
                 mean = mean.view(moving_mean.shape)
             if var.shape != moving_variance.shape:
                 var = var.view(moving_variance.shape)
-            if moving_mean.requires_grad or moving_variance.requires_grad:  # (a buffer set to require grad)
-                with torch.no_grad():
-                    torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
-            else:
+            grad = moving_mean.requires_grad or moving_variance.requires_grad  # (a buffer set to require grad)
+            with torch.no_grad() if grad else contextlib.nullcontext():
                 torch._foreach_lerp_([moving_mean, moving_variance], [mean, var], 1.0 - momentum)
         else:
             with torch.no_grad():
@@ -666,11 +665,7 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     if moving_mean is None or moving_variance is None:
         raise ValueError("inference normalizes with the moving statistics: expected moving_mean and moving_variance "
                          f"tensors, got {type(moving_mean).__name__} and {type(moving_variance).__name__}")
-    c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
-    if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
-            or (moving_mean is not None and moving_mean.numel() != c)
-            or (moving_variance is not None and moving_variance.numel() != c)):
-        _check_sizes(c, gamma, beta, moving_mean, moving_variance)  # raises, naming the tensor
+    _check_sizes(_channels(x, feat), gamma, beta, moving_mean, moving_variance)
     n, graph = x.numel(), _graph(x, gamma, beta)
     # (a graph, an empty or a small batch takes PyTorch's op whatever the kernels: no need to ask for them)
     kernels = None if graph or not n or _dispatch.small(x, feat, n) else _ops.loaded()
@@ -689,7 +684,7 @@ def _inference(x, feat, moving_mean, moving_variance, gamma, beta, epsilon, act=
     xn, restore = (x, None) if route.native else _acb_view(x, feat, dtype)
     # contiguous statistics: PyTorch's CPU op in inference gives wrong input gradients for strided ones;
     # never differentiated (a buffer set to require gradients is still a statistic, as the kernels treat it)
-    mean, var = _flat(moving_mean, dtype).contiguous(), _flat(moving_variance, dtype).contiguous()
+    mean, var = _dense(moving_mean, dtype), _dense(moving_variance, dtype)
     if mean.requires_grad or var.requires_grad:
         mean, var = mean.detach(), var.detach()
     y = _aten(xn, _dense(gamma, dtype), _dense(beta, dtype), mean, var, False, epsilon)
@@ -712,11 +707,9 @@ def _train(x, feat, gamma, beta, epsilon, mask, impl, act=None, slope=0.01, movi
     """
     if not x.is_floating_point():
         raise TypeError(f"batch normalization needs a floating-point input, got dtype {x.dtype}")
-    c = x.shape[feat[0]] if len(feat) == 1 else _channels(x, feat)
+    c = _channels(x, feat)
     mm, mv, momentum, unbiased, counter = (None, None, None, False, None) if moving is None else moving
-    if ((gamma is not None and gamma.numel() != c) or (beta is not None and beta.numel() != c)
-            or (mm is not None and (mm.numel() != c or mv.numel() != c))):
-        _check_sizes(c, gamma, beta, mm, mv)  # raises, naming the tensor
+    _check_sizes(c, gamma, beta, mm, mv)
     n = x.numel()
     if not n and mm is not None and not want_stats:
         # An empty batch has no statistics: nothing is counted or updated; normalize (nothing) with the moving ones

@@ -82,10 +82,10 @@ class Scratch:
     view cannot be resized, so the addresses stay valid.
     """
 
-    __slots__ = ("mean", "var", "buffer", "arrays", "addresses", "c", "dtype", "itemsize")
+    __slots__ = ("mean", "var", "buffer", "arrays", "addresses", "c", "dtype")
 
     def __init__(self, c: int, dtype):
-        self.c, self.dtype, self.itemsize = c, dtype, (4 if dtype is torch.float32 else 8)
+        self.c, self.dtype = c, dtype
         npdt = {torch.float32: "float32", torch.float64: "float64"}[dtype]
         self.buffer = np.zeros(2 * c, dtype=npdt)
         self.arrays = (self.buffer[:c], self.buffer[c:])
@@ -234,25 +234,12 @@ def update_moving(kernels, moving_mean, moving_var, s: Scratch, momentum: float,
     The variance averaged is the scratch's times ``var_factor``; the arithmetic
     is in float64, and a feature whose new mean or variance would not be
     finite keeps its values. The scratch is zeroed and given back to the pool.
-    ``counter``: an int64 scalar incremented once, or ``None``. The checks of
-    :func:`_vector` are written out here for the two statistics and the
-    counter (on small layers this runs every step).
+    ``counter``: an int64 scalar incremented once, or ``None``.
     """
-    pdt, c, mm, mv = s.dtype, s.c, moving_mean, moving_var
-    nbytes = c * s.itemsize
-    if not (mm.dtype is pdt and mv.dtype is pdt and mm.is_cpu and mv.is_cpu and mm.numel() == c and mv.numel() == c
-            and mm.is_contiguous() and mv.is_contiguous() and not mm.is_neg() and not mv.is_neg()
-            and mm.untyped_storage().nbytes() >= mm.storage_offset() * s.itemsize + nbytes
-            and mv.untyped_storage().nbytes() >= mv.storage_offset() * s.itemsize + nbytes):
-        _vector(mm, pdt, c, "moving_mean")  # raises, naming what is wrong
-        _vector(mv, pdt, c, "moving_variance")
-    if counter is None:
-        p_counter = None
-    elif (counter.dtype is torch.int64 and counter.is_cpu and counter.numel() == 1 and not counter.is_neg()
-          and counter.untyped_storage().nbytes() >= (counter.storage_offset() + 1) * 8):
-        p_counter = counter.data_ptr()
-    else:
-        p_counter = _vector(counter, torch.int64, 1, "num_batches_tracked")  # raises, naming what is wrong
-    kernels.update_moving[pdt](mm.data_ptr(), mv.data_ptr(), s.addresses[0], s.addresses[1], c, momentum, var_factor,
-                               p_counter)
+    if moving_mean is None or moving_var is None:  # (C updates both: NULL is for the counter only)
+        raise BoundaryError("the moving-statistics update needs the moving mean and variance, got None")
+    pdt, c = s.dtype, s.c
+    kernels.update_moving[pdt](_vector(moving_mean, pdt, c, "moving_mean"), _vector(moving_var, pdt, c, "moving_variance"),
+                               s.addresses[0], s.addresses[1], c, momentum, var_factor,
+                               _vector(counter, torch.int64, 1, "num_batches_tracked"))
     give_back(s)  # (zeroed by C)

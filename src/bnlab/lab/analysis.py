@@ -34,7 +34,8 @@ from . import records
 
 __all__ = [
     "ARM_NAMES", "ArmRecords", "Experiment", "load", "welch_interval", "epochs_to_target", "primary_metric", "compare",
-    "run_status", "verdict_sentences", "verdict", "MINUS", "fmt", "fmt_interval", "decimals_for", "base_metric", "better_direction",
+    "run_status", "verdict_sentences", "verdict", "MINUS", "fmt", "fmt_interval", "fmt_stat", "fmt_value", "decimals_for",
+    "base_metric", "better_direction",
     "FigureRow", "figure_rows", "tutorial_note", "outcome",
 ]
 
@@ -277,6 +278,24 @@ def fmt_interval(diff: dict | None, decimals: int) -> str:
         return fmt(diff["diff"], decimals, sign=True)
     return (f"{fmt(diff['diff'], decimals, sign=True)} [{fmt(diff['low'], decimals, sign=True)}, "
             f"{fmt(diff['high'], decimals, sign=True)}]")
+
+
+def fmt_stat(s: dict | None, decimals: int) -> str:
+    """A :func:`summarize` result as ``mean ± std`` (the mean alone for one value; ``—`` for none)."""
+    if not s or not s.get("n"):
+        return "—"
+    if s["n"] > 1:
+        return f"{fmt(s['mean'], decimals)} ± {fmt(s['std'], decimals)}"
+    return fmt(s["mean"], decimals)
+
+
+def fmt_value(v, decimals: int) -> str:
+    """A quoted figure: a number, or a ``(low, high)`` range written ``low to high``; ``—`` for none."""
+    if v is None:
+        return "—"
+    if isinstance(v, (list, tuple)):
+        return f"{fmt(v[0], decimals)} to {fmt(v[1], decimals)}"
+    return fmt(v, decimals)
 
 
 def decimals_for(values, spreads=()) -> int:

@@ -33,6 +33,7 @@ never half-used.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -319,8 +320,6 @@ def _git_commit() -> str | None:
 def environment() -> dict:
     """Versions and machine facts for ``env.json``, and ``started``: the local time the records were begun
     (ISO 8601 with the UTC offset), which the report's Setup shows."""
-    import datetime
-
     import bnlab
 
     return {

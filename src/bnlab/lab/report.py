@@ -235,18 +235,8 @@ def _arrow(direction: str | None) -> str:
 
 
 def _stat(s: dict | None, d: int, n_in_header: bool) -> str:
-    if not s or not s.get("n"):
-        return "—"
-    text = f"{analysis.fmt(s['mean'], d)} ± {analysis.fmt(s['std'], d)}" if s["n"] > 1 else analysis.fmt(s["mean"], d)
-    return text if n_in_header else f"{text} (n={s['n']})"
-
-
-def _value(v, d: int) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, (list, tuple)):
-        return f"{analysis.fmt(v[0], d)} to {analysis.fmt(v[1], d)}"
-    return analysis.fmt(v, d)
+    text = analysis.fmt_stat(s, d)
+    return text if n_in_header or text == "—" else f"{text} (n={s['n']})"
 
 
 def _figures_table(exp: analysis.Experiment, rows: list[analysis.FigureRow]) -> Table:
@@ -282,8 +272,8 @@ def _figures_table(exp: analysis.Experiment, rows: list[analysis.FigureRow]) -> 
         cells += [Cell(_stat(r.stats.get(a), d, uniform[a]), "num") for a in arms]
         if both:
             cells.append(Cell(analysis.fmt_interval(r.diff, d), "num ci"))
-        cells += [Cell(_value(r.tutorial.get(a), d), "num tutorial") for a in tut_arms]
-        cells += [Cell(_value(r.reference.get(a), d), "num reference") for a in ref_arms]
+        cells += [Cell(analysis.fmt_value(r.tutorial.get(a), d), "num tutorial") for a in tut_arms]
+        cells += [Cell(analysis.fmt_value(r.reference.get(a), d), "num reference") for a in ref_arms]
         out.append(("verdict" if r.verdict else "", cells))
     md_columns = columns[:len(columns) - len(tut_arms) - len(ref_arms)]
     md_columns += [f"tutorial, {'with' if a == 'bn' else 'without'} BN" for a in tut_arms]
@@ -300,8 +290,8 @@ def _date(exp: analysis.Experiment) -> str:
                     when = _dt.datetime.fromisoformat(where[key])
                 except ValueError:
                     return where[key]
-                zone = when.strftime(" (UTC%z)") if when.utcoffset() is not None else ""
-                return when.strftime("%Y-%m-%d %H:%M") + (zone[:-3] + ":" + zone[-3:] if zone else "")
+                zone = f" (UTC{when.isoformat(timespec='minutes')[-6:]})" if when.utcoffset() is not None else ""
+                return when.strftime("%Y-%m-%d %H:%M") + zone
     try:
         t = (exp.path / "config.json").stat().st_mtime
     except OSError:
@@ -522,7 +512,7 @@ def _index_row(root: Path, name: str, seconds: float | None):
     first = Cell(f"[{name}]({link}): {what}, {seeds}", header=True,
                  html=f'<a href="{html.escape(link)}">{html.escape(name)}</a><br><small>{html.escape(what)} · {seeds}</small>')
     if row and row.tutorial:
-        parts = [f"{analysis.ARM_NAMES.get(a, a)} {_value(v, d)}" for a, v in row.tutorial.items()]
+        parts = [f"{analysis.ARM_NAMES.get(a, a)} {analysis.fmt_value(v, d)}" for a, v in row.tutorial.items()]
         tutorial = Cell(", ".join(parts), "tutorial", html="<br>".join(html.escape(p) for p in parts))
     else:
         stand_in = bool(exp.recipe.get("stands_in_for"))
