@@ -32,22 +32,8 @@ CHECKS = {"recompute_max_abs_diff": "largest abs(layer output − by hand)"}
 CHECK_NOTES = {"recompute_max_abs_diff": "\"This matches r above\" (the tutorial's by-hand check)"}
 
 
-def _stat(s: dict | None, d: int) -> str:
-    if not s or not s.get("n"):
-        return "—"
-    return f"{analysis.fmt(s['mean'], d)} ± {analysis.fmt(s['std'], d)}" if s["n"] > 1 else analysis.fmt(s["mean"], d)
-
-
-def _tutorial(v, d: int) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, (list, tuple)):
-        return f"{analysis.fmt(v[0], d)} to {analysis.fmt(v[1], d)}"
-    return analysis.fmt(v, d)
-
-
 def _figures(values: dict, d: int) -> str:
-    return ", ".join(f"{analysis.ARM_NAMES.get(a, a)} {_tutorial(v, d)}" for a, v in values.items())
+    return ", ".join(f"{analysis.ARM_NAMES.get(a, a)} {analysis.fmt_value(v, d)}" for a, v in values.items())
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -65,7 +51,7 @@ def rows_of(path: Path) -> list[dict]:
             "n": n, "bn": row.stats.get("bn"), "no_bn": row.stats.get("no_bn"), "diff": row.diff,
             "tutorial": dict(row.tutorial), "reference": dict(row.reference),
             "text": {
-                "bn": _stat(row.stats.get("bn"), d), "no_bn": _stat(row.stats.get("no_bn"), d),
+                "bn": analysis.fmt_stat(row.stats.get("bn"), d), "no_bn": analysis.fmt_stat(row.stats.get("no_bn"), d),
                 "diff": analysis.fmt_interval(row.diff, d),
                 "tutorial": "; ".join(part for part in (
                     _figures(row.tutorial, d), f"Keras 3 re-run: {_figures(row.reference, d)}" if row.reference else "")
